@@ -1,0 +1,89 @@
+"""orch_outbox: a transactional outbox for Celery.
+
+Write commands into an outbox table in your own database transaction; a relay publishes
+them as Celery tasks routed by target; workers write the outcome back, fenced, and
+enqueue chained commands in the same transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from .context import CommandContext, current
+from .default import command, default_outbox
+from .errors import (
+    CommandNotFound,
+    CommandTimeout,
+    ConfigurationError,
+    InvalidInput,
+    InvalidOption,
+    InvalidTransition,
+    OutboxError,
+    StoreUnavailable,
+    UnknownCommand,
+)
+from .outbox import CommandInfo, Outbox
+from .schema import FINAL_STATUSES, STATUSES, metadata_for
+from .settings import Settings
+from .store import ErrorInfo
+from .task import OutboxTask, Outcome
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FINAL_STATUSES",
+    "STATUSES",
+    "CommandContext",
+    "CommandInfo",
+    "CommandNotFound",
+    "CommandTimeout",
+    "ConfigurationError",
+    "ErrorInfo",
+    "InvalidInput",
+    "InvalidOption",
+    "InvalidTransition",
+    "Outbox",
+    "OutboxError",
+    "OutboxTask",
+    "Outcome",
+    "Settings",
+    "StoreUnavailable",
+    "UnknownCommand",
+    "app",
+    "cancel",
+    "command",
+    "current",
+    "default_outbox",
+    "get",
+    "metadata_for",
+    "push",
+    "push_many",
+]
+
+
+def push(conn: Any, call: Any) -> uuid.UUID:
+    """Push a command signature (``send_email.s(...)``) through the ready app's outbox."""
+    return default_outbox().push(conn, call)
+
+
+def push_many(conn: Any, calls: Any) -> list[uuid.UUID]:
+    """Push many command signatures in one statement through the ready app's outbox."""
+    return default_outbox().push_many(conn, calls)
+
+
+def get(command_id: uuid.UUID | str) -> CommandInfo:
+    """A command of the ready app's outbox, by id."""
+    return default_outbox().get(command_id)
+
+
+def cancel(command_id: uuid.UUID | str) -> bool:
+    """Cancel a pending or dispatched command of the ready app's outbox."""
+    return default_outbox().cancel(command_id)
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A orch_outbox`` looks up ``orch_outbox.app``; build it only then.
+    if name in ("app", "celery"):
+        return default_outbox().app
+    raise AttributeError(f"module 'orch_outbox' has no attribute {name!r}")

@@ -1,0 +1,51 @@
+"""The exceptions orch_outbox raises.
+
+One root, :class:`OutboxError`. Each subclass's docstring is its default message, so
+``raise InvalidInput()`` already says something useful; pass a message to be precise.
+Driver errors are translated at the store's boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class OutboxError(Exception):
+    """orch_outbox failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigurationError(OutboxError):
+    """A setting has an invalid value."""
+
+
+class InvalidInput(OutboxError, ValueError):
+    """The command's arguments cannot be stored as JSON."""
+
+
+class InvalidOption(OutboxError, ValueError):
+    """A push option is unknown or has an invalid value."""
+
+
+class UnknownCommand(OutboxError, LookupError):
+    """No command is registered under that name."""
+
+
+class CommandNotFound(OutboxError, LookupError):
+    """No command with that id exists in the outbox."""
+
+
+class InvalidTransition(OutboxError):
+    """The command is not in a state that allows this operation."""
+
+
+class StoreUnavailable(OutboxError):
+    """The outbox database cannot be reached."""
+
+
+class CommandTimeout(BaseException):
+    """The handler ran past its timeout.
+
+    Derived from ``BaseException`` (like ``KeyboardInterrupt``) so that a handler's
+    ``except Exception`` cannot swallow it by accident.
+    """

@@ -1,0 +1,195 @@
+"""Strict JSON for inputs and outputs, with typed round trips.
+
+Encoding turns a value into plain JSON data (dict, list, str, int, float, bool, None) or
+raises :class:`~orch_outbox.errors.InvalidInput` naming where the bad value sits. It is
+stricter than ``json.dumps``: no NaN or infinity, no NUL characters (PostgreSQL's jsonb
+refuses them), no naive datetimes, no non-string keys, no bytes, nothing it would have to
+guess at. Dataclasses, pydantic models, enums, UUIDs, decimals and aware datetimes are
+turned into JSON; :func:`decode` rebuilds them from a type annotation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import inspect
+import json
+import math
+import types
+import typing
+import uuid
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from .errors import InvalidInput
+
+JSON = Any
+
+
+def encode(value: Any, where: str = "value") -> JSON:
+    """Plain JSON data for ``value``, or :class:`InvalidInput` saying what is wrong and where."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise InvalidInput(f"{where}: NUL characters cannot be stored")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInput(f"{where}: not valid Unicode text ({exc.reason} at {exc.start})") from None
+        return value
+    if isinstance(value, int) and not isinstance(value, enum.Enum):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInput(f"{where}: {value!r} is not valid JSON")
+        return value
+    if isinstance(value, enum.Enum):
+        return encode(value.value, where)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidInput(f"{where}: mapping key {key!r} is not a string")
+            out[encode(key, where)] = encode(item, f"{where}[{key!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [encode(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: encode(getattr(value, f.name), f"{where}.{f.name}") for f in dataclasses.fields(value)}
+    if isinstance(value, type):
+        raise InvalidInput(f"{where}: the class {value.__name__} was given where an instance belongs")
+    if hasattr(value, "model_dump") and callable(value.model_dump):  # pydantic v2
+        _refuse_naive(value.model_dump(), where)  # the JSON dump would hide a naive datetime
+        return encode(value.model_dump(mode="json"), where)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidInput(f"{where}: naive datetime {value!r}; pass a timezone-aware one")
+        return value.isoformat()
+    if isinstance(value, (dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise InvalidInput(f"{where}: {value!r} is not valid JSON")
+        return str(value)
+    raise InvalidInput(f"{where}: a {type(value).__name__} cannot be stored as JSON")
+
+
+def _refuse_naive(value: Any, where: str) -> None:
+    if isinstance(value, dt.datetime) and (value.tzinfo is None or value.utcoffset() is None):
+        raise InvalidInput(f"{where}: naive datetime {value!r}; pass a timezone-aware one")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _refuse_naive(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _refuse_naive(item, f"{where}[{i}]")
+
+
+def dumps(data: JSON) -> str:
+    """Compact JSON text of already-encoded data."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def check_size(data: JSON, limit: int, where: str) -> None:
+    """Refuse encoded data larger than ``limit`` bytes."""
+    size = len(dumps(data).encode())
+    if size > limit:
+        raise InvalidInput(f"{where} is {size} bytes encoded; the limit (outbox_max_input_bytes) is {limit}")
+
+
+def decode(data: JSON, annotation: Any) -> Any:
+    """Rebuild a typed value from JSON data, guided by a type annotation."""
+    if annotation in (inspect.Parameter.empty, Any, None, object) or data is None:
+        return data
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _decode_union(data, typing.get_args(annotation))
+    if origin is typing.Literal or isinstance(annotation, typing.TypeVar):
+        return data
+    if origin in (list, tuple, set, frozenset) or annotation in (list, tuple, set, frozenset):
+        args = typing.get_args(annotation)
+        container = origin or annotation
+        if container is tuple and args and args[-1] is not Ellipsis:
+            return tuple(decode(v, a) for v, a in zip(data, args, strict=False))
+        item = args[0] if args else Any
+        return container(decode(v, item) for v in data)
+    if origin in (dict, Mapping) or annotation is dict:
+        args = typing.get_args(annotation)
+        value_type = args[1] if len(args) == 2 else Any
+        return {k: decode(v, value_type) for k, v in data.items()}
+    if not isinstance(annotation, type):
+        return data
+    if dataclasses.is_dataclass(annotation):
+        hints = typing.get_type_hints(annotation)
+        fields = {f.name for f in dataclasses.fields(annotation) if f.init}
+        return annotation(**{k: decode(v, hints.get(k, Any)) for k, v in data.items() if k in fields})
+    validate = getattr(annotation, "model_validate", None)
+    if callable(validate):
+        return validate(data)
+    return _decode_scalar(data, annotation)
+
+
+def _decode_union(data: JSON, members: tuple[Any, ...]) -> Any:
+    candidates = [m for m in members if m is not type(None)]
+    for member in candidates:
+        try:
+            return decode(data, member)
+        except (TypeError, ValueError, KeyError):
+            continue
+    return data
+
+
+_SCALARS: dict[type, Callable[[Any], Any]] = {
+    dt.datetime: dt.datetime.fromisoformat,
+    dt.date: dt.date.fromisoformat,
+    dt.time: dt.time.fromisoformat,
+    uuid.UUID: uuid.UUID,
+    Decimal: Decimal,
+}
+
+
+def _decode_scalar(data: JSON, annotation: type) -> Any:
+    if isinstance(data, annotation) and not issubclass(annotation, enum.Enum):
+        return data
+    for kind, parse in _SCALARS.items():
+        if issubclass(annotation, kind):
+            return parse(data)
+    if issubclass(annotation, enum.Enum):
+        return annotation(data)
+    if annotation is float and isinstance(data, int):
+        return float(data)
+    return data
+
+
+def encode_arguments(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, JSON]:
+    """Bind a call to a handler's signature and encode it as a JSON object, one key per parameter."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidInput(f"arguments do not match the handler: {exc}") from None
+    return {name: encode(value, name) for name, value in bound.arguments.items()}
+
+
+def decode_arguments(
+    signature: inspect.Signature, hints: Mapping[str, Any], data: Mapping[str, JSON]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments for a handler, rebuilt from its stored input."""
+    arguments: dict[str, Any] = {}
+    for name, value in data.items():
+        param = signature.parameters.get(name)
+        if param is None:
+            raise InvalidInput(f"stored input names an unknown parameter {name!r}")
+        hint = hints.get(name, Any)
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            arguments[name] = tuple(decode(v, hint) for v in value)
+        elif param.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments[name] = {k: decode(v, hint) for k, v in value.items()}
+        else:
+            arguments[name] = decode(value, hint)
+    bound = inspect.BoundArguments(signature, arguments)  # type: ignore[arg-type]
+    return bound.args, bound.kwargs

@@ -1,0 +1,147 @@
+"""The outbox tables, as SQLAlchemy metadata (also Alembic's target metadata).
+
+One table per outbox, ``{prefix}commands``. The claim is served by a partial index over
+pending rows in claim order; the lease rescuer by a partial index over leased rows.
+Users with their own Alembic setup can include :func:`metadata_for` in their
+``target_metadata``.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql
+
+from .settings import validate_prefix
+
+STATUSES = ("pending", "dispatched", "running", "completed", "failed", "canceled", "expired")
+FINAL_STATUSES = ("completed", "failed", "canceled", "expired")
+OUTCOMES = ("success", "failure", "timeout", "canceled", "not_found", "lost", "expired")
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """A timestamp stored in UTC: ``timestamptz`` on PostgreSQL, UTC text on SQLite.
+
+    Naive datetimes are refused: a naive time is ambiguous, and a guessed zone would move
+    a due time by hours.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime")
+        value = value.astimezone(UTC)
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+
+
+@functools.cache
+def metadata_for(prefix: str = "orch_") -> sa.MetaData:
+    """The metadata holding the tables of the outbox with this table prefix."""
+    validate_prefix(prefix)
+    metadata = sa.MetaData()
+    status_list = ", ".join(f"'{s}'" for s in STATUSES)
+    commands = sa.Table(
+        f"{prefix}commands",
+        metadata,
+        sa.Column("id", sa.Uuid(), primary_key=True),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("target", sa.String(200), nullable=False),
+        sa.Column("status", sa.String(16), nullable=False, server_default="pending"),
+        sa.Column("priority", sa.SmallInteger(), nullable=False, server_default="0"),
+        sa.Column("input", JSONDocument, nullable=False),
+        sa.Column("output", JSONDocument, nullable=True),
+        sa.Column("attempt", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("retries", sa.Integer(), nullable=False),
+        sa.Column("retries_left", sa.Integer(), nullable=False),
+        sa.Column("timeout", sa.Float(), nullable=False),
+        sa.Column("scheduled_at", UTCDateTime(), nullable=False),
+        sa.Column("expires_at", UTCDateTime(), nullable=True),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("dispatched_at", UTCDateTime(), nullable=True),
+        sa.Column("started_at", UTCDateTime(), nullable=True),
+        sa.Column("finished_at", UTCDateTime(), nullable=True),
+        sa.Column("lease_expires_at", UTCDateTime(), nullable=True),
+        sa.Column("outcome", sa.String(16), nullable=True),
+        sa.Column("error_type", sa.String(200), nullable=True),
+        sa.Column("error_message", sa.Text(), nullable=True),
+        sa.Column("error_traceback", sa.Text(), nullable=True),
+        sa.Column("parent_id", sa.Uuid(), nullable=True),
+        sa.Column("worker", sa.String(255), nullable=True),
+        sa.CheckConstraint(f"status IN ({status_list})", name=f"{prefix}commands_status_check"),
+        sa.CheckConstraint("retries_left >= 0 AND retries >= 0", name=f"{prefix}commands_retries_check"),
+        sa.CheckConstraint("timeout > 0", name=f"{prefix}commands_timeout_check"),
+    )
+    sa.Index(
+        f"{prefix}commands_due_idx",
+        commands.c.priority.desc(),
+        commands.c.scheduled_at,
+        postgresql_where=commands.c.status == "pending",
+        sqlite_where=commands.c.status == "pending",
+    )
+    sa.Index(
+        f"{prefix}commands_lease_idx",
+        commands.c.lease_expires_at,
+        postgresql_where=commands.c.status.in_(("dispatched", "running")),
+        sqlite_where=commands.c.status.in_(("dispatched", "running")),
+    )
+    sa.Index(f"{prefix}commands_parent_idx", commands.c.parent_id)
+    sa.Index(f"{prefix}commands_status_target_idx", commands.c.status, commands.c.target)
+    for ddl in notify_ddl(prefix):
+        event.listen(commands, "after_create", sa.DDL(ddl).execute_if(dialect="postgresql"))  # type: ignore[no-untyped-call]
+    event.listen(
+        commands,
+        "after_drop",
+        sa.DDL(drop_notify_ddl(prefix)).execute_if(dialect="postgresql"),  # type: ignore[no-untyped-call]
+    )
+    return metadata
+
+
+def notify_channel(prefix: str) -> str:
+    """The PostgreSQL channel a commit that inserted commands notifies."""
+    return f"{validate_prefix(prefix)}commands"
+
+
+def notify_ddl(prefix: str) -> list[str]:
+    """A statement-level trigger: a transaction that inserts commands NOTIFYs the relay on commit.
+
+    Statement-level and with an empty payload, so PostgreSQL folds a transaction's
+    notifications into one; a bulk push costs one notification, not one per row.
+    """
+    channel = notify_channel(prefix)
+    return [
+        f"CREATE OR REPLACE FUNCTION {prefix}commands_notify() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        f"BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END $$",
+        f"CREATE TRIGGER {prefix}commands_notify AFTER INSERT ON {prefix}commands "
+        f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}commands_notify()",
+    ]
+
+
+def drop_notify_ddl(prefix: str) -> str:
+    """Drops the notify function (the trigger goes with its table)."""
+    return f"DROP FUNCTION IF EXISTS {validate_prefix(prefix)}commands_notify()"
+
+
+def commands_table(prefix: str = "orch_") -> sa.Table:
+    """The ``{prefix}commands`` table."""
+    return metadata_for(prefix).tables[f"{prefix}commands"]
+
+
+def row_defaults() -> dict[str, Any]:
+    """Column values every new row starts with (set in Python so bulk inserts stay simple)."""
+    return {"status": "pending", "priority": 0, "attempt": 0}

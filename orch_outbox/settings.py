@@ -1,0 +1,164 @@
+"""Settings: Celery-style ``outbox_*`` keys, each overridable by ``ORCH_OUTBOX_*``.
+
+Every setting lives in the Celery config next to Celery's own (``celeryconfig.py``,
+``app.conf.update(...)``) under the key ``outbox_<name>``; the environment variable
+``ORCH_OUTBOX_<NAME>`` wins over it. Values are validated once, when the outbox starts,
+and a bad one raises :class:`~orch_outbox.errors.ConfigurationError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigurationError
+
+PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,29}")
+TARGET_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,199}")
+BACKOFF_KINDS = ("exponential", "fixed")
+
+
+def _doc(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated settings of one outbox. Build with :meth:`from_sources`."""
+
+    database_url: str = _doc(
+        "SQLAlchemy URL of the outbox database; empty means a SQLite file under `home`",
+        "",
+    )
+    home: str = _doc("folder for the embedded default's SQLite file and broker", ".orch_outbox")
+    table_prefix: str = _doc("prefix of the outbox tables (a plain SQL identifier)", "orch_")
+    default_target: str = _doc("queue of commands that name none; empty: Celery's default queue", "")
+    default_timeout: float = _doc("seconds a handler may run when its command sets none", 60.0)
+    default_retries: int = _doc("retries after the first attempt when a command sets none", 3)
+    retry_backoff: str = _doc("`exponential`, `fixed`, or a dotted path to a callable", "exponential")
+    retry_backoff_base: float = _doc("seconds before the first retry (the fixed delay)", 1.0)
+    retry_backoff_max: float = _doc("upper bound of a retry delay in seconds", 300.0)
+    retry_jitter: bool = _doc("randomise exponential delays (full jitter)", True)
+    poll_interval: float = _doc("seconds between relay runs driven by beat", 1.0)
+    batch_size: int = _doc("most rows one relay claim takes", 200)
+    lock_buffer: float = _doc("seconds added to the timeout to form a running lease", 10.0)
+    dispatch_timeout: float = _doc("seconds a published message may wait to start before redispatch", 60.0)
+    rescue_interval: float = _doc("seconds between runs of the lease rescuer driven by beat", 5.0)
+    max_input_bytes: int = _doc("largest encoded input or output accepted, in bytes", 1_000_000)
+
+    @classmethod
+    def from_sources(
+        cls, conf: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Read ``outbox_*`` keys from ``conf``, then ``ORCH_OUTBOX_*`` from ``env``, then overrides."""
+        conf = conf or {}
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = f"outbox_{f.name}"
+            if conf.get(key) is not None:
+                values[f.name] = _coerce(f, conf[key], key)
+            env_key = f"ORCH_OUTBOX_{f.name.upper()}"
+            if env.get(env_key) not in (None, ""):
+                values[f.name] = _coerce(f, env[env_key], env_key)
+        unknown = [k for k in overrides if k not in {f.name for f in dataclasses.fields(cls)}]
+        if unknown:
+            raise ConfigurationError(f"unknown outbox setting(s): {', '.join(sorted(unknown))}")
+        for name, value in overrides.items():
+            values[name] = _coerce(_field(name), value, name)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigurationError` for the first invalid value."""
+        validate_prefix(self.table_prefix)
+        if self.default_target:
+            validate_target(self.default_target)
+        for name in ("default_timeout", "poll_interval", "lock_buffer", "dispatch_timeout", "rescue_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"outbox_{name} must be > 0, got {getattr(self, name)!r}")
+        if self.default_retries < 0:
+            raise ConfigurationError(f"outbox_default_retries must be >= 0, got {self.default_retries!r}")
+        if not 1 <= self.batch_size <= 10_000:
+            raise ConfigurationError(f"outbox_batch_size must be in 1..10000, got {self.batch_size!r}")
+        if self.retry_backoff_base < 0 or self.retry_backoff_max < self.retry_backoff_base:
+            raise ConfigurationError("outbox_retry_backoff_base must be >= 0 and <= outbox_retry_backoff_max")
+        if self.retry_backoff not in BACKOFF_KINDS and "." not in self.retry_backoff:
+            raise ConfigurationError(
+                f"outbox_retry_backoff must be one of {BACKOFF_KINDS} or a dotted path, got {self.retry_backoff!r}"
+            )
+        if self.max_input_bytes < 1024:
+            raise ConfigurationError("outbox_max_input_bytes must be >= 1024")
+
+    def resolved_database_url(self) -> str:
+        """The database URL, or the embedded SQLite file under ``home``."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{os.path.abspath(os.path.join(self.home, 'outbox.sqlite3'))}"
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(config key, environment variable, default, meaning) of every setting."""
+    return [
+        (f"outbox_{f.name}", f"ORCH_OUTBOX_{f.name.upper()}", f.default, f.metadata["doc"])
+        for f in dataclasses.fields(Settings)
+    ]
+
+
+def validate_prefix(prefix: str) -> str:
+    """A table prefix must be a plain lowercase SQL identifier (it is spliced into DDL)."""
+    if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
+        raise ConfigurationError(
+            f"invalid table prefix {prefix!r}: use 1-30 characters of a-z, 0-9 and _, not starting with a digit"
+        )
+    return prefix
+
+
+def validate_target(target: object) -> str:
+    """A target is a Celery queue name: letters, digits and ``_ . : @ -``."""
+    if not isinstance(target, str) or not TARGET_RE.fullmatch(target):
+        raise ConfigurationError(
+            f"invalid target {target!r}: a queue name of 1-200 characters from A-Z a-z 0-9 _ . : @ -"
+        )
+    return target
+
+
+def _field(name: str) -> dataclasses.Field[Any]:
+    return next(f for f in dataclasses.fields(Settings) if f.name == name)
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, key: str) -> Any:
+    kind: type = type(f.default)
+    try:
+        if kind is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("1", "true", "yes", "on"):
+                    return True
+                if lowered in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if isinstance(value, bool):
+                return value
+            raise ValueError(value)
+        if kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            number = float(value)
+            if number != number or number in (float("inf"), float("-inf")):
+                raise ValueError(value)
+            return number
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return value
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{key}: expected {kind.__name__}, got {value!r}") from None

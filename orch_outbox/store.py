@@ -1,0 +1,505 @@
+"""The store: the only module that talks SQL.
+
+Every statement the outbox runs is a method here with a one-line purpose. Each state
+change names the state (and, for a worker's write-back, the attempt) it expects, so a
+late, duplicate or zombie writer changes nothing: it finds no row to update.
+
+Time: on PostgreSQL, due times and leases are computed from the database's ``now()``,
+so a host with a skewed clock changes nothing. On SQLite, which has no usable clock of
+the right precision, and in tests that pass ``clock=``, the Python clock is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from .clock import Clock, utcnow
+from .errors import OutboxError, StoreUnavailable
+from .schema import FINAL_STATUSES, UTCDateTime, commands_table, metadata_for, notify_channel
+
+Row = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A claimed row, ready to be published as a Celery task message."""
+
+    id: uuid.UUID
+    name: str
+    target: str
+    attempt: int
+    input: dict[str, Any]
+    timeout: float
+    priority: int
+
+
+@dataclass(frozen=True)
+class Started:
+    """What a worker learns when it claims an attempt (dispatched → running)."""
+
+    id: uuid.UUID
+    name: str
+    target: str
+    attempt: int
+    input: dict[str, Any]
+    timeout: float
+    retries: int
+    retries_left: int
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """Why an attempt did not succeed."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+@dataclass(frozen=True)
+class Lapsed:
+    """A running row whose lease ran out: its worker died or hung."""
+
+    id: uuid.UUID
+    name: str
+    attempt: int
+    input: dict[str, Any]
+    retries_left: int
+
+
+def make_engine(url: str, **options: Any) -> sa.Engine:
+    """An engine for the outbox database, tuned for the outbox's access pattern.
+
+    ``postgresql://`` URLs get the psycopg 3 driver. SQLite gets WAL and ``BEGIN
+    IMMEDIATE`` transactions: writers queue on the database lock at BEGIN instead of
+    failing on a lock upgrade halfway through.
+    """
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite"):
+        options.setdefault("connect_args", {}).setdefault("timeout", 30)
+        engine = sa.create_engine(url, **options)
+        _tune_sqlite(engine)
+        return engine
+    options.setdefault("pool_size", 5)
+    options.setdefault("max_overflow", 10)
+    return sa.create_engine(url, **options)
+
+
+def _tune_sqlite(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: sa.Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Store:
+    """Named statements over the ``{prefix}commands`` table."""
+
+    def __init__(self, engine: sa.Engine, prefix: str = "orch_", clock: Clock | None = None) -> None:
+        self.engine = engine
+        self.prefix = prefix
+        self.table = commands_table(prefix)
+        self.metadata = metadata_for(prefix)
+        self._clock = clock
+        self._db_clock = clock is None and engine.dialect.name == "postgresql"
+
+    # -- time ---------------------------------------------------------------------------
+
+    def clock(self) -> datetime:
+        """The Python-side time this store uses when the database clock is not used."""
+        return (self._clock or utcnow)()
+
+    def _now(self) -> sa.ColumnElement[Any]:
+        if self._db_clock:
+            return sa.func.now()
+        return sa.literal(self.clock(), UTCDateTime())
+
+    def _later(self, seconds: float) -> sa.ColumnElement[Any]:
+        if self._db_clock:
+            return sa.func.now() + sa.literal(timedelta(seconds=seconds), sa.Interval())
+        return sa.literal(self.clock() + timedelta(seconds=seconds), UTCDateTime())
+
+    def now(self) -> datetime:
+        """The store's current time (the database's on PostgreSQL)."""
+        if not self._db_clock:
+            return self.clock()
+        with self._tx() as conn:
+            value = conn.execute(sa.select(sa.func.now())).scalar_one()
+        return value  # type: ignore[no-any-return]
+
+    # -- transactions -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sa.Connection]:
+        """A transaction on the store's engine; connection failures become StoreUnavailable."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise StoreUnavailable(f"outbox database unavailable: {exc.orig or exc}") from exc
+
+    # -- notifications ------------------------------------------------------------------
+
+    @property
+    def can_listen(self) -> bool:
+        """True when commits of new commands are announced with NOTIFY (PostgreSQL)."""
+        return self.engine.dialect.name == "postgresql"
+
+    @contextlib.contextmanager
+    def listen(self) -> Iterator[Callable[[float], bool]]:
+        """LISTEN on a connection of its own; yields ``wait(timeout) -> bool`` (True: notified).
+
+        Its own connection, never a pooled one: a listening connection that also ran
+        queries would hold notifications back while a query runs.
+        """
+        if not self.can_listen:
+            raise OutboxError("LISTEN needs PostgreSQL")
+        import psycopg
+        from psycopg import sql
+
+        args = self.engine.url.translate_connect_args(username="user", database="dbname")
+        args.update(self.engine.url.query)
+        try:
+            conn = psycopg.connect(autocommit=True, **args)
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(self.prefix))))
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"cannot LISTEN: {exc}") from exc
+
+        def wait(timeout: float) -> bool:
+            try:
+                return any(True for _ in conn.notifies(timeout=timeout, stop_after=1))
+            except psycopg.OperationalError as exc:
+                raise StoreUnavailable(f"LISTEN connection lost: {exc}") from exc
+
+        try:
+            yield wait
+        finally:
+            conn.close()
+
+    # -- schema -------------------------------------------------------------------------
+
+    def create_all(self) -> None:
+        """Create the outbox tables if missing (tests and the embedded default; production uses migrations)."""
+        with self._tx() as conn:
+            self.metadata.create_all(conn)
+
+    def drop_all(self) -> None:
+        """Drop the outbox tables (tests)."""
+        with self._tx() as conn:
+            self.metadata.drop_all(conn)
+
+    # -- push ---------------------------------------------------------------------------
+
+    def insert(self, conn: sa.Connection, rows: Sequence[Row]) -> None:
+        """Insert new command rows on the caller's connection, inside the caller's transaction."""
+        if not rows:
+            return
+        stamped = self._stamp(rows)
+        conn.execute(sa.insert(self.table), stamped)
+
+    def _stamp(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
+        """Fill created_at / scheduled_at; relative delays become absolute from one 'now'."""
+        now = self.now_for_insert()
+        out = []
+        for row in rows:
+            item = dict(row)
+            delay = item.pop("delay", None)
+            item["created_at"] = now
+            if item.get("scheduled_at") is None:
+                item["scheduled_at"] = now + timedelta(seconds=delay or 0)
+            out.append(item)
+        return out
+
+    def now_for_insert(self) -> datetime:
+        """Creation time of pushed rows.
+
+        The Python clock: reading the database clock would cost the caller a round trip
+        per push. Due times are compared with the database clock, so a host clock that
+        runs ahead delays a command by its skew; one that runs behind makes it due early.
+        """
+        return self.clock()
+
+    # -- relay --------------------------------------------------------------------------
+
+    def claim(self, limit: int, dispatch_timeout: float) -> list[Dispatch]:
+        """Claim up to ``limit`` due pending rows: each becomes dispatched with a new attempt.
+
+        Claim order is priority, then due time. A claimed row past its ``expires_at``
+        becomes ``expired`` instead and is not returned for publishing.
+        """
+        t = self.table
+        now = self._now()
+        due = (
+            sa.select(t.c.id)
+            .where(t.c.status == "pending", t.c.scheduled_at <= now)
+            .order_by(t.c.priority.desc(), t.c.scheduled_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .cte("due")
+        )
+        expired = sa.and_(t.c.expires_at.is_not(None), t.c.expires_at <= now)
+        stmt = (
+            sa.update(t)
+            .where(t.c.id.in_(sa.select(due.c.id)))
+            .values(
+                status=sa.case((expired, "expired"), else_="dispatched"),
+                outcome=sa.case((expired, "expired"), else_=t.c.outcome),
+                finished_at=sa.case((expired, now), else_=None),
+                attempt=sa.case((expired, t.c.attempt), else_=t.c.attempt + 1),
+                dispatched_at=sa.case((expired, t.c.dispatched_at), else_=now),
+                lease_expires_at=sa.case((expired, None), else_=self._later(dispatch_timeout)),
+            )
+            .returning(t.c.id, t.c.name, t.c.target, t.c.attempt, t.c.input, t.c.timeout, t.c.priority, t.c.status)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(stmt).all()
+        claimed = [
+            Dispatch(r.id, r.name, r.target, r.attempt, r.input, r.timeout, r.priority)
+            for r in rows
+            if r.status == "dispatched"
+        ]
+        claimed.sort(key=lambda d: -d.priority)
+        return claimed
+
+    def undispatch(self, items: Sequence[Dispatch]) -> int:
+        """Return dispatched rows to pending after their publish failed (no retry consumed)."""
+        if not items:
+            return 0
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(t.c.id == sa.bindparam("b_id"), t.c.status == "dispatched", t.c.attempt == sa.bindparam("b_attempt"))
+            .values(status="pending", lease_expires_at=None)
+        )
+        with self._tx() as conn:
+            result = conn.execute(stmt, [{"b_id": d.id, "b_attempt": d.attempt} for d in items])
+        return result.rowcount
+
+    # -- executor -----------------------------------------------------------------------
+
+    def start(self, command_id: uuid.UUID, attempt: int, name: str, worker: str, lease: float) -> Started | None:
+        """Claim one attempt for a worker (dispatched → running); None if it is not this attempt's to run."""
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(t.c.id == command_id, t.c.status == "dispatched", t.c.attempt == attempt, t.c.name == name)
+            .values(status="running", started_at=self._now(), lease_expires_at=self._later(lease), worker=worker)
+            .returning(t.c.id, t.c.name, t.c.target, t.c.attempt, t.c.input, t.c.timeout, t.c.retries, t.c.retries_left)
+        )
+        with self._tx() as conn:
+            row = conn.execute(stmt).first()
+        return Started(**row._mapping) if row else None
+
+    def complete(self, command_id: uuid.UUID, attempt: int, output: Any, children: Sequence[Row]) -> bool:
+        """Record success and insert the on-success commands, in one transaction; False if fenced out."""
+        values = {"status": "completed", "outcome": "success", "output": output, **_NO_ERROR}
+        return self._finish(command_id, attempt, values, children)
+
+    def fail(
+        self,
+        command_id: uuid.UUID,
+        attempt: int,
+        outcome: str,
+        error: ErrorInfo,
+        children: Sequence[Row],
+        lapsed_only: bool = False,
+    ) -> bool:
+        """Record a final failure and insert the on-failure commands, in one transaction; False if fenced out."""
+        values = {"status": "failed", "outcome": outcome, **_error_values(error)}
+        return self._finish(command_id, attempt, values, children, lapsed_only)
+
+    def retry(
+        self,
+        command_id: uuid.UUID,
+        attempt: int,
+        outcome: str,
+        error: ErrorInfo,
+        delay: float,
+        lapsed_only: bool = False,
+    ) -> bool:
+        """Put a failed attempt back to pending, due after ``delay`` seconds, one retry fewer; False if fenced out.
+
+        ``lapsed_only``: the rescuer's form, which also requires the lease to have run out.
+        """
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(*self._fence(command_id, attempt, lapsed_only), t.c.retries_left > 0)
+            .values(
+                status="pending",
+                outcome=outcome,
+                retries_left=t.c.retries_left - 1,
+                scheduled_at=self._later(delay),
+                lease_expires_at=None,
+                **_error_values(error),
+            )
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def not_found(self, command_id: uuid.UUID, attempt: int, error: ErrorInfo, delay: float) -> str | None:
+        """Record a dispatched attempt that no worker knows how to run: retry, or fail when none are left.
+
+        Returns the new status, or None if the attempt was no longer dispatched.
+        """
+        t = self.table
+        fence = (t.c.id == command_id, t.c.status == "dispatched", t.c.attempt == attempt)
+        common = {"outcome": "not_found", "lease_expires_at": None, **_error_values(error)}
+        with self._tx() as conn:
+            retried = conn.execute(
+                sa.update(t)
+                .where(*fence, t.c.retries_left > 0)
+                .values(status="pending", retries_left=t.c.retries_left - 1, scheduled_at=self._later(delay), **common)
+            ).rowcount
+            if retried:
+                return "pending"
+            failed = conn.execute(
+                sa.update(t).where(*fence).values(status="failed", finished_at=self._now(), **common)
+            ).rowcount
+        return "failed" if failed else None
+
+    def _fence(self, command_id: uuid.UUID, attempt: int, lapsed_only: bool = False) -> list[sa.ColumnElement[bool]]:
+        """The guard of every write-back: this command, running, under this attempt."""
+        t = self.table
+        fence = [t.c.id == command_id, t.c.status == "running", t.c.attempt == attempt]
+        if lapsed_only:
+            fence.append(t.c.lease_expires_at < self._now())
+        return fence
+
+    def _finish(
+        self,
+        command_id: uuid.UUID,
+        attempt: int,
+        values: dict[str, Any],
+        children: Sequence[Row],
+        lapsed_only: bool = False,
+    ) -> bool:
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(*self._fence(command_id, attempt, lapsed_only))
+            .values(finished_at=self._now(), lease_expires_at=None, **values)
+        )
+        with self._tx() as conn:
+            if conn.execute(stmt).rowcount != 1:
+                conn.rollback()
+                return False
+            self.insert(conn, children)
+        return True
+
+    # -- cancellation -------------------------------------------------------------------
+
+    def cancel(self, command_id: uuid.UUID, children_for: Any) -> str | None:
+        """Cancel a pending or dispatched command and insert its on-cancel commands, in one transaction.
+
+        ``children_for(name, input)`` gives the rows to insert. Returns the status the
+        command had, or None if it was in no cancellable state.
+        """
+        t = self.table
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(t.c.status, t.c.name, t.c.input)
+                .where(t.c.id == command_id, t.c.status.in_(("pending", "dispatched")))
+                .with_for_update()
+            ).first()
+            if row is None:
+                return None
+            conn.execute(
+                sa.update(t)
+                .where(t.c.id == command_id, t.c.status == row.status)
+                .values(status="canceled", outcome="canceled", finished_at=self._now(), lease_expires_at=None)
+            )
+            self.insert(conn, children_for(row.name, row.input))
+        return str(row.status)
+
+    # -- rescue -------------------------------------------------------------------------
+
+    def release_lapsed_dispatches(self, limit: int) -> int:
+        """Lapsed dispatch leases (the message never started): back to pending, no retry consumed."""
+        t = self.table
+        lapsed = (
+            sa.select(t.c.id)
+            .where(t.c.status == "dispatched", t.c.lease_expires_at < self._now())
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .cte("lapsed")
+        )
+        stmt = (
+            sa.update(t)
+            .where(t.c.id.in_(sa.select(lapsed.c.id)), t.c.status == "dispatched")
+            .values(status="pending", lease_expires_at=None)
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount
+
+    def lapsed_runs(self, limit: int) -> list[Lapsed]:
+        """Running rows whose lease ran out (read only; each is then settled by a fenced write)."""
+        t = self.table
+        stmt = (
+            sa.select(t.c.id, t.c.name, t.c.attempt, t.c.input, t.c.retries_left)
+            .where(t.c.status == "running", t.c.lease_expires_at < self._now())
+            .order_by(t.c.lease_expires_at)
+            .limit(limit)
+        )
+        with self._tx() as conn:
+            return [Lapsed(**r._mapping) for r in conn.execute(stmt)]
+
+    # -- reading ------------------------------------------------------------------------
+
+    def get(self, command_id: uuid.UUID) -> Row | None:
+        """One command row by id."""
+        with self._tx() as conn:
+            row = conn.execute(sa.select(self.table).where(self.table.c.id == command_id)).first()
+        return dict(row._mapping) if row else None
+
+    def children(self, parent_id: uuid.UUID) -> list[Row]:
+        """The commands chained from one parent, oldest first."""
+        t = self.table
+        with self._tx() as conn:
+            rows = conn.execute(sa.select(t).where(t.c.parent_id == parent_id).order_by(t.c.created_at)).all()
+        return [dict(r._mapping) for r in rows]
+
+    def counts(self) -> list[tuple[str, str, int]]:
+        """(target, status, count) over the whole table."""
+        t = self.table
+        stmt = (
+            sa.select(t.c.target, t.c.status, sa.func.count())
+            .group_by(t.c.target, t.c.status)
+            .order_by(t.c.target, t.c.status)
+        )
+        with self._tx() as conn:
+            return [(r[0], r[1], int(r[2])) for r in conn.execute(stmt)]
+
+    def unfinished(self) -> int:
+        """How many commands are not in a final state."""
+        t = self.table
+        with self._tx() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).where(t.c.status.not_in(FINAL_STATUSES))).scalar_one())
+
+
+_NO_ERROR: dict[str, Any] = {"error_type": None, "error_message": None, "error_traceback": None}
+
+
+def _error_values(error: ErrorInfo) -> dict[str, Any]:
+    return {
+        "error_type": error.type[:200],
+        "error_message": error.message,
+        "error_traceback": error.traceback,
+    }

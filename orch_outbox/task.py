@@ -1,0 +1,140 @@
+"""The Celery task class behind every outbox command.
+
+A command is a real Celery task (so Flower, ``celery inspect registered``, routing,
+rate limits and pools apply) whose execution goes through the outbox's executor: the
+message only says *which attempt* to run; the input comes from the database row.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from celery import Task
+
+from .store import ErrorInfo
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from .outbox import Outbox
+
+HOOK_KINDS = ("then", "if_failed", "if_canceled")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a chaining hook receives: the finished command, its input, and its output or error."""
+
+    id: uuid.UUID
+    name: str
+    input: dict[str, Any]
+    output: Any = None
+    error: ErrorInfo | None = None
+
+
+Hook = Callable[[Outcome], Iterable[Any] | None]
+
+
+@dataclass
+class Hooks:
+    """The chaining hooks of one command, by kind."""
+
+    then: list[Hook] = field(default_factory=list)
+    if_failed: list[Hook] = field(default_factory=list)
+    if_canceled: list[Hook] = field(default_factory=list)
+
+
+class OutboxTask(Task):  # type: ignore[misc]
+    """Base class of outbox commands. Create them with ``@outbox.command`` or ``@orch_outbox.command``."""
+
+    ignore_result = True
+    typing = False
+    outbox_target: str | None = None
+    outbox_timeout: float | None = None
+    outbox_retries: int | None = None
+    outbox_priority: int = 0
+    outbox_backoff: Callable[[int, str], float] | None = None
+    outbox_hooks: Hooks
+
+    # -- pushing ------------------------------------------------------------------------
+
+    def push(self, conn: Session | sa.Connection | sa.Engine, /, *args: Any, **kwargs: Any) -> uuid.UUID:
+        """Insert this command into the outbox in the caller's transaction; returns its id."""
+        return self.outbox.push(conn, self.s(*args, **kwargs))
+
+    def options(self, **options: Any) -> PushWith:
+        """Per-push options: ``send_email.options(delay=30, priority=5).push(session, ...)``.
+
+        Options: ``target``, ``delay`` (seconds), ``scheduled_at`` (aware datetime),
+        ``expires_at`` (aware datetime), ``expires`` (seconds), ``retries``,
+        ``timeout``, ``priority``.
+        """
+        self.outbox.check_options(options)
+        return PushWith(self, options)
+
+    # -- chaining -----------------------------------------------------------------------
+
+    def then(self, hook: Hook) -> Hook:
+        """Register a hook run on success; it returns the commands to enqueue (``cmd.s(...)``)."""
+        self.outbox_hooks.then.append(hook)
+        return hook
+
+    def if_failed(self, hook: Hook) -> Hook:
+        """Register a hook run when the command has failed for good (after its last retry)."""
+        self.outbox_hooks.if_failed.append(hook)
+        return hook
+
+    def if_canceled(self, hook: Hook) -> Hook:
+        """Register a hook run when the command is canceled."""
+        self.outbox_hooks.if_canceled.append(hook)
+        return hook
+
+    # -- execution ----------------------------------------------------------------------
+
+    @property
+    def outbox(self) -> Outbox:
+        """The outbox this command belongs to."""
+        from .outbox import outbox_of
+
+        return outbox_of(self.app)
+
+    @functools.cached_property
+    def handler_signature(self) -> inspect.Signature:
+        """The handler's signature, used to bind pushed arguments."""
+        return inspect.signature(self.run)
+
+    @functools.cached_property
+    def handler_hints(self) -> dict[str, Any]:
+        """The handler's resolved type hints, used to rebuild typed input and output."""
+        try:
+            return typing.get_type_hints(self.run)
+        except Exception:  # unresolvable forward references: fall back to plain JSON
+            return {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.request.called_directly:
+            return self.run(*args, **kwargs)
+        return self.outbox.executor.execute(self, self.request)
+
+
+class PushWith:
+    """A command with per-push options, from :meth:`OutboxTask.options`."""
+
+    def __init__(self, task: OutboxTask, options: dict[str, Any]) -> None:
+        self.task = task
+        self._options = options
+
+    def s(self, *args: Any, **kwargs: Any) -> Any:
+        """A Celery signature carrying these options."""
+        return self.task.s(*args, **kwargs).set(**self._options)
+
+    def push(self, conn: Session | sa.Connection | sa.Engine, /, *args: Any, **kwargs: Any) -> uuid.UUID:
+        """Insert the command with these options; returns its id."""
+        return self.task.outbox.push(conn, self.s(*args, **kwargs))
