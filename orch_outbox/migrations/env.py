@@ -8,6 +8,7 @@ own Alembic history in the same database.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from alembic import context
@@ -16,14 +17,23 @@ from orch_outbox.schema import metadata_for
 from orch_outbox.store import make_engine
 
 config = context.config
-prefix: str = config.attributes.get("prefix") or context.get_x_argument(as_dictionary=True).get("prefix", "orch_")
+x_args = context.get_x_argument(as_dictionary=True)
+prefix: str = (
+    config.attributes.get("prefix") or x_args.get("prefix") or os.environ.get("ORCH_OUTBOX_TABLE_PREFIX", "orch_")
+)
+url: str | None = (
+    config.attributes.get("url")
+    or x_args.get("url")
+    or os.environ.get("ORCH_OUTBOX_DATABASE_URL")
+    or config.get_main_option("sqlalchemy.url")
+)
 target_metadata = metadata_for(prefix)
 version_table = f"{prefix}alembic_version"
 
 
 def run_offline() -> None:
     context.configure(
-        url=config.attributes.get("url") or config.get_main_option("sqlalchemy.url"),
+        url=url,
         target_metadata=target_metadata,
         version_table=version_table,
         literal_binds=True,
@@ -37,7 +47,9 @@ def run_online() -> None:
     if connection is not None:
         _run(connection)
         return
-    engine = make_engine(str(config.attributes.get("url") or config.get_main_option("sqlalchemy.url")))
+    if not url:
+        raise SystemExit("no database: pass -x url=... or set ORCH_OUTBOX_DATABASE_URL")
+    engine = make_engine(url)
     try:
         with engine.connect() as conn:
             _run(conn)

@@ -112,3 +112,23 @@ def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     for required in ("orch_outbox/migrations/env.py", "orch_outbox/migrations/script.py.mako",
                      "orch_outbox/migrations/versions/0001_commands.py", "orch_outbox/py.typed"):
         assert required in names
+
+
+def test_plain_alembic_cli_from_the_checkout(pg_engine: sa.Engine) -> None:
+    """Proves a user's own Alembic tooling can run our migrations: `alembic -x url=... -x prefix=... upgrade head`
+    from the checkout's alembic.ini gives the declared schema, and downgrade removes it."""
+    prefix = unique_prefix()
+    alembic = [str(Path(sys.executable).with_name("alembic")), "-x", f"url={pg_engine.url.render_as_string(False)}",
+               "-x", f"prefix={prefix}"]
+    try:
+        subprocess.run([*alembic, "upgrade", "head"], cwd=ROOT, check=True, timeout=120)
+        with pg_engine.connect() as conn:
+            assert migrate.schema_diff(conn, prefix) == []
+            assert migrate.current_revision(conn, prefix) == "0002"
+        subprocess.run([*alembic, "downgrade", "base"], cwd=ROOT, check=True, timeout=120)
+        with pg_engine.connect() as conn:
+            assert not sa.inspect(conn).has_table(f"{prefix}commands")
+    finally:
+        with pg_engine.begin() as conn:
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {prefix}commands"))
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {prefix}alembic_version"))
