@@ -13,14 +13,17 @@ from typing import Any
 from .context import CommandContext, current
 from .default import command, default_outbox
 from .errors import (
+    CommandCanceled,
     CommandNotFound,
     CommandTimeout,
     ConfigurationError,
     InvalidInput,
     InvalidOption,
     InvalidTransition,
+    LeaseLost,
     OutboxError,
     StoreUnavailable,
+    UniqueConflict,
     UnknownCommand,
 )
 from .outbox import CommandInfo, Outbox
@@ -34,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FINAL_STATUSES",
     "STATUSES",
+    "CommandCanceled",
     "CommandContext",
     "CommandInfo",
     "CommandNotFound",
@@ -43,12 +47,14 @@ __all__ = [
     "InvalidInput",
     "InvalidOption",
     "InvalidTransition",
+    "LeaseLost",
     "Outbox",
     "OutboxError",
     "OutboxTask",
     "Outcome",
     "Settings",
     "StoreUnavailable",
+    "UniqueConflict",
     "UnknownCommand",
     "app",
     "cancel",
@@ -78,7 +84,7 @@ def get(command_id: uuid.UUID | str) -> CommandInfo:
 
 
 def cancel(command_id: uuid.UUID | str) -> bool:
-    """Cancel a pending or dispatched command of the ready app's outbox."""
+    """Cancel a command of the ready app's outbox (see :meth:`Outbox.cancel`)."""
     return default_outbox().cancel(command_id)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .errors import OutboxError
 
@@ -21,6 +22,27 @@ class CommandContext:
     attempt: int
     retries: int
     retries_left: int
+    _heartbeat: Callable[[float | None], None] | None = field(default=None, repr=False, compare=False)
+    _cancel_requested: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
+
+    def heartbeat(self, seconds: float | None = None) -> None:
+        """Say the handler is alive and needs ``seconds`` more (default: its timeout), from now.
+
+        Moves both the run deadline (the lease the rescuer watches: now + seconds + lock
+        buffer, from the database clock) and the handler's own timeout. Raises
+        :class:`~orch_outbox.errors.CommandCanceled` when a cancellation was requested,
+        and :class:`~orch_outbox.errors.LeaseLost` when this attempt no longer holds the
+        command (its lease lapsed and it was rescued): stop work in either case.
+        """
+        if self._heartbeat is None:
+            raise OutboxError("heartbeat() is only available inside a command handler run by a worker")
+        self._heartbeat(seconds)
+
+    def cancel_requested(self) -> bool:
+        """True once a cancellation of this command was requested (one database read)."""
+        if self._cancel_requested is None:
+            return False
+        return self._cancel_requested()
 
     @property
     def is_retry(self) -> bool:

@@ -49,3 +49,20 @@ class CommandTimeout(BaseException):
     Derived from ``BaseException`` (like ``KeyboardInterrupt``) so that a handler's
     ``except Exception`` cannot swallow it by accident.
     """
+
+
+class CommandCanceled(BaseException):
+    """The command was canceled while its handler ran.
+
+    Raised inside the handler (promptly, from a cancel request, or at its next
+    ``current().heartbeat()``). A ``BaseException`` for the same reason as
+    :class:`CommandTimeout`; let it propagate and the attempt ends ``canceled``.
+    """
+
+
+class LeaseLost(OutboxError):
+    """The attempt no longer holds its command (its lease lapsed and it was rescued, or it finished)."""
+
+
+class UniqueConflict(OutboxError):
+    """An unfinished command already holds this unique key, with another name or input."""

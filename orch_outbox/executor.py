@@ -20,10 +20,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.worker.control import control_command
 
 from . import backoff as backoff_mod
 from .context import CommandContext, _set
-from .errors import CommandTimeout, StoreUnavailable
+from .errors import CommandCanceled, CommandTimeout, InvalidOption, LeaseLost, StoreUnavailable
 from .jsoncodec import check_size, decode_arguments, encode
 from .store import ErrorInfo, Started
 from .task import OutboxTask, Outcome
@@ -37,23 +38,28 @@ log = logging.getLogger("orch_outbox.executor")
 WRITE_BACK_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 
 
-class _Watchdog:
-    """Raises CommandTimeout in the handler's thread when its timeout passes.
+class _Guard:
+    """Delivers an exception into the handler's thread: its timeout, or a cancellation.
 
     The exception is delivered at the handler's next Python bytecode; a handler blocked
     inside C code sees it when the call returns. Under the prefork pool, Celery's hard
-    time limit (timeout + lock buffer) ends a handler that never returns.
+    time limit (if set) ends a handler that never returns.
     """
 
     def __init__(self, seconds: float) -> None:
         self.thread_id = threading.get_ident()
-        self.fired = False
+        self.started = time.monotonic()
+        self.fired: type[BaseException] | None = None
         self._lock = threading.Lock()
         self._active = True
-        self._timer = threading.Timer(seconds, self._fire)
-        self._timer.daemon = True
+        self._timer = self._new_timer(seconds)
 
-    def __enter__(self) -> _Watchdog:
+    def _new_timer(self, seconds: float) -> threading.Timer:
+        timer = threading.Timer(seconds, self.interrupt, (CommandTimeout,))
+        timer.daemon = True
+        return timer
+
+    def __enter__(self) -> _Guard:
         self._timer.start()
         return self
 
@@ -61,15 +67,98 @@ class _Watchdog:
         with self._lock:
             self._active = False
             self._timer.cancel()
-            if self.fired:  # clear a timeout not yet delivered: the handler already returned
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), None)
+            if self.fired:  # clear an exception not yet delivered: the handler already returned
+                _async_raise(self.thread_id, None)
 
-    def _fire(self) -> None:
+    def extend(self, seconds: float) -> None:
+        """Move the timeout to ``seconds`` from now."""
         with self._lock:
-            if not self._active:
+            if not self._active or self.fired:
                 return
-            self.fired = True
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), ctypes.py_object(CommandTimeout))
+            self._timer.cancel()
+            self._timer = self._new_timer(seconds)
+            self._timer.start()
+
+    def interrupt(self, kind: type[BaseException]) -> bool:
+        """Raise ``kind`` in the handler's thread, once; False if it returned or was interrupted already."""
+        with self._lock:
+            if not self._active or self.fired:
+                return False
+            self.fired = kind
+            _async_raise(self.thread_id, kind)
+            return True
+
+
+def _async_raise(thread_id: int, kind: type[BaseException] | None) -> None:
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), None if kind is None else ctypes.py_object(kind)
+    )
+
+
+class _Running:
+    """The attempts running in this process, by Celery task id ("<command id>:<attempt>")."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._guards: dict[str, tuple[Executor, uuid.UUID, int, _Guard]] = {}
+        self._watcher: threading.Thread | None = None
+
+    def add(self, executor: Executor, started: Started, guard: _Guard) -> str:
+        key = f"{started.id}:{started.attempt}"
+        with self._lock:
+            self._guards[key] = (executor, started.id, started.attempt, guard)
+            if self._watcher is None or not self._watcher.is_alive():
+                self._watcher = threading.Thread(target=self._watch, name="orch-outbox-cancel-watch", daemon=True)
+                self._watcher.start()
+        return key
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            self._guards.pop(key, None)
+
+    def interrupt(self, key: str) -> bool:
+        with self._lock:
+            entry = self._guards.get(key)
+        return entry is not None and entry[3].interrupt(CommandCanceled)
+
+    def _watch(self) -> None:
+        """Poll for cancellations of attempts running longer than a poll interval.
+
+        The broadcast (``orch_outbox_cancel``) reaches a threads or solo pool at once;
+        this loop is what tells a prefork child, or a worker that missed the broadcast.
+        Short attempts cost nothing: only those older than the interval are checked.
+        """
+        while True:
+            time.sleep(CANCEL_POLL_SECONDS)
+            now = time.monotonic()
+            with self._lock:
+                old = [e for e in self._guards.values() if now - e[3].started >= CANCEL_POLL_SECONDS]
+            by_executor: dict[int, list[tuple[Executor, uuid.UUID, int, _Guard]]] = {}
+            for entry in old:
+                by_executor.setdefault(id(entry[0]), []).append(entry)
+            for entries in by_executor.values():
+                executor = entries[0][0]
+                try:
+                    wanted = executor.store.cancel_requests([(e[1], e[2]) for e in entries])
+                except Exception as exc:  # the database is down: the write-back path retries; look again later
+                    log.debug("cancel watch: %s", exc)
+                    continue
+                for _, command_id, attempt, guard in entries:
+                    if (command_id, attempt) in wanted and guard.interrupt(CommandCanceled):
+                        log.info("command %s attempt %s: canceled while running; interrupting", command_id, attempt)
+
+
+#: Seconds between the checks for cancellations of long-running attempts in one worker process.
+CANCEL_POLL_SECONDS = 1.0
+RUNNING = _Running()
+
+
+@control_command(args=[("task_id", str)], signature="<task_id>")  # type: ignore[untyped-decorator]
+def orch_outbox_cancel(state: Any, task_id: str) -> dict[str, str]:
+    """Worker remote control: interrupt a running attempt (``Outbox.cancel`` broadcasts it)."""
+    if RUNNING.interrupt(task_id):
+        return {"ok": f"interrupted {task_id}"}
+    return {"ok": f"{task_id} is not running in this process"}
 
 
 def error_of(exc: BaseException) -> ErrorInfo:
@@ -127,8 +216,16 @@ class Executor:
     # -- the attempt ----------------------------------------------------------------------
 
     def _run(self, task: OutboxTask, started: Started) -> Any:
+        guard = _Guard(started.timeout)
         ctx = CommandContext(
-            started.id, started.name, started.target, started.attempt, started.retries, started.retries_left
+            started.id,
+            started.name,
+            started.target,
+            started.attempt,
+            started.retries,
+            started.retries_left,
+            _heartbeat=lambda seconds: self._heartbeat(started, guard, seconds),
+            _cancel_requested=lambda: self.store.cancel_requested(started.id, started.attempt),
         )
         _set(ctx)
         try:
@@ -137,26 +234,57 @@ class Executor:
             self._fail(task, started, "failure", error_of(exc))
             _set(None)
             return None
-        timed_out = False
+        interrupted: type[BaseException] | None = None
         result: Any = None
         error: BaseException | None = None
+        key = RUNNING.add(self, started, guard)
         try:
             try:
-                with _Watchdog(started.timeout) as watchdog:
+                with guard:
                     result = task.run(*args, **kwargs)
             finally:
                 _set(None)
-            timed_out = watchdog.fired
+                RUNNING.remove(key)
+            interrupted = guard.fired
         except (CommandTimeout, SoftTimeLimitExceeded):
-            timed_out = True
+            interrupted = CommandTimeout
+        except CommandCanceled:
+            interrupted = CommandCanceled
         except Exception as exc:
             error = exc
-        if timed_out:
+        if interrupted is None and error is None:
+            return self._succeeded(task, started, result)
+        if interrupted is CommandCanceled or self._write(
+            lambda: self.store.cancel_requested(started.id, started.attempt)
+        ):
+            return self._canceled(task, started)
+        if interrupted is CommandTimeout:
             message = f"the handler ran past its timeout of {started.timeout:g}s"
             return self._failed(task, started, "timeout", ErrorInfo("CommandTimeout", message))
-        if error is not None:
-            return self._failed(task, started, "failure", error_of(error))
-        return self._succeeded(task, started, result)
+        assert error is not None
+        return self._failed(task, started, "failure", error_of(error))
+
+    def _heartbeat(self, started: Started, guard: _Guard, seconds: float | None) -> None:
+        extend = started.timeout if seconds is None else seconds
+        if isinstance(extend, bool) or not isinstance(extend, (int, float)) or not 0 < extend <= 7 * 24 * 3600:
+            raise InvalidOption(f"heartbeat(seconds) must be > 0 and at most one week, got {seconds!r}")
+        held, cancel = self._write(
+            lambda: self.store.heartbeat(started.id, started.attempt, extend + self.settings.lock_buffer)
+        )
+        if not held:
+            raise LeaseLost(f"attempt {started.attempt} of {started.id} no longer holds the command")
+        if cancel:
+            raise CommandCanceled(f"command {started.id} was canceled")
+        guard.extend(extend)
+
+    def _canceled(self, task: OutboxTask, started: Started) -> None:
+        try:
+            children = self.outbox.chained_rows(task.name, "if_canceled", Outcome(started.id, task.name, started.input))
+        except Exception:
+            log.exception("if_canceled hook of %s raised; recording the cancellation without its chain", task.name)
+            children = []
+        recorded = self._write(lambda: self.store.canceled(started.id, started.attempt, children))
+        self._log_fenced(recorded, started, "canceled")
 
     def _succeeded(self, task: OutboxTask, started: Started, result: Any) -> Any:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import logging
 import math
 import uuid
 import weakref
@@ -31,6 +32,8 @@ from .store import ErrorInfo, Store, make_engine
 from .task import Hooks, OutboxTask, Outcome
 from .uuid7 import uuid7
 
+log = logging.getLogger("orch_outbox")
+
 RELAY_TASK = "orch_outbox.relay"
 RESCUE_TASK = "orch_outbox.rescue"
 LOCAL_TASKS = frozenset({RELAY_TASK, RESCUE_TASK})
@@ -48,8 +51,12 @@ PUSH_OPTIONS = frozenset(
         "retries",
         "timeout",
         "priority",
+        "unique_key",
     }
 )
+#: The worker remote-control command that interrupts a running attempt (see executor.py).
+CANCEL_CONTROL = "orch_outbox_cancel"
+MAX_UNIQUE_KEY = 200
 MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_RETRIES = 1000
 
@@ -90,6 +97,8 @@ class CommandInfo:
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
     lease_expires_at: dt.datetime | None
+    unique_key: str | None = None
+    cancel_requested_at: dt.datetime | None = None
 
     @property
     def is_final(self) -> bool:
@@ -201,13 +210,16 @@ class Outbox:
         retries: int | None = None,
         priority: int = 0,
         backoff: Callable[[int, str], float] | None = None,
+        hide_input: bool = False,
         **celery_options: Any,
     ) -> Any:
         """Declare a command: ``@outbox.command(target="email-worker", timeout=120, retries=5)``.
 
         The name is ``name``, or the function's name by convention (a ``Command``
         suffix is dropped and CamelCase becomes snake_case). Other keyword arguments
-        are Celery task options (``rate_limit``, ``time_limit``, ...).
+        are Celery task options (``rate_limit``, ``time_limit``, ...). ``hide_input``
+        keeps the arguments out of the broker message, worker logs and Flower (they stay
+        in the outbox row, where the handler reads them).
         """
         if target is not None:
             validate_target(target)
@@ -227,6 +239,7 @@ class Outbox:
                 outbox_priority=priority,
                 outbox_backoff=staticmethod(backoff) if backoff else None,
                 outbox_hooks=Hooks(),
+                outbox_hide_input=hide_input,
                 **celery_options,
             )
 
@@ -243,26 +256,21 @@ class Outbox:
 
     def push(self, conn: Session | sa.Connection | sa.Engine, call: Signature) -> uuid.UUID:
         """Insert one command (a signature of an outbox command) in the caller's transaction."""
-        row = self.row_for(call)
-        self._insert(conn, [row])
-        return row["id"]  # type: ignore[no-any-return]
+        return self._insert(conn, [self.row_for(call)])[0]
 
     def push_many(self, conn: Session | sa.Connection | sa.Engine, calls: Iterable[Signature]) -> list[uuid.UUID]:
         """Insert many commands with one statement (executemany) in the caller's transaction."""
-        rows = [self.row_for(call) for call in calls]
-        self._insert(conn, rows)
-        return [row["id"] for row in rows]
+        return self._insert(conn, [self.row_for(call) for call in calls])
 
-    def _insert(self, conn: Session | sa.Connection | sa.Engine, rows: list[dict[str, Any]]) -> None:
+    def _insert(self, conn: Session | sa.Connection | sa.Engine, rows: list[dict[str, Any]]) -> list[uuid.UUID]:
         if isinstance(conn, Session):
-            self.store.insert(conn.connection(), rows)
-        elif isinstance(conn, sa.Connection):
-            self.store.insert(conn, rows)
-        elif isinstance(conn, sa.Engine):
+            return self.store.insert(conn.connection(), rows)
+        if isinstance(conn, sa.Connection):
+            return self.store.insert(conn, rows)
+        if isinstance(conn, sa.Engine):
             with conn.begin() as own:
-                self.store.insert(own, rows)
-        else:
-            raise TypeError(f"push needs a SQLAlchemy Session, Connection or Engine, not {type(conn).__name__}")
+                return self.store.insert(own, rows)
+        raise TypeError(f"push needs a SQLAlchemy Session, Connection or Engine, not {type(conn).__name__}")
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Refuse unknown push options early, with the list of known ones."""
@@ -301,6 +309,7 @@ class Outbox:
             "delay": _delay(options),
             "scheduled_at": _aware(options.get("scheduled_at", options.get("eta")), "scheduled_at"),
             "expires_at": _expiry(options),
+            "unique_key": _unique_key(options.get("unique_key")),
         }
 
     def chained_rows(self, name: str, kind: str, outcome: Outcome) -> list[dict[str, Any]]:
@@ -328,16 +337,34 @@ class Outbox:
         return [CommandInfo.from_row(r) for r in self.store.children(_as_uuid(command_id))]
 
     def cancel(self, command_id: uuid.UUID | str) -> bool:
-        """Cancel a pending or dispatched command; its on-cancel commands are enqueued in the same transaction.
+        """Cancel a command that is not final; returns False when it already was.
 
-        Returns False when the command is already running or final.
+        Pending or dispatched: ``canceled`` at once, its on-cancel commands enqueued in
+        the same transaction. Running: the cancellation is recorded and the workers are
+        told (a broadcast); the handler is interrupted with :class:`CommandCanceled`
+        (threads and solo pools: in its thread; prefork: by signal) or learns it at its
+        next ``current().heartbeat()``; its worker then records ``canceled`` and the
+        on-cancel commands. A handler that returns before it learns it is ``completed``.
         """
         cid = _as_uuid(command_id)
 
         def children_for(name: str, data: dict[str, Any]) -> list[dict[str, Any]]:
             return self.chained_rows(name, "if_canceled", Outcome(cid, name, data))
 
-        return self.store.cancel(cid, children_for) is not None
+        was = self.store.cancel(cid, children_for)
+        if was is None:
+            return False
+        status, attempt = was
+        if status == "running":
+            self.tell_workers_to_cancel(f"{cid}:{attempt}")
+        return True
+
+    def tell_workers_to_cancel(self, task_id: str) -> None:
+        """Broadcast a cancel of one running attempt; a failure is logged (heartbeats still tell the handler)."""
+        try:
+            self.app.control.broadcast(CANCEL_CONTROL, arguments={"task_id": task_id})
+        except Exception as exc:  # the request is in the database; the broadcast only makes it prompt
+            log.warning("could not broadcast the cancellation of %s: %s", task_id, exc)
 
     def relay_once(self) -> int:
         """Dispatch due commands now; returns how many were published."""
@@ -396,6 +423,14 @@ def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
         return uuid.UUID(str(value))
     except ValueError:
         raise CommandNotFound(f"{value!r} is not a command id") from None
+
+
+def _unique_key(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_UNIQUE_KEY or "\x00" in value:
+        raise InvalidOption(f"unique_key must be a string of 1..{MAX_UNIQUE_KEY} characters without NUL, got {value!r}")
+    return value
 
 
 def _check_timeout(value: Any) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import KombuError
 
@@ -34,6 +34,8 @@ log = logging.getLogger("orch_outbox.relay")
 #: Longest one relay run keeps claiming before it yields to the next tick.
 RUN_BUDGET_SECONDS = 5.0
 #: kombu retry policy for one publish while the broker is unreachable.
+#: Longest pause of the relay while the broker keeps failing.
+BROKER_BACKOFF_MAX = 30.0
 PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step": 0.5, "interval_max": 1.0}
 
 
@@ -45,9 +47,26 @@ class Relay:
         self.app = outbox.app
         self.store = outbox.store
         self.settings = outbox.settings
+        #: while the broker is failing: no claims before this monotonic time (exponential backoff).
+        self.broker_retry_at = 0.0
+        self.broker_failures = 0
+        self._producer: Any = None
+        self._lock = threading.Lock()
 
     def run_once(self, budget: float = RUN_BUDGET_SECONDS) -> int:
-        """Claim and publish batches until none is full or the budget is spent; returns rows published."""
+        """Claim and publish batches until none is full or the budget is spent; returns rows published.
+
+        After a publish failed, runs are skipped until the broker backoff (doubling from
+        0.5 s up to 30 s) has passed; the commands wait in the database meanwhile.
+        """
+        if time.monotonic() < self.broker_retry_at or not self._lock.acquire(blocking=False):
+            return 0  # the broker is backing off, or another thread of this process is relaying
+        try:
+            return self._run(budget)
+        finally:
+            self._lock.release()
+
+    def _run(self, budget: float) -> int:
         deadline = time.monotonic() + budget
         published = 0
         while True:
@@ -67,23 +86,59 @@ class Relay:
         """Publish a claimed batch; on a broker failure, return the unpublished rows to pending."""
         sent = 0
         try:
-            with self.app.producer_or_acquire() as producer:
-                for item in batch:
-                    self._send(producer, item)
-                    sent += 1
+            producer = self._open_producer()
+            for item in batch:
+                self._send(producer, item)
+                sent += 1
         except (KombuError, OSError) as exc:
+            self.close()
             unsent = batch[sent:]
-            log.warning("relay: broker unavailable (%s); %d command(s) stay pending", exc, len(unsent))
+            self.broker_failures += 1
+            pause = min(BROKER_BACKOFF_MAX, 0.5 * 2 ** min(self.broker_failures - 1, 10))
+            self.broker_retry_at = time.monotonic() + pause
+            log.warning(
+                "relay: broker unavailable (%s); %d command(s) stay pending; next try in %.1fs", exc, len(unsent), pause
+            )
             try:
                 self.store.undispatch(unsent)
             except StoreUnavailable:
                 log.warning("relay: could not return %d row(s) to pending; their dispatch lease will", len(unsent))
+            return sent
+        if self.broker_failures:
+            log.info("relay: broker back after %d failed attempt(s)", self.broker_failures)
+            self.broker_failures = 0
         return sent
 
+    def _open_producer(self) -> Any:
+        """The relay's own producer, kept open across runs; publisher confirms on (AMQP)."""
+        if self._producer is None:
+            conn = self.app.connection_for_write(transport_options={"confirm_publish": True})
+            try:
+                conn.ensure_connection(max_retries=1)
+                self._producer = self.app.amqp.Producer(conn)
+            except BaseException:
+                conn.release()
+                raise
+        return self._producer
+
+    def close(self) -> None:
+        """Release the relay's broker connection (it reopens on the next run)."""
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                producer.connection.release()
+            except Exception as exc:  # closing a broken connection may fail too
+                log.debug("relay: closing the broker connection: %s", exc)
+
     def _send(self, producer: object, item: Dispatch) -> None:
+        # The executor reads the input from the row; the message carries it only so that
+        # logs and Flower show it, unless the command hides it.
+        hidden = getattr(self.app.tasks.get(item.name), "outbox_hide_input", False)
         self.app.send_task(
             item.name,
-            kwargs=item.input,
+            kwargs={} if hidden else item.input,
+            argsrepr="()" if hidden else None,
+            kwargsrepr="<hidden>" if hidden else None,
             task_id=f"{item.id}:{item.attempt}",
             queue=item.target,
             headers={"outbox": [str(item.id), item.attempt, item.timeout]},
@@ -107,6 +162,12 @@ class Rescuer:
         try:
             changed = self.store.release_lapsed_dispatches(limit)
             for lapsed in self.store.lapsed_runs(limit):
+                if lapsed.cancel_requested:  # canceled while running, and its worker never reported back
+                    children = self.outbox.chained_rows(
+                        lapsed.name, "if_canceled", Outcome(lapsed.id, lapsed.name, lapsed.input)
+                    )
+                    changed += int(self.store.canceled(lapsed.id, lapsed.attempt, children, lapsed_only=True))
+                    continue
                 error = ErrorInfo(
                     "LeaseExpired",
                     f"attempt {lapsed.attempt} stopped reporting: its worker died, hung, "

@@ -50,6 +50,13 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
+def unique_scope(commands: sa.Table) -> sa.ColumnElement[bool]:
+    """Where the unique-key index applies: keyed rows not yet final."""
+    return sa.and_(
+        commands.c.unique_key.is_not(None), commands.c.status.in_(("pending", "dispatched", "running"))
+    )
+
+
 @functools.cache
 def metadata_for(prefix: str = "orch_") -> sa.MetaData:
     """The metadata holding the tables of the outbox with this table prefix."""
@@ -83,6 +90,8 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
         sa.Column("error_traceback", sa.Text(), nullable=True),
         sa.Column("parent_id", sa.Uuid(), nullable=True),
         sa.Column("worker", sa.String(255), nullable=True),
+        sa.Column("unique_key", sa.String(200), nullable=True),
+        sa.Column("cancel_requested_at", UTCDateTime(), nullable=True),
         sa.CheckConstraint(f"status IN ({status_list})", name=f"{prefix}commands_status_check"),
         sa.CheckConstraint("retries_left >= 0 AND retries >= 0", name=f"{prefix}commands_retries_check"),
         sa.CheckConstraint("timeout > 0", name=f"{prefix}commands_timeout_check"),
@@ -101,6 +110,14 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
         sqlite_where=commands.c.status.in_(("dispatched", "running")),
     )
     sa.Index(f"{prefix}commands_parent_idx", commands.c.parent_id)
+    # At most one unfinished command per unique key; a finished one frees its key.
+    sa.Index(
+        f"{prefix}commands_unique_idx",
+        commands.c.unique_key,
+        unique=True,
+        postgresql_where=unique_scope(commands),
+        sqlite_where=unique_scope(commands),
+    )
     sa.Index(f"{prefix}commands_status_target_idx", commands.c.status, commands.c.target)
     for ddl in notify_ddl(prefix):
         event.listen(commands, "after_create", sa.DDL(ddl).execute_if(dialect="postgresql"))  # type: ignore[no-untyped-call]

@@ -20,10 +20,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 
 from .clock import Clock, utcnow
-from .errors import OutboxError, StoreUnavailable
-from .schema import FINAL_STATUSES, UTCDateTime, commands_table, metadata_for, notify_channel
+from .errors import OutboxError, StoreUnavailable, UniqueConflict
+from .schema import FINAL_STATUSES, UTCDateTime, commands_table, metadata_for, notify_channel, unique_scope
 
 Row = Mapping[str, Any]
 
@@ -73,6 +74,7 @@ class Lapsed:
     attempt: int
     input: dict[str, Any]
     retries_left: int
+    cancel_requested: bool
 
 
 def make_engine(url: str, **options: Any) -> sa.Engine:
@@ -207,12 +209,65 @@ class Store:
 
     # -- push ---------------------------------------------------------------------------
 
-    def insert(self, conn: sa.Connection, rows: Sequence[Row]) -> None:
-        """Insert new command rows on the caller's connection, inside the caller's transaction."""
+    def insert(self, conn: sa.Connection, rows: Sequence[Row], strict: bool = True) -> list[uuid.UUID]:
+        """Insert new command rows on the caller's connection, inside the caller's transaction.
+
+        Returns each row's command id. A row with a ``unique_key`` that an unfinished
+        command already holds is not inserted: its id is that command's (``strict``:
+        only if name and input are the same, else :class:`UniqueConflict`).
+        """
         if not rows:
-            return
+            return []
         stamped = self._stamp(rows)
-        conn.execute(sa.insert(self.table), stamped)
+        plain = [r for r in stamped if r.get("unique_key") is None]
+        if plain:
+            conn.execute(sa.insert(self.table), plain)
+        ids: list[uuid.UUID] = [r["id"] for r in stamped]
+        for i, row in enumerate(stamped):
+            if row.get("unique_key") is not None:
+                ids[i] = self._insert_unique(conn, row, strict)
+        return ids
+
+    def _insert_unique(self, conn: sa.Connection, row: Row, strict: bool) -> uuid.UUID:
+        """INSERT ... ON CONFLICT DO NOTHING on the partial unique index, else the holder's id.
+
+        On PostgreSQL a concurrent, uncommitted push of the same key makes this statement
+        wait for that transaction: if it commits, its command is returned; if it rolls
+        back, this row is inserted. A holder that finishes in between frees the key, so
+        the insert is tried again (bounded).
+        """
+        t = self.table
+        dialect = conn.dialect.name
+        dialect_insert: Any
+        if dialect == "postgresql":
+            dialect_insert = postgresql.insert
+        elif dialect == "sqlite":
+            dialect_insert = sqlite.insert
+        else:  # pragma: no cover - the outbox supports PostgreSQL and SQLite
+            raise OutboxError(f"unique keys are not supported on {dialect}")
+        stmt = (
+            dialect_insert(t)
+            .values(**row)
+            .on_conflict_do_nothing(index_elements=[t.c.unique_key], index_where=unique_scope(t))
+            .returning(t.c.id)
+        )
+        holder_query = sa.select(t.c.id, t.c.name, t.c.input).where(
+            t.c.unique_key == row["unique_key"], unique_scope(t)
+        )
+        for _ in range(5):
+            inserted = conn.execute(stmt).scalar_one_or_none()
+            if inserted is not None:
+                return uuid.UUID(str(inserted))
+            holder = conn.execute(holder_query).first()
+            if holder is None:
+                continue  # the holder finished between the two statements: the key is free again
+            if strict and (holder.name != row["name"] or holder.input != row["input"]):
+                raise UniqueConflict(
+                    f"unique key {row['unique_key']!r} is held by unfinished command {holder.id} "
+                    f"({holder.name}) with a different input"
+                )
+            return uuid.UUID(str(holder.id))
+        raise UniqueConflict(f"unique key {row['unique_key']!r}: its holder kept changing; try again")
 
     def _stamp(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
         """Fill created_at / scheduled_at; relative delays become absolute from one 'now'."""
@@ -375,6 +430,43 @@ class Store:
             ).rowcount
         return "failed" if failed else None
 
+    def heartbeat(self, command_id: uuid.UUID, attempt: int, lease: float) -> tuple[bool, bool]:
+        """Extend a running attempt's lease to now + ``lease``: (still held, cancellation requested)."""
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(*self._fence(command_id, attempt))
+            .values(lease_expires_at=self._later(lease))
+            .returning(t.c.cancel_requested_at)
+        )
+        with self._tx() as conn:
+            row = conn.execute(stmt).first()
+        return (False, False) if row is None else (True, row.cancel_requested_at is not None)
+
+    def cancel_requested(self, command_id: uuid.UUID, attempt: int) -> bool:
+        """Whether a cancellation was requested for this running attempt."""
+        t = self.table
+        stmt = sa.select(t.c.cancel_requested_at).where(*self._fence(command_id, attempt))
+        with self._tx() as conn:
+            return conn.execute(stmt).scalar_one_or_none() is not None
+
+    def cancel_requests(self, attempts: Sequence[tuple[uuid.UUID, int]]) -> set[tuple[uuid.UUID, int]]:
+        """Of these running attempts, the ones whose cancellation was requested."""
+        if not attempts:
+            return set()
+        t = self.table
+        stmt = sa.select(t.c.id, t.c.attempt).where(
+            t.c.id.in_([a[0] for a in attempts]), t.c.status == "running", t.c.cancel_requested_at.is_not(None)
+        )
+        with self._tx() as conn:
+            found = {(r.id, r.attempt) for r in conn.execute(stmt)}
+        return found & set(attempts)
+
+    def canceled(self, command_id: uuid.UUID, attempt: int, children: Sequence[Row], lapsed_only: bool = False) -> bool:
+        """Record a running attempt as canceled and insert the on-cancel commands, in one transaction."""
+        values = {"status": "canceled", "outcome": "canceled", "output": None, **_NO_ERROR}
+        return self._finish(command_id, attempt, values, children, lapsed_only)
+
     def _fence(self, command_id: uuid.UUID, attempt: int, lapsed_only: bool = False) -> list[sa.ColumnElement[bool]]:
         """The guard of every write-back: this command, running, under this attempt."""
         t = self.table
@@ -401,33 +493,41 @@ class Store:
             if conn.execute(stmt).rowcount != 1:
                 conn.rollback()
                 return False
-            self.insert(conn, children)
+            self.insert(conn, children, strict=False)
         return True
 
     # -- cancellation -------------------------------------------------------------------
 
-    def cancel(self, command_id: uuid.UUID, children_for: Any) -> str | None:
-        """Cancel a pending or dispatched command and insert its on-cancel commands, in one transaction.
+    def cancel(self, command_id: uuid.UUID, children_for: Any) -> tuple[str, int] | None:
+        """Cancel a command, in one transaction; returns (the status it had, its attempt), or None if final.
 
-        ``children_for(name, input)`` gives the rows to insert. Returns the status the
-        command had, or None if it was in no cancellable state.
+        Pending or dispatched: ``canceled`` now, with its on-cancel commands
+        (``children_for(name, input)`` gives their rows). Running: the cancellation is
+        requested (``cancel_requested_at``); the attempt's worker records ``canceled``.
         """
         t = self.table
         with self._tx() as conn:
             row = conn.execute(
-                sa.select(t.c.status, t.c.name, t.c.input)
-                .where(t.c.id == command_id, t.c.status.in_(("pending", "dispatched")))
+                sa.select(t.c.status, t.c.name, t.c.input, t.c.attempt)
+                .where(t.c.id == command_id, t.c.status.in_(("pending", "dispatched", "running")))
                 .with_for_update()
             ).first()
             if row is None:
                 return None
+            if row.status == "running":
+                conn.execute(
+                    sa.update(t)
+                    .where(t.c.id == command_id, t.c.status == "running", t.c.cancel_requested_at.is_(None))
+                    .values(cancel_requested_at=self._now())
+                )
+                return "running", int(row.attempt)
             conn.execute(
                 sa.update(t)
                 .where(t.c.id == command_id, t.c.status == row.status)
                 .values(status="canceled", outcome="canceled", finished_at=self._now(), lease_expires_at=None)
             )
-            self.insert(conn, children_for(row.name, row.input))
-        return str(row.status)
+            self.insert(conn, children_for(row.name, row.input), strict=False)
+        return str(row.status), int(row.attempt)
 
     # -- rescue -------------------------------------------------------------------------
 
@@ -453,7 +553,14 @@ class Store:
         """Running rows whose lease ran out (read only; each is then settled by a fenced write)."""
         t = self.table
         stmt = (
-            sa.select(t.c.id, t.c.name, t.c.attempt, t.c.input, t.c.retries_left)
+            sa.select(
+                t.c.id,
+                t.c.name,
+                t.c.attempt,
+                t.c.input,
+                t.c.retries_left,
+                t.c.cancel_requested_at.is_not(None).label("cancel_requested"),
+            )
             .where(t.c.status == "running", t.c.lease_expires_at < self._now())
             .order_by(t.c.lease_expires_at)
             .limit(limit)

@@ -62,6 +62,7 @@ class OutboxTask(Task):  # type: ignore[misc]
     outbox_priority: int = 0
     outbox_backoff: Callable[[int, str], float] | None = None
     outbox_hooks: Hooks
+    outbox_hide_input: bool = False
 
     # -- pushing ------------------------------------------------------------------------
 
@@ -74,7 +75,9 @@ class OutboxTask(Task):  # type: ignore[misc]
 
         Options: ``target``, ``delay`` (seconds), ``scheduled_at`` (aware datetime),
         ``expires_at`` (aware datetime), ``expires`` (seconds), ``retries``,
-        ``timeout``, ``priority``.
+        ``timeout``, ``priority``, ``unique_key`` (while a command with that key is not
+        final, pushing it again returns that command's id; a different name or input
+        raises :class:`~orch_outbox.errors.UniqueConflict`).
         """
         self.outbox.check_options(options)
         return PushWith(self, options)

@@ -212,15 +212,16 @@ def test_child_insert_failure_rolls_back_the_parent_final_state(pg_outbox: Outbo
 class BlockingInsert:
     """Replaces ``store.insert``: inserts, then holds the transaction open until released."""
 
-    def __init__(self, real: Callable[..., None]) -> None:
+    def __init__(self, real: Callable[..., Any]) -> None:
         self.real = real
         self.inserted = threading.Event()
         self.release = threading.Event()
 
-    def __call__(self, conn: sa.Connection, rows: Any) -> None:
-        self.real(conn, rows)
+    def __call__(self, conn: sa.Connection, rows: Any, **options: Any) -> Any:
+        ids = self.real(conn, rows, **options)
         self.inserted.set()
         assert self.release.wait(EVENT_TIMEOUT), "the test never released the completing transaction"
+        return ids
 
 
 def _finish_in_thread(work: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
