@@ -115,14 +115,19 @@ def show(ctx: click.Context, command_id: str, as_json: bool) -> None:
 @click.argument("command_id")
 @click.pass_context
 def cancel(ctx: click.Context, command_id: str) -> None:
-    """Cancel a pending or dispatched command."""
+    """Cancel a command: at once if pending or dispatched; a running one is interrupted by its worker."""
+    outbox = _outbox(ctx)
     try:
-        done = _outbox(ctx).cancel(command_id)
+        done = outbox.cancel(command_id)
+        status = outbox.get(command_id).status
     except OutboxError as exc:
         raise click.ClickException(str(exc)) from exc
     if not done:
-        raise click.ClickException(f"{command_id} is not pending or dispatched; nothing canceled")
-    click.echo(f"canceled {command_id}")
+        raise click.ClickException(f"{command_id} is already {status}; nothing canceled")
+    if status == "running":
+        click.echo(f"cancellation of running command {command_id} requested; its worker records it")
+    else:
+        click.echo(f"canceled {command_id}")
 
 
 @main.command()

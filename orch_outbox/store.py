@@ -121,6 +121,11 @@ class Store:
         self.metadata = metadata_for(prefix)
         self._clock = clock
         self._db_clock = clock is None and engine.dialect.name == "postgresql"
+        # One-statement transactions run in autocommit on PostgreSQL: the statement is
+        # atomic on its own, and BEGIN + COMMIT would cost two more round trips each.
+        self._autocommit = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else None
+        )
 
     # -- time ---------------------------------------------------------------------------
 
@@ -142,7 +147,7 @@ class Store:
         """The store's current time (the database's on PostgreSQL)."""
         if not self._db_clock:
             return self.clock()
-        with self._tx() as conn:
+        with self._one() as conn:
             value = conn.execute(sa.select(sa.func.now())).scalar_one()
         return value  # type: ignore[no-any-return]
 
@@ -153,6 +158,19 @@ class Store:
         """A transaction on the store's engine; connection failures become StoreUnavailable."""
         try:
             with self.engine.begin() as conn:
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+            raise StoreUnavailable(f"outbox database unavailable: {exc.orig or exc}") from exc
+
+    @contextlib.contextmanager
+    def _one(self) -> Iterator[sa.Connection]:
+        """A connection for ONE statement, which is its own transaction (autocommit on PostgreSQL)."""
+        if self._autocommit is None:
+            with self._tx() as conn:
+                yield conn
+            return
+        try:
+            with self._autocommit.connect() as conn:
                 yield conn
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             raise StoreUnavailable(f"outbox database unavailable: {exc.orig or exc}") from exc
@@ -323,7 +341,7 @@ class Store:
             )
             .returning(t.c.id, t.c.name, t.c.target, t.c.attempt, t.c.input, t.c.timeout, t.c.priority, t.c.status)
         )
-        with self._tx() as conn:
+        with self._one() as conn:
             rows = conn.execute(stmt).all()
         claimed = [
             Dispatch(r.id, r.name, r.target, r.attempt, r.input, r.timeout, r.priority)
@@ -343,7 +361,7 @@ class Store:
             .where(t.c.id == sa.bindparam("b_id"), t.c.status == "dispatched", t.c.attempt == sa.bindparam("b_attempt"))
             .values(status="pending", lease_expires_at=None)
         )
-        with self._tx() as conn:
+        with self._one() as conn:
             result = conn.execute(stmt, [{"b_id": d.id, "b_attempt": d.attempt} for d in items])
         return result.rowcount
 
@@ -358,7 +376,7 @@ class Store:
             .values(status="running", started_at=self._now(), lease_expires_at=self._later(lease), worker=worker)
             .returning(t.c.id, t.c.name, t.c.target, t.c.attempt, t.c.input, t.c.timeout, t.c.retries, t.c.retries_left)
         )
-        with self._tx() as conn:
+        with self._one() as conn:
             row = conn.execute(stmt).first()
         return Started(**row._mapping) if row else None
 
@@ -406,7 +424,7 @@ class Store:
                 **_error_values(error),
             )
         )
-        with self._tx() as conn:
+        with self._one() as conn:
             return conn.execute(stmt).rowcount == 1
 
     def not_found(self, command_id: uuid.UUID, attempt: int, error: ErrorInfo, delay: float) -> str | None:
@@ -439,7 +457,7 @@ class Store:
             .values(lease_expires_at=self._later(lease))
             .returning(t.c.cancel_requested_at)
         )
-        with self._tx() as conn:
+        with self._one() as conn:
             row = conn.execute(stmt).first()
         return (False, False) if row is None else (True, row.cancel_requested_at is not None)
 
@@ -447,7 +465,7 @@ class Store:
         """Whether a cancellation was requested for this running attempt."""
         t = self.table
         stmt = sa.select(t.c.cancel_requested_at).where(*self._fence(command_id, attempt))
-        with self._tx() as conn:
+        with self._one() as conn:
             return conn.execute(stmt).scalar_one_or_none() is not None
 
     def cancel_requests(self, attempts: Sequence[tuple[uuid.UUID, int]]) -> set[tuple[uuid.UUID, int]]:
@@ -458,7 +476,7 @@ class Store:
         stmt = sa.select(t.c.id, t.c.attempt).where(
             t.c.id.in_([a[0] for a in attempts]), t.c.status == "running", t.c.cancel_requested_at.is_not(None)
         )
-        with self._tx() as conn:
+        with self._one() as conn:
             found = {(r.id, r.attempt) for r in conn.execute(stmt)}
         return found & set(attempts)
 
@@ -489,6 +507,9 @@ class Store:
             .where(*self._fence(command_id, attempt, lapsed_only))
             .values(finished_at=self._now(), lease_expires_at=None, **values)
         )
+        if not children:
+            with self._one() as conn:
+                return bool(conn.execute(stmt).rowcount == 1)
         with self._tx() as conn:
             if conn.execute(stmt).rowcount != 1:
                 conn.rollback()
@@ -546,7 +567,7 @@ class Store:
             .where(t.c.id.in_(sa.select(lapsed.c.id)), t.c.status == "dispatched")
             .values(status="pending", lease_expires_at=None)
         )
-        with self._tx() as conn:
+        with self._one() as conn:
             return conn.execute(stmt).rowcount
 
     def lapsed_runs(self, limit: int) -> list[Lapsed]:
@@ -565,21 +586,21 @@ class Store:
             .order_by(t.c.lease_expires_at)
             .limit(limit)
         )
-        with self._tx() as conn:
+        with self._one() as conn:
             return [Lapsed(**r._mapping) for r in conn.execute(stmt)]
 
     # -- reading ------------------------------------------------------------------------
 
     def get(self, command_id: uuid.UUID) -> Row | None:
         """One command row by id."""
-        with self._tx() as conn:
+        with self._one() as conn:
             row = conn.execute(sa.select(self.table).where(self.table.c.id == command_id)).first()
         return dict(row._mapping) if row else None
 
     def children(self, parent_id: uuid.UUID) -> list[Row]:
         """The commands chained from one parent, oldest first."""
         t = self.table
-        with self._tx() as conn:
+        with self._one() as conn:
             rows = conn.execute(sa.select(t).where(t.c.parent_id == parent_id).order_by(t.c.created_at)).all()
         return [dict(r._mapping) for r in rows]
 
@@ -591,13 +612,13 @@ class Store:
             .group_by(t.c.target, t.c.status)
             .order_by(t.c.target, t.c.status)
         )
-        with self._tx() as conn:
+        with self._one() as conn:
             return [(r[0], r[1], int(r[2])) for r in conn.execute(stmt)]
 
     def unfinished(self) -> int:
         """How many commands are not in a final state."""
         t = self.table
-        with self._tx() as conn:
+        with self._one() as conn:
             return int(conn.execute(sa.select(sa.func.count()).where(t.c.status.not_in(FINAL_STATUSES))).scalar_one())
 
 
