@@ -148,6 +148,7 @@ class Outbox:
         else:
             app.on_after_configure.connect(self._add_beat_entries, weak=False)
         signals.task_unknown.connect(self._on_task_unknown, weak=False)
+        signals.worker_process_init.connect(self._after_fork, weak=False)
 
     # -- configuration ------------------------------------------------------------------
 
@@ -392,6 +393,22 @@ class Outbox:
         schedule = self.app.conf.beat_schedule
         schedule.setdefault("orch-outbox-relay", {"task": RELAY_TASK, "schedule": settings.poll_interval})
         schedule.setdefault("orch-outbox-rescue", {"task": RESCUE_TASK, "schedule": settings.rescue_interval})
+        accepted = {str(c) for c in (self.app.conf.accept_content or ())}
+        unsafe = sorted(accepted - {"json", "application/json"})
+        if unsafe:
+            # Commands are always published as JSON; a worker that also accepts pickle can be
+            # made to run code by anyone able to write to the broker.
+            log.warning(
+                "app %r accepts %s besides JSON; set accept_content = ['json'] so workers refuse other payloads",
+                self.app.main,
+                unsafe,
+            )
+
+    def _after_fork(self, **_: Any) -> None:
+        """In a prefork child: never reuse database connections opened by the parent."""
+        engine = self.__dict__.get("engine")
+        if engine is not None:  # the store's autocommit engine shares this pool
+            engine.dispose(close=False)
 
     def _on_task_unknown(self, sender: Any = None, message: Any = None, name: str = "", id: str = "", **_: Any) -> None:
         header = (getattr(message, "headers", None) or {}).get("outbox")

@@ -139,6 +139,7 @@ class Relay:
             kwargs={} if hidden else item.input,
             argsrepr="()" if hidden else None,
             kwargsrepr="<hidden>" if hidden else None,
+            serializer="json",
             task_id=f"{item.id}:{item.attempt}",
             queue=item.target,
             headers={"outbox": [str(item.id), item.attempt, item.timeout]},
