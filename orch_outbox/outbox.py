@@ -167,7 +167,7 @@ class Outbox:
     @functools.cached_property
     def store(self) -> Store:
         """The store over this outbox's table."""
-        return Store(self.engine, self.settings.table_prefix, self._clock)
+        return Store(self.engine, self.settings.table_prefix, self._clock, relaxed=self.settings.relaxed_commits)
 
     @functools.cached_property
     def backoff(self) -> backoff_mod.Backoff:
@@ -367,6 +367,16 @@ class Outbox:
         except Exception as exc:  # the request is in the database; the broadcast only makes it prompt
             log.warning("could not broadcast the cancellation of %s: %s", task_id, exc)
 
+    def close(self) -> None:
+        """Release the outbox's own connections: the relay's broker connection and the store's pool.
+
+        The engine passed in is the caller's and stays open.
+        """
+        if "relay" in self.__dict__:
+            self.relay.close()
+        if "store" in self.__dict__:
+            self.store.close()
+
     def relay_once(self) -> int:
         """Dispatch due commands now; returns how many were published."""
         return int(self.relay.run_once())
@@ -409,6 +419,9 @@ class Outbox:
         engine = self.__dict__.get("engine")
         if engine is not None:  # the store's autocommit engine shares this pool
             engine.dispose(close=False)
+        store = self.__dict__.get("store")
+        if store is not None:
+            store.after_fork()
 
     def _on_task_unknown(self, sender: Any = None, message: Any = None, name: str = "", id: str = "", **_: Any) -> None:
         header = (getattr(message, "headers", None) or {}).get("outbox")

@@ -49,6 +49,10 @@ class Settings:
     dispatch_timeout: float = _doc("seconds a published message may wait to start before redispatch", 60.0)
     rescue_interval: float = _doc("seconds between runs of the lease rescuer driven by beat", 5.0)
     max_input_bytes: int = _doc("largest encoded input or output accepted, in bytes", 1_000_000)
+    relaxed_commits: bool = _doc(
+        "PostgreSQL: claims, attempt starts and heartbeats commit without waiting for the WAL flush",
+        True,
+    )
 
     @classmethod
     def from_sources(

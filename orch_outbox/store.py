@@ -12,6 +12,7 @@ the right precision, and in tests that pass ``clock=``, the Python clock is used
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -114,7 +115,9 @@ def _tune_sqlite(engine: sa.Engine) -> None:
 class Store:
     """Named statements over the ``{prefix}commands`` table."""
 
-    def __init__(self, engine: sa.Engine, prefix: str = "orch_", clock: Clock | None = None) -> None:
+    def __init__(
+        self, engine: sa.Engine, prefix: str = "orch_", clock: Clock | None = None, relaxed: bool = False
+    ) -> None:
         self.engine = engine
         self.prefix = prefix
         self.table = commands_table(prefix)
@@ -126,7 +129,31 @@ class Store:
         self._autocommit = (
             engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else None
         )
+        # Claims, attempt starts and heartbeats may commit without waiting for the WAL
+        # flush (synchronous_commit=off, on a small pool of their own). If PostgreSQL
+        # crashes and loses such a commit, the row is back where it was: a lost claim or
+        # start returns to pending when its dispatch lease lapses, and its message, if it
+        # ran, cannot record an outcome (fenced) - the attempt is redone, which is the
+        # at-least-once promise anyway. Pushes and outcomes are never relaxed.
+        self._relaxed: sa.Engine | None = None
+        if relaxed and self._autocommit is not None:
+            self._relaxed = sa.create_engine(
+                engine.url,
+                isolation_level="AUTOCOMMIT",
+                pool_size=2,
+                max_overflow=8,
+                connect_args={"options": "-c synchronous_commit=off"},
+            )
 
+    def after_fork(self) -> None:
+        """In a forked child: drop the parent's pooled connections."""
+        if self._relaxed is not None:
+            self._relaxed.dispose(close=False)
+
+    def close(self) -> None:
+        """Close the store's own connections (the relaxed pool)."""
+        if self._relaxed is not None:
+            self._relaxed.dispose()
     # -- time ---------------------------------------------------------------------------
 
     def clock(self) -> datetime:
@@ -142,6 +169,23 @@ class Store:
         if self._db_clock:
             return sa.func.now() + sa.literal(timedelta(seconds=seconds), sa.Interval())
         return sa.literal(self.clock() + timedelta(seconds=seconds), UTCDateTime())
+
+    # Hot statements are built once with bind parameters (building one costs more than
+    # running it); these give their clock parts and the values to bind.
+
+    def _p_now(self) -> sa.ColumnElement[Any]:
+        return sa.func.now() if self._db_clock else sa.bindparam("p_now", type_=UTCDateTime())
+
+    def _p_later(self, name: str) -> sa.ColumnElement[Any]:
+        if self._db_clock:
+            return sa.func.now() + sa.bindparam(name, type_=sa.Interval())
+        return sa.bindparam(name, type_=UTCDateTime())
+
+    def _p_times(self, **seconds: float) -> dict[str, Any]:
+        if self._db_clock:
+            return {name: timedelta(seconds=value) for name, value in seconds.items()}
+        now = self.clock()
+        return {"p_now": now, **{name: now + timedelta(seconds=value) for name, value in seconds.items()}}
 
     def now(self) -> datetime:
         """The store's current time (the database's on PostgreSQL)."""
@@ -163,14 +207,18 @@ class Store:
             raise StoreUnavailable(f"outbox database unavailable: {exc.orig or exc}") from exc
 
     @contextlib.contextmanager
-    def _one(self) -> Iterator[sa.Connection]:
-        """A connection for ONE statement, which is its own transaction (autocommit on PostgreSQL)."""
-        if self._autocommit is None:
+    def _one(self, relaxed: bool = False) -> Iterator[sa.Connection]:
+        """A connection for ONE statement, which is its own transaction (autocommit on PostgreSQL).
+
+        ``relaxed``: the commit need not wait for the WAL flush (see ``__init__``).
+        """
+        engine = (self._relaxed if relaxed else None) or self._autocommit
+        if engine is None:
             with self._tx() as conn:
                 yield conn
             return
         try:
-            with self._autocommit.connect() as conn:
+            with engine.connect() as conn:
                 yield conn
         except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
             raise StoreUnavailable(f"outbox database unavailable: {exc.orig or exc}") from exc
@@ -317,18 +365,30 @@ class Store:
         Claim order is priority, then due time. A claimed row past its ``expires_at``
         becomes ``expired`` instead and is not returned for publishing.
         """
+        with self._one(relaxed=True) as conn:
+            rows = conn.execute(self._claim_stmt, {"p_limit": limit, **self._p_times(p_lease=dispatch_timeout)}).all()
+        claimed = [
+            Dispatch(r.id, r.name, r.target, r.attempt, r.input, r.timeout, r.priority)
+            for r in rows
+            if r.status == "dispatched"
+        ]
+        claimed.sort(key=lambda d: -d.priority)
+        return claimed
+
+    @functools.cached_property
+    def _claim_stmt(self) -> sa.Update:
         t = self.table
-        now = self._now()
+        now = self._p_now()
         due = (
             sa.select(t.c.id)
             .where(t.c.status == "pending", t.c.scheduled_at <= now)
             .order_by(t.c.priority.desc(), t.c.scheduled_at)
-            .limit(limit)
+            .limit(sa.bindparam("p_limit", type_=sa.Integer()))
             .with_for_update(skip_locked=True)
             .cte("due")
         )
         expired = sa.and_(t.c.expires_at.is_not(None), t.c.expires_at <= now)
-        stmt = (
+        return (
             sa.update(t)
             .where(t.c.id.in_(sa.select(due.c.id)))
             .values(
@@ -337,19 +397,10 @@ class Store:
                 finished_at=sa.case((expired, now), else_=None),
                 attempt=sa.case((expired, t.c.attempt), else_=t.c.attempt + 1),
                 dispatched_at=sa.case((expired, t.c.dispatched_at), else_=now),
-                lease_expires_at=sa.case((expired, None), else_=self._later(dispatch_timeout)),
+                lease_expires_at=sa.case((expired, None), else_=self._p_later("p_lease")),
             )
             .returning(t.c.id, t.c.name, t.c.target, t.c.attempt, t.c.input, t.c.timeout, t.c.priority, t.c.status)
         )
-        with self._one() as conn:
-            rows = conn.execute(stmt).all()
-        claimed = [
-            Dispatch(r.id, r.name, r.target, r.attempt, r.input, r.timeout, r.priority)
-            for r in rows
-            if r.status == "dispatched"
-        ]
-        claimed.sort(key=lambda d: -d.priority)
-        return claimed
 
     def undispatch(self, items: Sequence[Dispatch]) -> int:
         """Return dispatched rows to pending after their publish failed (no retry consumed)."""
@@ -361,7 +412,7 @@ class Store:
             .where(t.c.id == sa.bindparam("b_id"), t.c.status == "dispatched", t.c.attempt == sa.bindparam("b_attempt"))
             .values(status="pending", lease_expires_at=None)
         )
-        with self._one() as conn:
+        with self._one(relaxed=True) as conn:
             result = conn.execute(stmt, [{"b_id": d.id, "b_attempt": d.attempt} for d in items])
         return result.rowcount
 
@@ -369,21 +420,59 @@ class Store:
 
     def start(self, command_id: uuid.UUID, attempt: int, name: str, worker: str, lease: float) -> Started | None:
         """Claim one attempt for a worker (dispatched → running); None if it is not this attempt's to run."""
+        params = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker}
+        with self._one(relaxed=True) as conn:
+            row = conn.execute(self._start_stmt, {**params, **self._p_times(p_lease=lease)}).first()
+        return Started(**row._mapping) if row else None
+
+    @functools.cached_property
+    def _start_stmt(self) -> sa.Update:
         t = self.table
-        stmt = (
+        return (
             sa.update(t)
-            .where(t.c.id == command_id, t.c.status == "dispatched", t.c.attempt == attempt, t.c.name == name)
-            .values(status="running", started_at=self._now(), lease_expires_at=self._later(lease), worker=worker)
+            .where(
+                t.c.id == sa.bindparam("p_id", type_=t.c.id.type),
+                t.c.status == "dispatched",
+                t.c.attempt == sa.bindparam("p_attempt", type_=sa.Integer()),
+                t.c.name == sa.bindparam("p_name", type_=t.c.name.type),
+            )
+            .values(
+                status="running",
+                started_at=self._p_now(),
+                lease_expires_at=self._p_later("p_lease"),
+                worker=sa.bindparam("p_worker", type_=t.c.worker.type),
+            )
             .returning(t.c.id, t.c.name, t.c.target, t.c.attempt, t.c.input, t.c.timeout, t.c.retries, t.c.retries_left)
         )
-        with self._one() as conn:
-            row = conn.execute(stmt).first()
-        return Started(**row._mapping) if row else None
 
     def complete(self, command_id: uuid.UUID, attempt: int, output: Any, children: Sequence[Row]) -> bool:
         """Record success and insert the on-success commands, in one transaction; False if fenced out."""
-        values = {"status": "completed", "outcome": "success", "output": output, **_NO_ERROR}
-        return self._finish(command_id, attempt, values, children)
+        if children:
+            values = {"status": "completed", "outcome": "success", "output": output, **_NO_ERROR}
+            return self._finish(command_id, attempt, values, children)
+        params = {"p_id": command_id, "p_attempt": attempt, "p_output": output, **self._p_times()}
+        with self._one() as conn:
+            return bool(conn.execute(self._complete_stmt, params).rowcount == 1)
+
+    @functools.cached_property
+    def _complete_stmt(self) -> sa.Update:
+        t = self.table
+        return (
+            sa.update(t)
+            .where(
+                t.c.id == sa.bindparam("p_id", type_=t.c.id.type),
+                t.c.status == "running",
+                t.c.attempt == sa.bindparam("p_attempt", type_=sa.Integer()),
+            )
+            .values(
+                status="completed",
+                outcome="success",
+                output=sa.bindparam("p_output", type_=t.c.output.type),
+                finished_at=self._p_now(),
+                lease_expires_at=None,
+                **_NO_ERROR,
+            )
+        )
 
     def fail(
         self,
@@ -457,7 +546,7 @@ class Store:
             .values(lease_expires_at=self._later(lease))
             .returning(t.c.cancel_requested_at)
         )
-        with self._one() as conn:
+        with self._one(relaxed=True) as conn:
             row = conn.execute(stmt).first()
         return (False, False) if row is None else (True, row.cancel_requested_at is not None)
 
@@ -567,7 +656,7 @@ class Store:
             .where(t.c.id.in_(sa.select(lapsed.c.id)), t.c.status == "dispatched")
             .values(status="pending", lease_expires_at=None)
         )
-        with self._one() as conn:
+        with self._one(relaxed=True) as conn:
             return conn.execute(stmt).rowcount
 
     def lapsed_runs(self, limit: int) -> list[Lapsed]:

@@ -80,6 +80,7 @@ def pg_outbox(pg_engine: sa.Engine, celery_app: Celery) -> Iterator[Outbox]:
     outbox.create_tables()
     yield outbox
     outbox.store.drop_all()
+    outbox.close()
 
 
 @pytest.fixture
@@ -89,6 +90,7 @@ def sqlite_outbox(tmp_path: object, celery_app: Celery) -> Iterator[Outbox]:
                     retry_backoff="fixed", retry_backoff_base=0.0)
     outbox.create_tables()
     yield outbox
+    outbox.close()
     outbox.engine.dispose()
 
 
@@ -102,3 +104,15 @@ def run_worker(app: Celery, queues: list[str], pool: str = "solo", concurrency: 
     """An in-process Celery worker consuming ``queues``."""
     return start_worker(app, pool=pool, concurrency=concurrency, queues=queues, perform_ping_check=False,
                         loglevel="WARNING", shutdown_timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def _close_outboxes() -> Iterator[None]:
+    """Every Outbox a test made gives back its own connections afterwards (the server allows 100)."""
+    from orch_outbox import outbox as outbox_module
+
+    before = set(map(id, outbox_module._BY_APP.values()))
+    yield
+    for made in list(outbox_module._BY_APP.values()):
+        if id(made) not in before:
+            made.close()

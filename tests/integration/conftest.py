@@ -42,6 +42,7 @@ def make_outbox(pg_engine: sa.Engine) -> Iterator[Callable[..., Outbox]]:
     yield factory
     for outbox in made:
         outbox.store.drop_all()
+        outbox.close()
 
 
 @pytest.fixture
