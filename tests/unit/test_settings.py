@@ -227,3 +227,15 @@ def test_resolved_database_url_defaults_to_sqlite_under_home(tmp_path: object) -
     assert str(tmp_path) in url
     other = Settings.from_sources({"outbox_database_url": "postgresql://x/y"}, env=NO_ENV)
     assert other.resolved_database_url() == "postgresql://x/y"
+
+
+def test_readme_settings_table_lists_every_setting() -> None:
+    """Proves the README's settings table is the real one: every setting, its variable and its default."""
+    from pathlib import Path
+
+    from orch_outbox.settings import describe
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for key, env, default, _doc in describe():
+        row = f"| `{key}` | `{env}` | `{default!r}` |"
+        assert row in readme, f"README settings table lacks or misstates: {row}"
