@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ctypes
+import heapq
 import logging
 import threading
 import time
@@ -38,6 +39,48 @@ log = logging.getLogger("orch_outbox.executor")
 WRITE_BACK_DELAYS = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
 
 
+class _Deadlines:
+    """One thread per process fires every handler timeout (a Timer thread per attempt costs too much)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Guard]] = []
+        self._seq = 0
+        self._finished = 0
+        self._thread: threading.Thread | None = None
+
+    def finished(self) -> None:
+        """A guard ended before its deadline; compact the heap when such entries dominate it."""
+        with self._cond:
+            self._finished += 1
+            if self._finished > 1000 and self._finished * 2 > len(self._heap):
+                self._heap = [entry for entry in self._heap if entry[2].pending(entry[1])]
+                heapq.heapify(self._heap)
+                self._finished = 0
+
+    def schedule(self, guard: _Guard, at: float) -> int:
+        """Fire ``guard`` at monotonic time ``at``; returns a token (a later schedule supersedes it)."""
+        with self._cond:
+            self._seq += 1
+            heapq.heappush(self._heap, (at, self._seq, guard))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="orch-outbox-timeouts", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+            return self._seq
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                _, token, guard = heapq.heappop(self._heap)
+            guard.expire(token)
+
+
+DEADLINES = _Deadlines()
+
+
 class _Guard:
     """Delivers an exception into the handler's thread: its timeout, or a cancellation.
 
@@ -51,33 +94,37 @@ class _Guard:
         self.started = time.monotonic()
         self.fired: type[BaseException] | None = None
         self._lock = threading.Lock()
-        self._active = True
-        self._timer = self._new_timer(seconds)
-
-    def _new_timer(self, seconds: float) -> threading.Timer:
-        timer = threading.Timer(seconds, self.interrupt, (CommandTimeout,))
-        timer.daemon = True
-        return timer
+        self._active = False
+        self._seconds = seconds
+        self._token = 0
 
     def __enter__(self) -> _Guard:
-        self._timer.start()
+        with self._lock:
+            self._active = True
+            self._token = DEADLINES.schedule(self, time.monotonic() + self._seconds)
         return self
 
     def __exit__(self, *exc: object) -> None:
         with self._lock:
             self._active = False
-            self._timer.cancel()
             if self.fired:  # clear an exception not yet delivered: the handler already returned
                 _async_raise(self.thread_id, None)
+        DEADLINES.finished()
+
+    def pending(self, token: int) -> bool:
+        """Whether the deadline scheduled as ``token`` still matters."""
+        return self._active and token == self._token
 
     def extend(self, seconds: float) -> None:
         """Move the timeout to ``seconds`` from now."""
         with self._lock:
-            if not self._active or self.fired:
-                return
-            self._timer.cancel()
-            self._timer = self._new_timer(seconds)
-            self._timer.start()
+            if self._active and not self.fired:
+                self._token = DEADLINES.schedule(self, time.monotonic() + seconds)
+
+    def expire(self, token: int) -> None:
+        """The deadline scheduled as ``token`` passed (ignored if superseded or finished)."""
+        if token == self._token:
+            self.interrupt(CommandTimeout)
 
     def interrupt(self, kind: type[BaseException]) -> bool:
         """Raise ``kind`` in the handler's thread, once; False if it returned or was interrupted already."""
