@@ -99,7 +99,9 @@ def default_outbox() -> Outbox:
         if _default is None:
             app = Celery("orch_outbox", set_as_current=False)
             app.config_from_object(load_config())
-            _default = Outbox(app)
+            outbox = Outbox(app)
+            outbox.settings  # noqa: B018 - validate now: `celery -A orch_outbox` fails at once on bad settings
+            _default = outbox
         return _default
 
 

@@ -26,6 +26,8 @@ from typing import Any
 from .errors import InvalidInput
 
 JSON = Any
+#: Largest integer stored (about 1000 decimal digits; Python refuses to print more than 4300).
+MAX_INT_BITS = 3322
 
 
 def encode(value: Any, where: str = "value") -> JSON:
@@ -41,6 +43,8 @@ def encode(value: Any, where: str = "value") -> JSON:
             raise InvalidInput(f"{where}: not valid Unicode text ({exc.reason} at {exc.start})") from None
         return value
     if isinstance(value, int) and not isinstance(value, enum.Enum):
+        if value.bit_length() > MAX_INT_BITS:
+            raise InvalidInput(f"{where}: an integer of {value.bit_length()} bits is too large to store as JSON")
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -179,6 +183,8 @@ def decode_arguments(
     signature: inspect.Signature, hints: Mapping[str, Any], data: Mapping[str, JSON]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Positional and keyword arguments for a handler, rebuilt from its stored input."""
+    if not isinstance(data, Mapping):
+        raise InvalidInput(f"stored input must be a JSON object of arguments, not {type(data).__name__}")
     arguments: dict[str, Any] = {}
     for name, value in data.items():
         param = signature.parameters.get(name)

@@ -57,6 +57,7 @@ PUSH_OPTIONS = frozenset(
 #: The worker remote-control command that interrupts a running attempt (see executor.py).
 CANCEL_CONTROL = "orch_outbox_cancel"
 MAX_UNIQUE_KEY = 200
+MAX_NAME = 200
 MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_RETRIES = 1000
 
@@ -137,6 +138,7 @@ class Outbox:
     ) -> None:
         if app in _BY_APP:
             raise ConfigurationError(f"the Celery app {app.main!r} already has an Outbox")
+        Settings.from_sources({}, env={}, **settings)  # bad overrides fail here, before the app is touched
         self.app = app
         self._engine_arg = engine
         self._clock = clock
@@ -149,6 +151,8 @@ class Outbox:
             app.on_after_configure.connect(self._add_beat_entries, weak=False)
         signals.task_unknown.connect(self._on_task_unknown, weak=False)
         signals.worker_process_init.connect(self._after_fork, weak=False)
+        signals.worker_init.connect(self._check_at_start, weak=False)
+        signals.beat_init.connect(self._check_at_start, weak=False)
 
     # -- configuration ------------------------------------------------------------------
 
@@ -232,7 +236,7 @@ class Outbox:
             return self.app.task(
                 func,
                 base=OutboxTask,
-                name=name or command_name(func.__name__),
+                name=check_command_name(name if name is not None else command_name(func.__name__)),
                 shared=False,
                 outbox_target=target,
                 outbox_timeout=timeout,
@@ -289,8 +293,13 @@ class Outbox:
         settings = self.settings
         data = encode_arguments(task.handler_signature, tuple(call.args), dict(call.kwargs))
         check_size(data, settings.max_input_bytes, f"input of {task.name}")
-        target = options.get("target") or options.get("queue") or task.outbox_target
-        target = validate_target(target or settings.default_target or self.app.conf.task_default_queue)
+        target = options.get("target", options.get("queue"))
+        if target is None:
+            target = task.outbox_target or settings.default_target or self.app.conf.task_default_queue
+        try:
+            target = validate_target(target)
+        except ConfigurationError as exc:
+            raise InvalidOption(str(exc)) from None
         timeout = _pick(options.get("timeout"), task.outbox_timeout, settings.default_timeout)
         retries = _pick(options.get("retries"), task.outbox_retries, settings.default_retries)
         priority = _pick(options.get("priority"), task.outbox_priority, 0)
@@ -414,6 +423,18 @@ class Outbox:
                 unsafe,
             )
 
+    def _check_at_start(self, sender: Any = None, **_: Any) -> None:
+        """A worker or beat of this app refuses to start on invalid settings.
+
+        SystemExit, because Celery logs and swallows ordinary exceptions of signal handlers.
+        """
+        if getattr(sender, "app", None) is not self.app:
+            return
+        try:
+            self.settings  # noqa: B018 - reading validates
+        except ConfigurationError as exc:
+            raise SystemExit(f"orch_outbox: invalid settings: {exc}") from None
+
     def _after_fork(self, **_: Any) -> None:
         """In a prefork child: never reuse database connections opened by the parent."""
         engine = self.__dict__.get("engine")
@@ -458,9 +479,29 @@ def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
 def _unique_key(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_UNIQUE_KEY or "\x00" in value:
-        raise InvalidOption(f"unique_key must be a string of 1..{MAX_UNIQUE_KEY} characters without NUL, got {value!r}")
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_UNIQUE_KEY or not _storable_text(value):
+        raise InvalidOption(
+            f"unique_key must be valid text of 1..{MAX_UNIQUE_KEY} characters without NUL, got {value!r}"
+        )
     return value
+
+
+def _storable_text(value: str) -> bool:
+    """No NUL (PostgreSQL text refuses it) and valid Unicode (no lone surrogates)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_command_name(name: Any) -> str:
+    """A command name must fit its column and be plain text; refused before anything is written."""
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME or not _storable_text(name):
+        raise ConfigurationError(f"a command name must be valid text of 1..{MAX_NAME} characters, got {name!r}")
+    return name
 
 
 def _check_timeout(value: Any) -> None:
@@ -484,9 +525,18 @@ def _check_priority(value: Any) -> None:
         raise InvalidOption(f"priority must be an integer in 0..255, got {value!r}")
 
 
+#: Longest delay or expiry accepted at push (ten years), so a due time always fits a timestamp.
+MAX_DELAY = 10 * 365 * 24 * 3600.0
+
+
 def _seconds(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise InvalidOption(f"{what} must be a non-negative number of seconds, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_DELAY
+    ):
+        raise InvalidOption(f"{what} must be a number of seconds in 0..{MAX_DELAY:.0f} (ten years), got {value!r}")
     return float(value)
 
 

@@ -24,7 +24,7 @@ from kombu.exceptions import KombuError
 from . import backoff as backoff_mod
 from .errors import StoreUnavailable
 from .store import Dispatch, ErrorInfo
-from .task import Outcome
+from .task import OutboxTask, Outcome
 
 if TYPE_CHECKING:
     from .outbox import Outbox
@@ -88,7 +88,11 @@ class Relay:
         try:
             producer = self._open_producer()
             for item in batch:
-                self._send(producer, item)
+                refusal = self._refusal(item)
+                if refusal is None:
+                    self._send(producer, item)
+                else:
+                    self._refuse(item, refusal)
                 sent += 1
         except (KombuError, OSError) as exc:
             self.close()
@@ -108,6 +112,30 @@ class Relay:
             log.info("relay: broker back after %d failed attempt(s)", self.broker_failures)
             self.broker_failures = 0
         return sent
+
+    def _refusal(self, item: Dispatch) -> tuple[str, ErrorInfo] | None:
+        """(outcome, error) of a claimed row that must not become a message, or None.
+
+        Rows are written by the outbox, but anyone with access to the table can write
+        one: a name this app knows as a task that is not an outbox command (a plain Celery
+        task, ``celery.*``, the outbox's own services) must never run from a row; nor can
+        an input that is not a JSON object be a command's arguments.
+        """
+        task = self.app.tasks.get(item.name)
+        if item.name.startswith("celery.") or (task is not None and not isinstance(task, OutboxTask)):
+            return "not_found", ErrorInfo("NotACommand", f"{item.name!r} is not an outbox command; a row cannot run it")
+        if not isinstance(item.input, dict):
+            kind = type(item.input).__name__
+            return "failure", ErrorInfo("InvalidInput", f"the stored input is a {kind}, not a JSON object of arguments")
+        return None
+
+    def _refuse(self, item: Dispatch, refusal: tuple[str, ErrorInfo]) -> None:
+        outcome, error = refusal
+        log.error("relay: refused command %s (%s): %s", item.id, item.name, error.message)
+        try:
+            self.store.refuse(item.id, item.attempt, outcome, error)
+        except StoreUnavailable:
+            log.warning("relay: could not record the refusal of %s; its dispatch lease will return it", item.id)
 
     def _open_producer(self) -> Any:
         """The relay's own producer, kept open across runs; publisher confirms on (AMQP)."""

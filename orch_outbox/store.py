@@ -416,6 +416,20 @@ class Store:
             result = conn.execute(stmt, [{"b_id": d.id, "b_attempt": d.attempt} for d in items])
         return result.rowcount
 
+    def refuse(self, command_id: uuid.UUID, attempt: int, outcome: str, error: ErrorInfo) -> bool:
+        """A claimed row that can never be published (not a command, malformed input): failed, no retry."""
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(t.c.id == command_id, t.c.status == "dispatched", t.c.attempt == attempt)
+            .values(
+                status="failed", outcome=outcome, finished_at=self._now(), lease_expires_at=None,
+                **_error_values(error),
+            )
+        )
+        with self._one() as conn:
+            return bool(conn.execute(stmt).rowcount == 1)
+
     # -- executor -----------------------------------------------------------------------
 
     def start(self, command_id: uuid.UUID, attempt: int, name: str, worker: str, lease: float) -> Started | None:
