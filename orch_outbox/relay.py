@@ -71,7 +71,9 @@ class Relay:
         published = 0
         while True:
             try:
-                batch = self.store.claim(self.settings.batch_size, self.settings.dispatch_timeout)
+                batch = self.store.claim(
+                    self.settings.batch_size, self.settings.dispatch_timeout, self.settings.max_in_flight
+                )
             except StoreUnavailable as exc:
                 log.warning("relay: %s", exc)
                 return published

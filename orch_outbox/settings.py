@@ -45,6 +45,7 @@ class Settings:
     retry_jitter: bool = _doc("randomise exponential delays (full jitter)", True)
     poll_interval: float = _doc("seconds between relay runs driven by beat", 1.0)
     batch_size: int = _doc("most rows one relay claim takes", 200)
+    max_in_flight: int = _doc("most messages per target published and not yet started (0: no limit)", 1000)
     lock_buffer: float = _doc("seconds added to the timeout to form a running lease", 10.0)
     dispatch_timeout: float = _doc("seconds a published message may wait to start before redispatch", 60.0)
     rescue_interval: float = _doc("seconds between runs of the lease rescuer driven by beat", 5.0)
@@ -88,6 +89,8 @@ class Settings:
                 raise ConfigurationError(f"outbox_{name} must be > 0, got {getattr(self, name)!r}")
         if self.default_retries < 0:
             raise ConfigurationError(f"outbox_default_retries must be >= 0, got {self.default_retries!r}")
+        if self.max_in_flight < 0:
+            raise ConfigurationError(f"outbox_max_in_flight must be >= 0, got {self.max_in_flight!r}")
         if not 1 <= self.batch_size <= 10_000:
             raise ConfigurationError(f"outbox_batch_size must be in 1..10000, got {self.batch_size!r}")
         if self.retry_backoff_base < 0 or self.retry_backoff_max < self.retry_backoff_base:

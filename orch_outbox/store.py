@@ -359,14 +359,20 @@ class Store:
 
     # -- relay --------------------------------------------------------------------------
 
-    def claim(self, limit: int, dispatch_timeout: float) -> list[Dispatch]:
+    def claim(self, limit: int, dispatch_timeout: float, max_in_flight: int = 0) -> list[Dispatch]:
         """Claim up to ``limit`` due pending rows: each becomes dispatched with a new attempt.
 
         Claim order is priority, then due time. A claimed row past its ``expires_at``
-        becomes ``expired`` instead and is not returned for publishing.
+        becomes ``expired`` instead and is not returned for publishing. ``max_in_flight``
+        (0: no limit): targets with that many messages published and not yet started are
+        skipped, so the backlog waits in the database (where it can be reordered and
+        canceled) and no message waits in the broker past its dispatch lease.
         """
         with self._one(relaxed=True) as conn:
-            rows = conn.execute(self._claim_stmt, {"p_limit": limit, **self._p_times(p_lease=dispatch_timeout)}).all()
+            rows = conn.execute(
+                self._claim_stmt,
+                {"p_limit": limit, "p_cap": max_in_flight or 2**31 - 1, **self._p_times(p_lease=dispatch_timeout)},
+            ).all()
         claimed = [
             Dispatch(r.id, r.name, r.target, r.attempt, r.input, r.timeout, r.priority)
             for r in rows
@@ -379,14 +385,37 @@ class Store:
     def _claim_stmt(self) -> sa.Update:
         t = self.table
         now = self._p_now()
-        due = (
-            sa.select(t.c.id)
-            .where(t.c.status == "pending", t.c.scheduled_at <= now)
+        cap = sa.bindparam("p_cap", type_=sa.Integer())
+        in_flight = (
+            sa.select(t.c.target, sa.func.count().label("n"))
+            .where(t.c.status == "dispatched")
+            .group_by(t.c.target)
+            .cte("in_flight")
+        )
+        locked = (
+            sa.select(t.c.id, t.c.target, t.c.priority, t.c.scheduled_at)
+            .where(
+                t.c.status == "pending",
+                t.c.scheduled_at <= now,
+                t.c.target.not_in(sa.select(in_flight.c.target).where(in_flight.c.n >= cap)),
+            )
             .order_by(t.c.priority.desc(), t.c.scheduled_at)
             .limit(sa.bindparam("p_limit", type_=sa.Integer()))
             .with_for_update(skip_locked=True)
-            .cte("due")
+            .cte("locked")
         )
+        # Of the rows locked, at most (cap - in flight) per target are claimed.
+        rank = (
+            sa.func.row_number()
+            .over(partition_by=locked.c.target, order_by=(locked.c.priority.desc(), locked.c.scheduled_at))
+            .label("rank")
+        )
+        ranked = (
+            sa.select(locked.c.id, rank, sa.func.coalesce(in_flight.c.n, 0).label("n"))
+            .select_from(locked.outerjoin(in_flight, in_flight.c.target == locked.c.target))
+            .cte("ranked")
+        )
+        due = sa.select(ranked.c.id).where(ranked.c.rank + ranked.c.n <= cap).cte("due")
         expired = sa.and_(t.c.expires_at.is_not(None), t.c.expires_at <= now)
         return (
             sa.update(t)

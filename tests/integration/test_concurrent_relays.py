@@ -107,6 +107,8 @@ def test_concurrent_relay_runs_publish_each_attempt_exactly_once(pg_outbox: Outb
     """
     noop = define_noop(pg_outbox)
     total = 1500
+    # No in-flight cap here: every row must be claimable (the cap has its own test below).
+    monkeypatch.setitem(pg_outbox.__dict__, "settings", dataclasses.replace(pg_outbox.settings, max_in_flight=0))
     with pg_engine.begin() as conn:
         ids = pg_outbox.push_many(conn, [noop.s(i) for i in range(total)])
 
@@ -175,3 +177,35 @@ def test_relay_broker_failure_mid_batch_returns_only_unsent_rows(pg_outbox: Outb
     assert sent == 6
     assert Counter(i for i, _ in published) == Counter(dict.fromkeys(ids, 1))
     assert all(pg_outbox.get(i).status == "dispatched" for i in ids)
+
+
+def test_max_in_flight_keeps_the_backlog_in_the_database(make_outbox: Any) -> None:
+    """Proves outbox_max_in_flight: per target, at most that many messages are published and not yet
+    started; the rest stays pending (reorderable, cancelable), other targets are not held back, and a
+    started command frees a place."""
+    outbox = make_outbox(max_in_flight=3, batch_size=50)
+
+    @outbox.command(target="busy-q")
+    def busy(n: int) -> None: ...
+
+    @outbox.command(target="quiet-q")
+    def quiet(n: int) -> None: ...
+
+    with outbox.engine.begin() as conn:
+        outbox.push_many(conn, [busy.s(i) for i in range(10)] + [quiet.s(i) for i in range(2)])
+    first = outbox.store.claim(50, 60, 3)
+    assert Counter(d.target for d in first) == Counter({"busy-q": 3, "quiet-q": 2})
+    assert outbox.store.claim(50, 60, 3) == []  # busy-q is full, quiet-q has nothing left
+    started = next(d for d in first if d.target == "busy-q")
+    assert outbox.store.start(started.id, started.attempt, "busy", "w1", 30) is not None
+    [freed] = outbox.store.claim(50, 60, 3)
+    assert freed.target == "busy-q"
+    assert Counter(outbox.get(i).status for i in _ids(outbox)) == Counter(
+        {"pending": 6, "dispatched": 5, "running": 1}
+    )
+    assert len(outbox.store.claim(50, 60, 0)) == 6  # 0: no limit
+
+
+def _ids(outbox: Any) -> list[Any]:
+    with outbox.engine.connect() as conn:
+        return list(conn.execute(sa.select(outbox.store.table.c.id)).scalars())
