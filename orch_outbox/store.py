@@ -275,7 +275,9 @@ class Store:
 
     # -- push ---------------------------------------------------------------------------
 
-    def insert(self, conn: sa.Connection, rows: Sequence[Row], strict: bool = True) -> list[uuid.UUID]:
+    def insert(
+        self, conn: sa.Connection, rows: Sequence[Row], strict: bool = True, now: datetime | None = None
+    ) -> list[uuid.UUID]:
         """Insert new command rows on the caller's connection, inside the caller's transaction.
 
         Returns each row's command id. A row with a ``unique_key`` that an unfinished
@@ -284,7 +286,7 @@ class Store:
         """
         if not rows:
             return []
-        stamped = self._stamp(rows)
+        stamped = self._stamp(rows, now)
         plain = [r for r in stamped if r.get("unique_key") is None]
         if plain:
             conn.execute(sa.insert(self.table), plain)
@@ -335,9 +337,9 @@ class Store:
             return uuid.UUID(str(holder.id))
         raise UniqueConflict(f"unique key {row['unique_key']!r}: its holder kept changing; try again")
 
-    def _stamp(self, rows: Sequence[Row]) -> list[dict[str, Any]]:
+    def _stamp(self, rows: Sequence[Row], now: datetime | None = None) -> list[dict[str, Any]]:
         """Fill created_at / scheduled_at; relative delays become absolute from one 'now'."""
-        now = self.now_for_insert()
+        now = now or self.now_for_insert()
         out = []
         for row in rows:
             item = dict(row)
@@ -347,6 +349,16 @@ class Store:
                 item["scheduled_at"] = now + timedelta(seconds=delay or 0)
             out.append(item)
         return out
+
+    def _tx_now(self, conn: sa.Connection) -> datetime | None:
+        """The database's time inside a transaction (None off PostgreSQL, where the store's clock is used).
+
+        Chained commands are stamped with it: a worker's skewed clock must not delay them.
+        """
+        if not self._db_clock:
+            return None
+        value: datetime = conn.execute(sa.select(sa.func.now())).scalar_one()
+        return value
 
     def now_for_insert(self) -> datetime:
         """Creation time of pushed rows.
@@ -646,7 +658,7 @@ class Store:
             if conn.execute(stmt).rowcount != 1:
                 conn.rollback()
                 return False
-            self.insert(conn, children, strict=False)
+            self.insert(conn, children, strict=False, now=self._tx_now(conn))
         return True
 
     # -- cancellation -------------------------------------------------------------------
@@ -679,7 +691,7 @@ class Store:
                 .where(t.c.id == command_id, t.c.status == row.status)
                 .values(status="canceled", outcome="canceled", finished_at=self._now(), lease_expires_at=None)
             )
-            self.insert(conn, children_for(row.name, row.input), strict=False)
+            self.insert(conn, children_for(row.name, row.input), strict=False, now=self._tx_now(conn))
         return str(row.status), int(row.attempt)
 
     # -- rescue -------------------------------------------------------------------------
