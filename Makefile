@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench
+.PHONY: demo test lint bench soak
 
 $(BIN)/orch-outbox: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,15 @@ demo: $(BIN)/orch-outbox
 	$(BIN)/orch-outbox demo
 
 lint: $(BIN)/orch-outbox
-	$(BIN)/ruff check orch_outbox tests
+	$(BIN)/ruff check orch_outbox tests bench scripts
 	$(BIN)/mypy
 
 test: lint
 	$(BIN)/pytest
 
 bench: $(BIN)/orch-outbox
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
+
+soak: $(BIN)/orch-outbox
+	$(BIN)/python scripts/soak.py

@@ -1,0 +1,111 @@
+"""Section ``push``: what a push costs the caller, vs one ``apply_async`` (RabbitMQ).
+
+- one push per transaction: open a Session, push, commit — N times; mean µs per push;
+- N pushes inside one transaction (one Session, one commit); mean µs per push;
+- Celery: ``plain_noop.apply_async`` N times (the usual call: a producer from the pool each time);
+- bulk: ``push_many`` of 10 000 commands per call, each call its own transaction.
+
+No relay runs (the NOTIFY trigger still fires); the table is emptied between measurements.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy.orm import Session
+
+from bench import common
+from bench.app import BenchApp, build
+from bench.common import BROKERS, BULK_SIZE, Run, Section, Sizes, Target
+
+
+def truncate(bench: BenchApp) -> None:
+    common.pg_exec(f"TRUNCATE {bench.outbox.store.table.name}")
+
+
+def push_each_in_own_tx(bench: BenchApp, queue: str, key: str, n: int) -> float:
+    """Mean seconds of: Session, push, commit."""
+    engine = bench.outbox.engine
+    t0 = time.perf_counter()
+    for _ in range(n):
+        with Session(engine) as session, session.begin():
+            bench.noop.options(target=queue).push(session, key)
+    return (time.perf_counter() - t0) / n
+
+
+def push_all_in_one_tx(bench: BenchApp, queue: str, key: str, n: int) -> float:
+    """Mean seconds per push of N pushes in one Session and one commit."""
+    engine = bench.outbox.engine
+    t0 = time.perf_counter()
+    with Session(engine) as session, session.begin():
+        for _ in range(n):
+            bench.noop.options(target=queue).push(session, key)
+    return (time.perf_counter() - t0) / n
+
+
+def apply_async_each(bench: BenchApp, queue: str, key: str, n: int) -> float:
+    """Mean seconds of one ``apply_async``."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        bench.plain_noop.apply_async((key,), queue=queue)
+    return (time.perf_counter() - t0) / n
+
+
+def bulk_rate(bench: BenchApp, queue: str, key: str, calls: int) -> float:
+    """Commands per second of ``push_many`` with 10 000 signatures per call, each call committed."""
+    engine = bench.outbox.engine
+    sigs = [bench.noop.s(key).set(target=queue) for _ in range(BULK_SIZE)]
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        with Session(engine) as session, session.begin():
+            bench.outbox.push_many(session, sigs)
+    return calls * BULK_SIZE / (time.perf_counter() - t0)
+
+
+def celery_loop_rate(bench: BenchApp, queue: str, key: str, n: int) -> float:
+    """Messages per second of ``apply_async`` in a loop on one shared producer (what a bulk send does in Celery)."""
+    with bench.app.producer_or_acquire() as producer:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            bench.plain_noop.apply_async((key,), queue=queue, producer=producer)
+        return n / (time.perf_counter() - t0)
+
+
+def run_section(run: Run, sizes: Sizes, section: Section) -> None:
+    n = sizes.push_n
+    bench = build(BROKERS["rabbitmq"], run.prefix("push"))
+    bench.outbox.create_tables()
+    queue = run.queue("push")
+    key = run.key("push")
+    try:
+        common.purge_queue(bench.app, queue)
+        # warm-up: connections, compiled statements, the producer pool
+        push_each_in_own_tx(bench, queue, key, 20)
+        apply_async_each(bench, queue, key, 20)
+        truncate(bench)
+        own_tx = push_each_in_own_tx(bench, queue, key, n)
+        truncate(bench)
+        one_tx = push_all_in_one_tx(bench, queue, key, n)
+        truncate(bench)
+        apply = apply_async_each(bench, queue, key, n)
+        bulk = bulk_rate(bench, queue, key, sizes.bulk_calls)
+        truncate(bench)
+        common.purge_queue(bench.app, queue)
+        loop = celery_loop_rate(bench, queue, key, min(n * 5, 10_000))
+        common.purge_queue(bench.app, queue, delete=True)
+    finally:
+        common.drop_outbox(bench.outbox)
+    section.setup.update(pushes=n, bulk=f"{sizes.bulk_calls} x push_many({BULK_SIZE})", broker="rabbitmq")
+    half = Target("ratio_max", 0.5, "≤ 0.5x")
+    section.metrics += [
+        common.Metric("push in its own transaction", own_tx * 1e6, apply * 1e6, "µs", "apply_async", half),
+        common.Metric("push, N in one transaction", one_tx * 1e6, apply * 1e6, "µs", "apply_async", half),
+        common.Metric(
+            "bulk push_many(10 000)",
+            bulk,
+            loop,
+            "cmd/s",
+            "apply_async loop, shared producer",
+            Target("value_min", 50_000, "≥ 50 000/s"),
+        ),
+    ]

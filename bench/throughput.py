@@ -1,0 +1,205 @@
+"""Section ``throughput``: end-to-end no-op rate, commit → completion recorded.
+
+orch_outbox: N commands pushed with ``outbox.push_many`` in committed batches of 1 000; the
+clock starts right before the first batch is pushed and stops when the last row is
+``completed`` in the outbox table. The relay is ``orch-outbox -A bench.app:outbox relay``
+(the listening relay and the rescuer) in a subprocess of its own; the worker is
+``celery -A bench.app worker -Q <queue>``.
+
+Celery: N ``plain_noop.apply_async`` in a loop; the clock runs from the first call until
+the worker has run the N-th task. Both handlers do one Redis ``INCR`` (the bench reads it).
+
+procrastinate: the same no-op job, ``batch_defer`` in batches of 1 000, until every job is
+``succeeded``; one ``procrastinate worker`` with the threads pool's concurrency.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from bench import common
+from bench.app import BenchApp, build
+from bench.common import BROKERS, BenchError, Run, Section, Sizes, Target
+
+PUSH_BATCH = 1_000
+POOLS = (("prefork", 2), ("threads", 8))
+#: Slowest rate a timed wait allows for before it gives up.
+MIN_RATE = 20.0
+
+
+@dataclass
+class Timed:
+    """One timed run: how many, how long, how fast."""
+
+    n: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.n / self.seconds
+
+
+def wait_budget(n: int) -> float:
+    return max(60.0, n / MIN_RATE)
+
+
+def push_commands(bench: BenchApp, queue: str, key: str, n: int, batch: int = PUSH_BATCH) -> None:
+    """Push ``n`` no-op commands to ``queue`` in committed batches."""
+    sig = bench.noop.s(key).set(target=queue)
+    engine = bench.outbox.engine
+    for start in range(0, n, batch):
+        with engine.begin() as conn:
+            bench.outbox.push_many(conn, [sig] * min(batch, n - start))
+
+
+def wait_outbox_done(bench: BenchApp, key: str, n: int, watch: list[common.Proc]) -> None:
+    """Wait until the handlers ran ``n`` times (Redis counter), then until no row is unfinished."""
+    common.wait_until(lambda: common.counter(key) >= n, wait_budget(n), f"{n} commands to run", watch=watch)
+    table = bench.outbox.store.table.name
+    common.wait_until(lambda: common.count_unfinished(table) == 0, 60, "the last write-backs", 0.005, watch)
+
+
+def start_outbox_services(
+    run: Run, bench: BenchApp, broker: str, queue: str, pool: str, concurrency: int, tag: str, procs: list[common.Proc]
+) -> tuple[common.Proc, common.Proc]:
+    """Start the relay and a worker for ``queue``; returns (relay, worker) once a warm-up went through."""
+    env = common.subprocess_env(BROKERS[broker], bench.outbox.settings.table_prefix)
+    common.purge_queue(bench.app, queue)
+    relay = common.outbox_relay(run, f"{tag}-relay", env)
+    procs.append(relay)
+    worker = common.celery_worker(run, f"{tag}-worker", env, queue, pool, concurrency)
+    procs.append(worker)
+    return relay, worker
+
+
+def warm_outbox(run: Run, bench: BenchApp, queue: str, n: int, tag: str, watch: list[common.Proc]) -> None:
+    key = run.key(f"{tag}:warm")
+    push_commands(bench, queue, key, n)
+    common.wait_until(lambda: common.counter(key) >= n, common.START_TIMEOUT, "the warm-up commands", watch=watch)
+    table = bench.outbox.store.table.name
+    common.wait_until(lambda: common.count_unfinished(table) == 0, 60, "the warm-up write-backs", 0.01, watch)
+
+
+def outbox_run(
+    run: Run, bench: BenchApp, broker: str, pool: str, concurrency: int, n: int, warmup: int, tag: str
+) -> Timed:
+    """orch_outbox end to end: push N (batches of 1 000, committed) → last row completed."""
+    queue = run.queue(tag)
+    with common.processes() as procs:
+        start_outbox_services(run, bench, broker, queue, pool, concurrency, tag, procs)
+        warm_outbox(run, bench, queue, warmup, tag, procs)
+        key = run.key(tag)
+        t0 = time.perf_counter()
+        push_commands(bench, queue, key, n)
+        wait_outbox_done(bench, key, n, procs)
+        seconds = time.perf_counter() - t0
+    common.purge_queue(bench.app, queue, delete=True)
+    return Timed(n, seconds)
+
+
+def celery_run(
+    run: Run, bench: BenchApp, broker: str, pool: str, concurrency: int, n: int, warmup: int, tag: str
+) -> Timed:
+    """Plain Celery end to end: first ``apply_async`` → the N-th task ran."""
+    queue = run.queue(tag)
+    env = common.subprocess_env(BROKERS[broker], bench.outbox.settings.table_prefix)
+    common.purge_queue(bench.app, queue)
+    with common.processes() as procs:
+        procs.append(common.celery_worker(run, f"{tag}-worker", env, queue, pool, concurrency))
+        warm = run.key(f"{tag}:warm")
+        for _ in range(warmup):
+            bench.plain_noop.apply_async((warm,), queue=queue)
+        common.wait_until(lambda: common.counter(warm) >= warmup, common.START_TIMEOUT, "warm-up tasks", watch=procs)
+        key = run.key(tag)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            bench.plain_noop.apply_async((key,), queue=queue)
+        common.wait_until(lambda: common.counter(key) >= n, wait_budget(n), f"{n} tasks to run", watch=procs)
+        seconds = time.perf_counter() - t0
+    common.purge_queue(bench.app, queue, delete=True)
+    return Timed(n, seconds)
+
+
+def procrastinate_run(run: Run, concurrency: int, n: int, warmup: int) -> Timed:
+    """procrastinate end to end: first ``batch_defer`` → every job ``succeeded``."""
+    from bench import pc_app
+
+    schema = f"bb{run.id}_pc"
+    common.pg_exec(f"CREATE SCHEMA {schema}")
+    app, noop = pc_app.build(schema)
+    queue = run.queue("pc")
+    task = noop.configure(queue=queue)
+    try:
+        with app.open(), common.processes() as procs:
+            app.schema_manager.apply_schema()
+            env = common.subprocess_env(None, None, BENCH_PC_SCHEMA=schema)
+            argv = [sys.executable, "-m", "procrastinate", "--app=bench.pc_app.app", "--log-level=warning", "worker"]
+            argv += ["-c", str(concurrency), "-q", queue]
+            procs.append(common.start("pc-worker", argv, env, run))
+            warm = run.key("pc:warm")
+            task.batch_defer(*[{"key": warm}] * warmup)
+            common.wait_until(lambda: common.counter(warm) >= warmup, common.START_TIMEOUT, "warm-up jobs", watch=procs)
+            key = run.key("pc")
+            t0 = time.perf_counter()
+            for start in range(0, n, PUSH_BATCH):
+                task.batch_defer(*[{"key": key}] * min(PUSH_BATCH, n - start))
+            common.wait_until(lambda: common.counter(key) >= n, wait_budget(n), f"{n} jobs to run", watch=procs)
+            sql = f"SELECT count(*) FROM {schema}.procrastinate_jobs WHERE status <> 'succeeded'"
+            common.wait_until(lambda: common.pg_poll(sql) == 0, 60, "the last jobs to finish", watch=procs)
+            seconds = time.perf_counter() - t0
+    finally:
+        common.pg_exec(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    return Timed(n, seconds)
+
+
+def run_section(run: Run, sizes: Sizes, section: Section) -> None:
+    n, warm = sizes.throughput_n, sizes.warmup
+    section.setup.update(
+        commands_per_run=n,
+        warmup_per_run=warm,
+        push_batch=PUSH_BATCH,
+        relay="orch-outbox -A bench.app:outbox relay (ListeningRelay subprocess)",
+        pools={p: c for p, c in POOLS},
+    )
+    rates: dict[str, float] = {}
+    for broker in BROKERS:
+        bench = build(BROKERS[broker], run.prefix(f"tp{broker[0]}"))
+        bench.outbox.create_tables()
+        try:
+            for pool, conc in POOLS:
+                tag = f"tp-{broker}-{pool}"
+                ours = outbox_run(run, bench, broker, pool, conc, n, warm, f"{tag}-o")
+                base = celery_run(run, bench, broker, pool, conc, n, warm, f"{tag}-c")
+                rates[f"{broker}/{pool}"] = ours.rate
+                section.metrics.append(
+                    common.Metric(
+                        f"no-op e2e, {broker}, {pool} -c{conc}",
+                        ours.rate,
+                        base.rate,
+                        "cmd/s",
+                        "Celery",
+                        Target("ratio_min", 0.8, "≥ 0.8x"),
+                    )
+                )
+        finally:
+            common.drop_outbox(bench.outbox)
+    threads = dict(POOLS)["threads"]
+    try:
+        pc = procrastinate_run(run, threads, sizes.procrastinate_n, warm)
+    except BenchError as exc:
+        section.notes.append(f"procrastinate could not be measured: {exc}")
+        return
+    ours = rates.get("rabbitmq/threads")
+    section.metrics.append(
+        common.Metric(
+            f"no-op e2e vs procrastinate -c{threads} (ours: rabbitmq, threads)",
+            ours,
+            pc.rate,
+            "cmd/s",
+            "procrastinate",
+            Target("ratio_min", 3.0, "≥ 3x"),
+        )
+    )
+    section.setup["procrastinate_n"] = pc.n
