@@ -38,6 +38,9 @@ def base_config() -> dict[str, Any]:
         "result_accept_content": ["json"],
         "beat_scheduler": "orch_outbox.beat:Scheduler",
         "broker_connection_retry_on_startup": True,
+        # After a broker reconnect while tasks run, Celery 5.7's prefetch-count reduction can
+        # leave the worker blocked in basic_qos, consuming nothing (seen in tests/faults).
+        "worker_enable_prefetch_count_reduction": False,
         "enable_utc": True,
         "timezone": "UTC",
         "worker_hijack_root_logger": True,

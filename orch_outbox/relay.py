@@ -19,8 +19,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from kombu.exceptions import KombuError
-
 from . import backoff as backoff_mod
 from .errors import StoreUnavailable
 from .store import Dispatch, ErrorInfo
@@ -96,7 +94,7 @@ class Relay:
                 else:
                     self._refuse(item, refusal)
                 sent += 1
-        except (KombuError, OSError) as exc:
+        except Exception as exc:  # broker errors of any transport (py-amqp's are not all KombuError/OSError)
             self.close()
             unsent = batch[sent:]
             self.broker_failures += 1

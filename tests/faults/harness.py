@@ -1,0 +1,653 @@
+"""Fault-injection harness: a user's project run by real ``celery`` subprocesses, plus the test's own outbox.
+
+Like ``tests/e2e/harness.py`` (whose small helpers are copied here), a
+:class:`FaultProject` is a temporary folder holding what a user's project holds —
+``celeryconfig.py`` (short leases: dispatch lease 3 s, lock buffer 1 s, rescue every
+0.5 s, poll every 0.2 s, fixed backoff 0.1 s) and ``fault_commands.py`` (the commands of
+``commands.py``, declared on the ready app) — and runs ``celery -A orch_outbox worker``
+and ``celery -A orch_outbox beat`` in it as subprocesses, each in its own process group
+with its output in a log file.
+
+Each process can be pointed at a :class:`~.proxy.Proxy` instead of the real PostgreSQL
+or broker (environment ``ORCH_OUTBOX_DATABASE_URL`` / ``CELERY_BROKER_URL``), and each
+connects to PostgreSQL under its own ``application_name`` so that a test can
+``pg_terminate_backend`` exactly one process's connections.
+
+The test process has an outbox of its own on the same table (``project.outbox``, the same
+commands declared on a Celery app of its own): it pushes (in committed and in
+rolled-back transactions, remembering both for the ledger), cancels, and — where a
+scenario needs precise control — claims, publishes and rescues by hand.
+
+Every wait polls the database or a log with a bounded timeout; teardown kills every
+process group (SIGKILL), prints the rows, effects and logs (pytest shows them for a
+failed test), drops the tables and deletes the queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import sqlalchemy as sa
+from celery.canvas import Signature
+from sqlalchemy.orm import Session
+
+from orch_outbox import Outbox
+from orch_outbox.store import Store, make_engine
+from orch_outbox.testing import wait_until
+
+from .commands import declare, effects_ddl
+from .ledger import FINAL, Ledger, check_ledger
+from conftest import make_app, unique_prefix
+
+#: The longest any single wait of a fault scenario may take.
+WAIT = 40.0
+#: Settings of every fault project (short leases so that rescues happen within seconds).
+BASE_CONFIG: dict[str, Any] = {
+    "outbox_poll_interval": 0.2,
+    "outbox_rescue_interval": 0.5,
+    "outbox_lock_buffer": 1.0,
+    "outbox_dispatch_timeout": 3.0,
+    "outbox_retry_backoff": "fixed",
+    "outbox_retry_backoff_base": 0.1,
+    "worker_prefetch_multiplier": 1,
+}
+
+#: For scenarios where the dispatch lease plays no part: a message waiting longer than the 3 s lease (a CPU-starved
+#: worker on a loaded machine) would be redispatched — correct, but it would hide what the scenario counts
+#: (e.g. "dispatched exactly once": with this lease, a second dispatch can only come from a double claim).
+STEADY_DISPATCH: dict[str, Any] = {"outbox_dispatch_timeout": 30.0}
+
+FAULT_COMMANDS = '''\
+"""Commands of the fault project, declared on the ready app (see fault_commands_impl.declare)."""
+
+from orch_outbox import command
+
+from fault_commands_impl import declare
+
+QUEUE = {queue!r}
+EFFECTS_URL = {effects_url!r}
+PREFIX = {prefix!r}
+
+globals().update(declare(command, QUEUE, EFFECTS_URL, PREFIX))
+'''
+
+RELAY_CRASH = '''\
+"""A relay process that dies (os._exit(137), like kill -9) before or after publishing its first batch."""
+
+import json
+import os
+import sys
+
+from orch_outbox import relay as relay_module
+from orch_outbox.default import default_outbox
+
+when = sys.argv[1]
+original = relay_module.Relay.publish
+
+
+def crash_before(self, batch):
+    print(json.dumps([[str(d.id), d.attempt] for d in batch]), flush=True)
+    os._exit(137)
+
+
+def crash_after(self, batch):
+    sent = original(self, batch)
+    print(json.dumps([[str(d.id), d.attempt] for d in batch[:sent]]), flush=True)
+    os._exit(137)
+
+
+relay_module.Relay.publish = crash_before if when == "before" else crash_after
+default_outbox().relay_once()
+print("nothing was due", flush=True)
+sys.exit(3)
+'''
+
+PUSH_SCRIPT = '''\
+"""The user's web process: pushes in its own transactions (the broker plays no part); prints the ids."""
+
+import json
+import sys
+import time
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import fault_commands as c
+
+engine = sa.create_engine(sys.argv[1])
+count = int(sys.argv[2])
+out = {"committed": [], "rolled_back": [], "seconds": []}
+for i in range(count):
+    began = time.monotonic()
+    with Session(engine) as session, session.begin():
+        out["committed"].append(str(c.work.push(session, i)))
+    out["seconds"].append(time.monotonic() - began)
+with Session(engine) as session:
+    out["rolled_back"].append(str(c.work.push(session, -1)))
+    session.rollback()
+engine.dispose()
+print(json.dumps(out))
+'''
+
+SKEW_SITECUSTOMIZE = '''\
+"""Shift this process's wall clock by {offset} s: time.time(), time.time_ns() and datetime.now()/utcnow()."""
+
+import datetime as _dt
+import time as _time
+
+OFFSET = {offset!r}
+_real_time, _real_time_ns, _Real = _time.time, _time.time_ns, _dt.datetime
+
+
+def _time_skewed():
+    return _real_time() + OFFSET
+
+
+def _time_ns_skewed():
+    return _real_time_ns() + int(OFFSET * 1e9)
+
+
+class _Meta(type):
+    def __instancecheck__(cls, obj):
+        return isinstance(obj, _Real)
+
+    def __subclasscheck__(cls, sub):
+        return issubclass(sub, _Real)
+
+
+class _SkewedDatetime(_Real, metaclass=_Meta):
+    @classmethod
+    def now(cls, tz=None):
+        return _Real.now(tz) + _dt.timedelta(seconds=OFFSET)
+
+    @classmethod
+    def utcnow(cls):
+        return _Real.now(_dt.timezone.utc).replace(tzinfo=None) + _dt.timedelta(seconds=OFFSET)
+
+
+_time.time = _time_skewed
+_time.time_ns = _time_ns_skewed
+_dt.datetime = _SkewedDatetime
+'''
+
+
+# -- small helpers (as in tests/e2e/harness.py) --------------------------------------------
+
+
+def python() -> str:
+    """The interpreter of the virtualenv the tests run in."""
+    return sys.executable
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a subprocess: no ambient Celery / outbox settings leak in."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("CELERY_", "ORCH_OUTBOX_")) or key.startswith("ORCH_OUTBOX_TEST_")
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("PYTHONPATH", None)
+    env.update(extra or {})
+    return env
+
+
+def tail(text: str, lines: int = 150) -> str:
+    parts = text.splitlines()
+    return "\n".join(parts[-lines:]) if len(parts) > lines else text
+
+
+def with_endpoint(url: str, port: int | None = None, application_name: str | None = None, **query: str) -> str:
+    """``url`` pointed at 127.0.0.1:``port`` (a proxy) and/or tagged with an ``application_name``."""
+    parsed = sa.engine.make_url(url)
+    if port is not None:
+        parsed = parsed.set(host="127.0.0.1", port=port)
+    extra = dict(query)
+    if application_name is not None:
+        extra["application_name"] = application_name
+    if extra:
+        parsed = parsed.update_query_dict(extra)
+    return parsed.render_as_string(hide_password=False)
+
+
+def broker_with_port(url: str, port: int) -> str:
+    """A broker URL pointed at 127.0.0.1:``port`` (a proxy)."""
+    scheme, rest = url.split("://", 1)
+    userinfo, _, hostpath = rest.rpartition("@")
+    _, _, path = hostpath.partition("/")
+    return f"{scheme}://{userinfo + '@' if userinfo else ''}127.0.0.1:{port}/{path}"
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """A long-running subprocess (worker, beat) in its own process group, output in a log file."""
+
+    role: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen[bytes]
+    #: False once the test kills or stops it on purpose (waits stop watching it).
+    expect_alive: bool = True
+    #: The log line that says it is ready (None: nothing to wait for).
+    ready_text: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def count(self, text: str) -> int:
+        return self.output().count(text)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self) -> None:
+        """kill -9 of the whole process group (the main process and its pool children)."""
+        self.expect_alive = False
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=10)
+
+    def terminate(self) -> None:
+        """SIGTERM to the main process: Celery's warm shutdown."""
+        self.expect_alive = False
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.send_signal(signal.SIGTERM)
+
+    def wait_exit(self, timeout: float = WAIT) -> int:
+        return self.popen.wait(timeout=timeout)
+
+
+# -- the project ---------------------------------------------------------------------------
+
+
+@dataclass
+class FaultProject:
+    """A user's project folder, the processes running it, and the test's own outbox on its table."""
+
+    root: Path
+    broker_url: str
+    pg_url: str
+    token: str
+    prefix: str
+    queue: str
+    config: dict[str, Any]
+    procs: list[Proc] = field(default_factory=list)
+    committed: list[uuid.UUID] = field(default_factory=list)
+    rolled_back: list[uuid.UUID] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    _cmd: SimpleNamespace | None = None
+
+    @classmethod
+    def create(cls, root: Path, broker_url: str, pg_url: str, **config: Any) -> FaultProject:
+        token = uuid.uuid4().hex[:8]
+        project = cls(
+            root=root,
+            broker_url=broker_url,
+            pg_url=pg_url,
+            token=token,
+            prefix=f"{unique_prefix()}flt_",
+            queue=f"faults-{token}",
+            config={**BASE_CONFIG, **config},
+        )
+        project.write_files()
+        project.create_tables()
+        return project
+
+    # -- files and tables -----------------------------------------------------------------
+
+    @property
+    def effects_url(self) -> str:
+        """Where handlers record side effects: straight to PostgreSQL, a connection of their own."""
+        url = sa.engine.make_url(with_endpoint(self.pg_url, application_name=f"fe-{self.token}"))
+        return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def db_url(self, role: str, port: int | None = None) -> str:
+        """The outbox database URL of one process: its own application_name, maybe through a proxy."""
+        return with_endpoint(self.pg_url, port, application_name=f"{role}-{self.token}")
+
+    def write_files(self) -> None:
+        lines = ['"""Celery configuration of a fault-injection project."""', ""]
+        settings = {
+            "broker_url": self.broker_url,
+            "outbox_database_url": self.db_url("cli"),
+            "outbox_table_prefix": self.prefix,
+            "imports": ("fault_commands",),
+            "beat_schedule_filename": str(self.root / "celerybeat-schedule"),
+            **self.config,
+        }
+        lines += [f"{key} = {value!r}" for key, value in settings.items()]
+        (self.root / "celeryconfig.py").write_text("\n".join(lines) + "\n")
+        impl = Path(__file__).with_name("commands.py").read_text()
+        (self.root / "fault_commands_impl.py").write_text(impl.replace("from .commands", "from fault_commands_impl"))
+        (self.root / "fault_commands.py").write_text(
+            FAULT_COMMANDS.format(queue=self.queue, effects_url=self.effects_url, prefix=self.prefix)
+        )
+        (self.root / "relay_crash.py").write_text(RELAY_CRASH)
+        (self.root / "push.py").write_text(PUSH_SCRIPT)
+
+    @cached_property
+    def engine(self) -> sa.Engine:
+        """The test's own engine (straight to PostgreSQL, application_name ``ft-<token>``)."""
+        return make_engine(self.db_url("ft"), pool_size=3, max_overflow=5)
+
+    @property
+    def store(self) -> Store:
+        return self.outbox.store
+
+    @cached_property
+    def outbox(self) -> Outbox:
+        """The test's own outbox on the project's table (pushes, cancels, hand-made relays)."""
+        app = make_app(self.broker_url, name=f"faults-test-{self.token}")
+        outbox = Outbox(
+            app,
+            self.engine,
+            table_prefix=self.prefix,
+            dispatch_timeout=self.config["outbox_dispatch_timeout"],
+            lock_buffer=self.config["outbox_lock_buffer"],
+            retry_backoff="fixed",
+            retry_backoff_base=self.config["outbox_retry_backoff_base"],
+            poll_interval=self.config["outbox_poll_interval"],
+            rescue_interval=self.config["outbox_rescue_interval"],
+        )
+        # Declared at once: the test's rescuer runs the chaining hooks of the commands it settles.
+        self._cmd = SimpleNamespace(**declare(outbox.command, self.queue, self.effects_url, self.prefix))
+        return outbox
+
+    @property
+    def cmd(self) -> SimpleNamespace:
+        """The project's commands, declared on the test's outbox (``project.cmd.work.s(1)``)."""
+        if self._cmd is None:
+            _ = self.outbox
+        assert self._cmd is not None
+        return self._cmd
+
+    def create_tables(self) -> None:
+        self.store.create_all()
+        with self.engine.begin() as conn:
+            conn.exec_driver_sql(effects_ddl(self.prefix))
+
+    # -- pushing --------------------------------------------------------------------------
+
+    def push(self, calls: Sequence[Signature], rollback: Sequence[Signature] = ()) -> list[uuid.UUID]:
+        """Push ``calls`` in one committed transaction and ``rollback`` in one that rolls back; returns the ids."""
+        with Session(self.engine) as session, session.begin():
+            ids = self.outbox.push_many(session, calls)
+        self.committed += ids
+        if rollback:
+            with Session(self.engine) as session:
+                self.rolled_back += self.outbox.push_many(session, rollback)
+                session.rollback()
+        return ids
+
+    def insert_raw(self, **values: Any) -> uuid.UUID:
+        """A row written into the table by hand (plain SQL, bypassing push and its checks)."""
+        cid = uuid.uuid4()
+        row = {
+            "id": cid,
+            "status": "pending",
+            "priority": 0,
+            "attempt": 0,
+            "retries": 1,
+            "retries_left": 1,
+            "timeout": 5.0,
+            "input": {},
+            "target": self.queue,
+            **values,
+        }
+        table = self.store.table
+        with self.engine.begin() as conn:
+            now = conn.execute(sa.select(sa.func.now())).scalar_one()
+            conn.execute(sa.insert(table).values(created_at=now, scheduled_at=now, **row))
+        self.committed.append(cid)
+        return cid
+
+    # -- processes ------------------------------------------------------------------------
+
+    def spawn(self, role: str, argv: list[str], env: Mapping[str, str] | None = None,
+              ready_text: str | None = None) -> Proc:
+        log = self.root / f"{role}-{len(self.procs)}.log"
+        handle = log.open("wb")
+        try:
+            popen = subprocess.Popen(argv, cwd=self.root, env=clean_env(env), stdout=handle, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            handle.close()
+        proc = Proc(role, argv, log, popen, ready_text=ready_text)
+        self.procs.append(proc)
+        return proc
+
+    def node(self, index: int) -> str:
+        return f"fw{index}-{self.token}"
+
+    def start_worker(
+        self,
+        pool: str = "threads",
+        concurrency: int = 2,
+        *,
+        db_port: int | None = None,
+        broker_port: int | None = None,
+        env: Mapping[str, str] | None = None,
+        wait_ready: bool = True,
+    ) -> Proc:
+        """``celery -A orch_outbox worker -Q <queue>``; its PostgreSQL application_name is its node name."""
+        index = sum(p.role.startswith("worker") for p in self.procs)
+        node = self.node(index)
+        argv = [python(), "-m", "celery", "-A", "orch_outbox", "worker", "-Q", self.queue, "--pool", pool,
+                "-c", str(concurrency), "--without-mingle", "--without-gossip", "-n", f"{node}@%h",
+                "--loglevel", "INFO"]
+        proc_env = {"ORCH_OUTBOX_DATABASE_URL": with_endpoint(self.pg_url, db_port, application_name=node)}
+        if broker_port is not None:
+            proc_env["CELERY_BROKER_URL"] = broker_with_port(self.broker_url, broker_port)
+        proc_env.update(env or {})
+        proc = self.spawn(f"worker{index}", argv, proc_env, ready_text=" ready.")
+        if wait_ready:
+            self.wait_ready()
+        return proc
+
+    def start_beat(self, *, schedule: str = "celerybeat-schedule", db_port: int | None = None,
+                   broker_port: int | None = None, wait_ready: bool = True) -> Proc:
+        """``celery -A orch_outbox beat``: the listening relay and the rescuer, in-process."""
+        index = sum(p.role.startswith("beat") for p in self.procs)
+        argv = [python(), "-m", "celery", "-A", "orch_outbox", "beat", "--loglevel", "INFO",
+                "-s", str(self.root / schedule)]
+        env = {"ORCH_OUTBOX_DATABASE_URL": self.db_url(f"fb{index}", db_port)}
+        if broker_port is not None:
+            env["CELERY_BROKER_URL"] = broker_with_port(self.broker_url, broker_port)
+        proc = self.spawn(f"beat{index}", argv, env, ready_text="listening relay started")
+        if wait_ready:
+            self.wait_ready()
+        return proc
+
+    def wait_ready(self) -> None:
+        """Wait until every process started and not yet ready is (processes start in parallel, then this)."""
+        starting = [p for p in self.procs if p.ready_text is not None and p.expect_alive]
+
+        def ready() -> bool:
+            for proc in starting:
+                if proc.ready_text is not None and proc.ready_text in proc.output():
+                    proc.ready_text = None
+            return all(p.ready_text is None for p in starting)
+
+        self.wait_for(ready, f"{[p.role for p in starting]} to be ready", procs=starting)
+
+    def run(self, argv: list[str], timeout: float = WAIT, env: Mapping[str, str] | None = None,
+            ) -> subprocess.CompletedProcess[str]:
+        """Run a script to completion in the project folder; its output is kept for the report."""
+        done = subprocess.run(argv, cwd=self.root, env=clean_env(env), capture_output=True, text=True,
+                              timeout=timeout, check=False)
+        self.notes.append(f"$ {' '.join(argv)}\n[exit {done.returncode}]\n{done.stdout}{done.stderr}")
+        return done
+
+    def terminate_backends(self, application_name: str) -> int:
+        """pg_terminate_backend of every connection of one process (by application_name); returns how many."""
+        with self.engine.connect() as conn:
+            killed = conn.execute(
+                sa.text(
+                    "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": application_name},
+            ).scalar_one()
+            conn.commit()
+        return int(killed)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def row(self, command_id: uuid.UUID | str) -> dict[str, Any] | None:
+        found = self.store.get(command_id if isinstance(command_id, uuid.UUID) else uuid.UUID(command_id))
+        return dict(found) if found is not None else None
+
+    def rows(self) -> list[dict[str, Any]]:
+        table = self.store.table
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.select(table).order_by(table.c.created_at))]
+
+    def effects(self, phase: str | None = None, command_id: uuid.UUID | None = None) -> list[dict[str, Any]]:
+        where, params = [], {}
+        if phase is not None:
+            where.append("phase = :phase")
+            params["phase"] = phase
+        if command_id is not None:
+            where.append("command_id = :cid")
+            params["cid"] = command_id
+        sql = f"SELECT * FROM {self.prefix}effects {'WHERE ' + ' AND '.join(where) if where else ''} ORDER BY seq"
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.text(sql), params)]
+
+    def db_now(self) -> Any:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.now())).scalar_one()
+
+    def queue_depth(self) -> int:
+        """Messages waiting in the command queue (0 if it does not exist)."""
+        from kombu import Connection
+
+        with Connection(self.broker_url, connect_timeout=5) as conn:
+            try:
+                return int(conn.default_channel.queue_declare(self.queue, passive=True).message_count)
+            except conn.channel_errors:
+                return 0
+
+    # -- waiting --------------------------------------------------------------------------
+
+    def wait_for(self, predicate: Callable[[], Any], what: str, timeout: float = WAIT,
+                 procs: Iterable[Proc] | None = None) -> Any:
+        """Poll ``predicate`` (bounded); fail at once, with the report, if a process died unexpectedly."""
+        watched = list(procs) if procs is not None else [p for p in self.procs if p.expect_alive]
+
+        def check() -> Any:
+            dead = [p for p in watched if p.expect_alive and not p.alive()]
+            if dead:
+                raise AssertionError(f"{[p.role for p in dead]} exited ({[p.popen.returncode for p in dead]}) "
+                                     f"while waiting for {what}{self.report()}")
+            return predicate()
+
+        try:
+            return wait_until(check, timeout=timeout, interval=0.1, what=what)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}{self.report()}") from None
+
+    def wait_status(self, command_id: uuid.UUID, *statuses: str, timeout: float = WAIT) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            row = self.row(command_id)
+            return row if row is not None and row["status"] in statuses else None
+
+        return self.wait_for(reached, f"command {command_id} to reach {statuses}", timeout)  # type: ignore[no-any-return]
+
+    def wait_drained(self, timeout: float = WAIT, relay: bool = False) -> list[dict[str, Any]]:
+        """Wait until every row is final (children are inserted with their parent's final state, so the
+        whole tree is done). ``relay``: the test process relays and rescues (no beat running)."""
+
+        def drained() -> list[dict[str, Any]] | None:
+            if relay:
+                self.outbox.relay_once()
+                self.outbox.rescue_once()
+            rows = self.rows()
+            return rows if rows and all(r["status"] in FINAL for r in rows) else None
+
+        return self.wait_for(drained, "every command to be final", timeout)  # type: ignore[no-any-return]
+
+    def ledger(self, at_least_once: Iterable[uuid.UUID] = ()) -> Ledger:
+        """Check the ledger (see ledger.py) over everything this test pushed; fails with the report."""
+        try:
+            return check_ledger(self.engine, self.prefix, self.committed, self.rolled_back,
+                                at_least_once=at_least_once)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}{self.report()}") from None
+
+    def log_lines(self, proc: Proc, *needles: str) -> list[str]:
+        """The lines of a process's log that contain every needle."""
+        return [line for line in proc.output().splitlines() if all(n in line for n in needles)]
+
+    # -- teardown -------------------------------------------------------------------------
+
+    def report(self) -> str:
+        """The table, the effects and every log, for failure messages."""
+        out = ["", f"--- outbox rows ({self.prefix}commands) ---"]
+        try:
+            for r in self.rows():
+                out.append(f"  {r['id']} {r['name']} {r['status']} attempt={r['attempt']} "
+                           f"left={r['retries_left']} outcome={r['outcome']} parent={r['parent_id']} "
+                           f"error={r['error_type']}: {(r['error_message'] or '')[:160]}")
+            out.append("--- effects ---")
+            for e in self.effects():
+                out.append(f"  {e['command_id']} {e['name']} attempt={e['attempt']} {e['phase']} pid={e['pid']}")
+        except Exception as exc:  # the report must never hide the original failure
+            out.append(f"  (could not read the tables: {exc})")
+        for proc in self.procs:
+            out.append(f"--- {proc.role} pid={proc.pid} exit={proc.popen.poll()} ({' '.join(proc.argv[3:])}) ---")
+            out.append(tail(proc.output()))
+        for note in self.notes:
+            out.append(tail(note, 40))
+        return "\n".join(out)
+
+    def close(self) -> None:
+        """Kill every process group, print the report, drop the tables and the queue."""
+        for proc in self.procs:
+            proc.kill()
+        print(self.report())
+        try:
+            if "outbox" in self.__dict__ and "relay" in self.outbox.__dict__:
+                self.outbox.relay.close()
+            with self.engine.begin() as conn:
+                self.store.metadata.drop_all(conn)
+                conn.exec_driver_sql(f"DROP TABLE IF EXISTS {self.prefix}effects")
+        finally:
+            self.engine.dispose()
+            delete_queue(self.broker_url, self.queue)
+
+
+def delete_queue(url: str, queue: str) -> None:
+    """Remove a test's queue from a shared broker (best effort)."""
+    from kombu import Connection, Queue
+
+    with contextlib.suppress(Exception), Connection(url, connect_timeout=5) as conn:
+        Queue(queue).bind(conn.default_channel).delete()
+
+
+def json_line(text: str) -> Any:
+    """The JSON document on the last line of a script's output."""
+    return json.loads(text.strip().splitlines()[-1])
