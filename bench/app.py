@@ -61,7 +61,9 @@ def build(broker_url: str, prefix: str, database_url: str | None = None) -> Benc
     )
     app.config_from_object(config)
     url = database_url or os.environ.get("BENCH_DATABASE_URL", "postgresql://127.0.0.1/test")
-    outbox = Outbox(app, url, table_prefix=prefix)
+    # No in-flight cap: the relay section publishes a backlog with no worker running, and
+    # plain Celery, the baseline, fills the broker without one either.
+    outbox = Outbox(app, url, table_prefix=prefix, max_in_flight=0)
 
     @outbox.command(name="bench_noop", retries=0)
     def noop(key: str) -> None:
