@@ -22,6 +22,7 @@ import types
 from typing import Any
 
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
 
 from .outbox import Outbox
 
@@ -47,6 +48,10 @@ def base_config() -> dict[str, Any]:
     }
 
 
+# kombu's filesystem transport with atomic writes (see fsbroker.py), as ``orchfs://``.
+TRANSPORT_ALIASES.setdefault("orchfs", "orch_outbox.fsbroker:Transport")
+
+
 def embedded_broker(home: str) -> dict[str, Any]:
     """Celery settings for kombu's filesystem broker under ``home``: no server, several processes."""
     folder = os.path.abspath(os.path.join(home, "broker"))
@@ -54,7 +59,7 @@ def embedded_broker(home: str) -> dict[str, Any]:
     for path in (data, control):
         os.makedirs(path, exist_ok=True)
     return {
-        "broker_url": "filesystem://",
+        "broker_url": "orchfs://",
         "broker_transport_options": {
             "data_folder_in": data,
             "data_folder_out": data,
