@@ -181,6 +181,15 @@ class Store:
             return sa.func.now() + sa.bindparam(name, type_=sa.Interval())
         return sa.bindparam(name, type_=UTCDateTime())
 
+    def _p_fence(self, status: str) -> list[sa.ColumnElement[bool]]:
+        """The fence of a prebuilt statement: this command (``p_id``), in ``status``, under ``p_attempt``."""
+        t = self.table
+        return [
+            t.c.id == sa.bindparam("p_id", type_=t.c.id.type),
+            t.c.status == status,
+            t.c.attempt == sa.bindparam("p_attempt", type_=sa.Integer()),
+        ]
+
     def _p_times(self, **seconds: float) -> dict[str, Any]:
         if self._db_clock:
             return {name: timedelta(seconds=value) for name, value in seconds.items()}
@@ -485,12 +494,7 @@ class Store:
         t = self.table
         return (
             sa.update(t)
-            .where(
-                t.c.id == sa.bindparam("p_id", type_=t.c.id.type),
-                t.c.status == "dispatched",
-                t.c.attempt == sa.bindparam("p_attempt", type_=sa.Integer()),
-                t.c.name == sa.bindparam("p_name", type_=t.c.name.type),
-            )
+            .where(*self._p_fence("dispatched"), t.c.name == sa.bindparam("p_name", type_=t.c.name.type))
             .values(
                 status="running",
                 started_at=self._p_now(),
@@ -514,11 +518,7 @@ class Store:
         t = self.table
         return (
             sa.update(t)
-            .where(
-                t.c.id == sa.bindparam("p_id", type_=t.c.id.type),
-                t.c.status == "running",
-                t.c.attempt == sa.bindparam("p_attempt", type_=sa.Integer()),
-            )
+            .where(*self._p_fence("running"))
             .values(
                 status="completed",
                 outcome="success",

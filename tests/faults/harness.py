@@ -30,7 +30,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from orch_outbox.testing import wait_until
 from .commands import declare, effects_ddl
 from .ledger import FINAL, Ledger, check_ledger
 from conftest import make_app, unique_prefix
+from e2e.harness import clean_env, delete_queue, python, tail
 
 #: The longest any single wait of a fault scenario may take.
 WAIT = 40.0
@@ -183,30 +183,7 @@ _dt.datetime = _SkewedDatetime
 '''
 
 
-# -- small helpers (as in tests/e2e/harness.py) --------------------------------------------
-
-
-def python() -> str:
-    """The interpreter of the virtualenv the tests run in."""
-    return sys.executable
-
-
-def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a subprocess: no ambient Celery / outbox settings leak in."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("CELERY_", "ORCH_OUTBOX_")) or key.startswith("ORCH_OUTBOX_TEST_")
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("PYTHONPATH", None)
-    env.update(extra or {})
-    return env
-
-
-def tail(text: str, lines: int = 150) -> str:
-    parts = text.splitlines()
-    return "\n".join(parts[-lines:]) if len(parts) > lines else text
+# -- small helpers (the shared ones come from tests/e2e/harness.py) -------------------------
 
 
 def with_endpoint(url: str, port: int | None = None, application_name: str | None = None, **query: str) -> str:
@@ -638,14 +615,6 @@ class FaultProject:
         finally:
             self.engine.dispose()
             delete_queue(self.broker_url, self.queue)
-
-
-def delete_queue(url: str, queue: str) -> None:
-    """Remove a test's queue from a shared broker (best effort)."""
-    from kombu import Connection, Queue
-
-    with contextlib.suppress(Exception), Connection(url, connect_timeout=5) as conn:
-        Queue(queue).bind(conn.default_channel).delete()
 
 
 def json_line(text: str) -> Any:
