@@ -89,6 +89,9 @@ outbox_default_retries = 3
 outbox_retry_backoff = "exponential"
 outbox_retry_backoff_base = 0.2
 outbox_retry_backoff_max = 2.0
+# A short broker queue to go with the short dispatch lease: 100 messages drain in about
+# two seconds, so a message rarely waits in the broker past its lease and gets redispatched.
+outbox_max_in_flight = 100
 imports = ("soak_commands",)
 beat_schedule_filename = $schedule
 ''')
