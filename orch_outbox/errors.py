@@ -66,3 +66,15 @@ class LeaseLost(OutboxError):
 
 class UniqueConflict(OutboxError):
     """An unfinished command already holds this unique key, with another name or input."""
+
+
+class BatchClosed(OutboxError):
+    """The batch is finished or canceled: no member can be added to it."""
+
+
+class BatchNotFound(OutboxError, LookupError):
+    """No batch with that id exists in the outbox."""
+
+
+class ScheduleNotFound(OutboxError, LookupError):
+    """No schedule with that name exists in the outbox."""

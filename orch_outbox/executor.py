@@ -24,11 +24,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.worker.control import control_command
 
 from . import backoff as backoff_mod
+from .canvas import Plan, next_in_chain
 from .context import CommandContext, _set
 from .errors import CommandCanceled, CommandTimeout, InvalidOption, LeaseLost, StoreUnavailable
 from .jsoncodec import check_size, decode_arguments, encode
 from .store import ErrorInfo, Started
-from .task import OutboxTask, Outcome
+from .task import Outcome, handler_of
 
 if TYPE_CHECKING:
     from .outbox import Outbox
@@ -227,7 +228,7 @@ class Executor:
 
     # -- entry points -------------------------------------------------------------------
 
-    def execute(self, task: OutboxTask, request: Any) -> Any:
+    def execute(self, task: Any, request: Any) -> Any:
         """Run the attempt a Celery message names; returns the encoded output, or None."""
         fence = _parse_header(getattr(request, "outbox", None))
         if fence is None:
@@ -238,6 +239,10 @@ class Executor:
         lease = timeout + self.settings.lock_buffer
         worker = str(getattr(request, "hostname", None) or "unknown")
         started = self._write(lambda: self.store.start(command_id, attempt, task.name, worker, lease))
+        if started is None and self._write(lambda: self.store.hold_back(command_id, attempt)):
+            self.dropped["paused"] += 1
+            log.info("%s %s attempt %s: paused before it started; back to pending", task.name, command_id, attempt)
+            return None
         if started is None:
             self.dropped["stale"] += 1
             log.info(
@@ -259,10 +264,12 @@ class Executor:
         delay = self._delay(None, 1, error.type)
         status = self._write(lambda: self.store.not_found(command_id, attempt, error, delay))
         log.error("command %s %s: not registered on this worker; now %s", name, command_id, status)
+        if status is not None:
+            self.outbox.report_failure(command_id, name, attempt, "not_found", error, final=status == "failed")
 
     # -- the attempt ----------------------------------------------------------------------
 
-    def _run(self, task: OutboxTask, started: Started) -> Any:
+    def _run(self, task: Any, started: Started) -> Any:
         guard = _Guard(started.timeout)
         ctx = CommandContext(
             started.id,
@@ -275,8 +282,9 @@ class Executor:
             _cancel_requested=lambda: self.store.cancel_requested(started.id, started.attempt),
         )
         _set(ctx)
+        handler = handler_of(task)
         try:
-            args, kwargs = decode_arguments(task.handler_signature, task.handler_hints, started.input)
+            args, kwargs = decode_arguments(handler.signature, handler.hints, started.input)
         except Exception as exc:  # the stored input cannot feed this handler: retrying will not help
             self._fail(task, started, "failure", error_of(exc))
             _set(None)
@@ -288,7 +296,7 @@ class Executor:
         try:
             try:
                 with guard:
-                    result = task.run(*args, **kwargs)
+                    result = handler.run(*args, **kwargs)
             finally:
                 _set(None)
                 RUNNING.remove(key)
@@ -324,7 +332,7 @@ class Executor:
             raise CommandCanceled(f"command {started.id} was canceled")
         guard.extend(extend)
 
-    def _canceled(self, task: OutboxTask, started: Started) -> None:
+    def _canceled(self, task: Any, started: Started) -> None:
         try:
             children = self.outbox.chained_rows(task.name, "if_canceled", Outcome(started.id, task.name, started.input))
         except Exception:
@@ -333,30 +341,33 @@ class Executor:
         recorded = self._write(lambda: self.store.canceled(started.id, started.attempt, children))
         self._log_fenced(recorded, started, "canceled")
 
-    def _succeeded(self, task: OutboxTask, started: Started, result: Any) -> Any:
+    def _succeeded(self, task: Any, started: Started, result: Any) -> Any:
         try:
             output = encode(result, f"output of {task.name}")
             check_size(output, self.settings.max_input_bytes, f"output of {task.name}")
-            decoded_output = result
-            children = self.outbox.chained_rows(
-                task.name, "then", Outcome(started.id, task.name, started.input, decoded_output)
+            children = Plan.of(
+                self.outbox.chained_rows(task.name, "then", Outcome(started.id, task.name, started.input, result))
             )
+            if started.chain:  # the next step of a durable chain, with this output as its first argument
+                children.extend(next_in_chain(started.chain, output, started.id, started.tenant))
         except Exception as exc:  # a bad output or a failing hook fails the attempt: no parent without children
             return self._failed(task, started, "failure", error_of(exc))
         recorded = self._write(lambda: self.store.complete(started.id, started.attempt, output, children))
         self._log_fenced(recorded, started, "completed")
         return output
 
-    def _failed(self, task: OutboxTask, started: Started, outcome: str, error: ErrorInfo) -> None:
+    def _failed(self, task: Any, started: Started, outcome: str, error: ErrorInfo) -> None:
         if started.retries_left > 0:
             retry_number = started.retries - started.retries_left + 1
             delay = self._delay(task, retry_number, error.type)
             recorded = self._write(lambda: self.store.retry(started.id, started.attempt, outcome, error, delay))
             self._log_fenced(recorded, started, f"retried in {delay:.2f}s")
+            if recorded:
+                self.outbox.report_failure(started.id, started.name, started.attempt, outcome, error, final=False)
             return
         self._fail(task, started, outcome, error)
 
-    def _fail(self, task: OutboxTask, started: Started, outcome: str, error: ErrorInfo) -> None:
+    def _fail(self, task: Any, started: Started, outcome: str, error: ErrorInfo) -> None:
         try:
             children = self.outbox.chained_rows(
                 task.name, "if_failed", Outcome(started.id, task.name, started.input, None, error)
@@ -367,9 +378,11 @@ class Executor:
             children = []
         recorded = self._write(lambda: self.store.fail(started.id, started.attempt, outcome, error, children))
         self._log_fenced(recorded, started, "failed")
+        if recorded:
+            self.outbox.report_failure(started.id, started.name, started.attempt, outcome, error, final=True)
 
-    def _delay(self, task: OutboxTask | None, retry_number: int, error_type: str) -> float:
-        policy = (task.outbox_backoff if task is not None else None) or self.outbox.backoff
+    def _delay(self, task: Any, retry_number: int, error_type: str) -> float:
+        policy = getattr(task, "outbox_backoff", None) or self.outbox.backoff
         return backoff_mod.delay_for(policy, retry_number, error_type, self.settings.retry_backoff_max)
 
     def _log_fenced(self, recorded: bool, started: Started, what: str) -> None:

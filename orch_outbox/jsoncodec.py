@@ -179,6 +179,30 @@ def encode_arguments(signature: inspect.Signature, args: tuple[Any, ...], kwargs
     return {name: encode(value, name) for name, value in bound.arguments.items()}
 
 
+_RESULT: Any = object()
+
+
+def encode_arguments_with_result(
+    signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[dict[str, JSON], str]:
+    """Like :func:`encode_arguments`, with the first positional parameter left for a result to come.
+
+    Returns the encoded arguments and the name of the parameter that will receive the
+    previous step's result (as Celery passes a chain's result as the first argument).
+    """
+    try:
+        bound = signature.bind(_RESULT, *args, **kwargs)
+    except TypeError as exc:
+        raise InvalidInput(
+            f"arguments do not match the handler, whose first parameter takes the result: {exc}"
+        ) from None
+    pass_as = next((name for name, value in bound.arguments.items() if value is _RESULT), None)
+    if pass_as is None:
+        raise InvalidInput("the handler needs a named first parameter to receive the previous result (not *args)")
+    encoded = {name: encode(value, name) for name, value in bound.arguments.items() if name != pass_as}
+    return encoded, pass_as
+
+
 def decode_arguments(
     signature: inspect.Signature, hints: Mapping[str, Any], data: Mapping[str, JSON]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:

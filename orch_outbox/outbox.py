@@ -10,33 +10,49 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import itertools
 import logging
 import math
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from celery import Celery, signals
-from celery.canvas import Signature
+from celery.canvas import Signature, _chain, _chord, group
 from sqlalchemy.orm import Session
 
 from . import backoff as backoff_mod
+from . import canvas
+from .canvas import NOTHING, Plan, Step
 from .clock import Clock
-from .errors import CommandNotFound, ConfigurationError, InvalidInput, InvalidOption, UnknownCommand
-from .jsoncodec import check_size, encode, encode_arguments
+from .errors import (
+    BatchNotFound,
+    CommandNotFound,
+    ConfigurationError,
+    InvalidInput,
+    InvalidOption,
+    OutboxError,
+    ScheduleNotFound,
+    UnknownCommand,
+)
+from .jsoncodec import check_size, encode, encode_arguments, encode_arguments_with_result
 from .settings import Settings, validate_target
+from .signals import command_failed
 from .store import ErrorInfo, Store, make_engine
-from .task import Hooks, OutboxTask, Outcome
+from .task import Hooks, OutboxTask, Outcome, adopt, handler_of
 from .uuid7 import uuid7
 
 log = logging.getLogger("orch_outbox")
 
 RELAY_TASK = "orch_outbox.relay"
 RESCUE_TASK = "orch_outbox.rescue"
-LOCAL_TASKS = frozenset({RELAY_TASK, RESCUE_TASK})
+SCHEDULE_TASK = "orch_outbox.schedules"
+CLEANUP_TASK = "orch_outbox.cleanup"
+LOCAL_TASKS = frozenset({RELAY_TASK, RESCUE_TASK, SCHEDULE_TASK, CLEANUP_TASK})
 
 PUSH_OPTIONS = frozenset(
     {
@@ -52,6 +68,7 @@ PUSH_OPTIONS = frozenset(
         "timeout",
         "priority",
         "unique_key",
+        "tenant",
     }
 )
 #: The worker remote-control command that interrupts a running attempt (see executor.py).
@@ -70,6 +87,92 @@ def outbox_of(app: Celery) -> Outbox:
         return _BY_APP[app]
     except KeyError:
         raise ConfigurationError(f"no Outbox is attached to the Celery app {app.main!r}") from None
+
+
+Connectable = Session | sa.Connection | sa.Engine
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class BatchRef:
+    """A batch just pushed: its id, its members' ids and the id its continuation will have."""
+
+    id: uuid.UUID
+    member_ids: list[uuid.UUID]
+    continuation_id: uuid.UUID | None
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """A batch and its progress."""
+
+    id: uuid.UUID
+    tenant: str | None
+    kind: str
+    status: str
+    counts: dict[str, int]
+    continuation_id: uuid.UUID | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+    first_started_at: dt.datetime | None
+    last_finished_at: dt.datetime | None
+
+    @property
+    def total(self) -> int:
+        """How many members the batch has."""
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> int:
+        """How many members are final."""
+        return sum(n for status, n in self.counts.items() if status in ("completed", "failed", "canceled", "expired"))
+
+    @property
+    def progress(self) -> float:
+        """The share of members that are final (1.0 for an empty batch)."""
+        return self.done / self.total if self.total else 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The batch as plain JSON data."""
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data.update(total=self.total, done=self.done, progress=round(self.progress, 4))
+        encoded: dict[str, Any] = encode(data)
+        return encoded
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """A cron schedule."""
+
+    name: str
+    command: str
+    input: dict[str, Any]
+    cron: str
+    timezone: str
+    target: str
+    tenant: str | None
+    priority: int
+    retries: int
+    timeout: float
+    enabled: bool
+    unique: bool
+    next_run_at: dt.datetime
+    last_run_at: dt.datetime | None
+    last_command_id: uuid.UUID | None
+    skipped: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+    @classmethod
+    def from_row(cls, row: Any) -> ScheduleInfo:
+        values = dict(row)
+        values["unique"] = values.pop("is_unique")
+        return cls(**values)
+
+    def to_json(self) -> dict[str, Any]:
+        """The schedule as plain JSON data."""
+        encoded: dict[str, Any] = encode({k: getattr(self, k) for k in self.__dataclass_fields__})
+        return encoded
 
 
 @dataclass(frozen=True)
@@ -100,6 +203,9 @@ class CommandInfo:
     lease_expires_at: dt.datetime | None
     unique_key: str | None = None
     cancel_requested_at: dt.datetime | None = None
+    tenant: str | None = None
+    batch_id: uuid.UUID | None = None
+    chain: list[dict[str, Any]] | None = None
 
     @property
     def is_final(self) -> bool:
@@ -152,6 +258,7 @@ class Outbox:
         signals.task_unknown.connect(self._on_task_unknown, weak=False)
         signals.worker_process_init.connect(self._after_fork, weak=False)
         signals.worker_init.connect(self._check_at_start, weak=False)
+        signals.worker_init.connect(self._adopt_plain_tasks, weak=False)
         signals.beat_init.connect(self._check_at_start, weak=False)
 
     # -- configuration ------------------------------------------------------------------
@@ -259,23 +366,103 @@ class Outbox:
 
     # -- push ---------------------------------------------------------------------------
 
-    def push(self, conn: Session | sa.Connection | sa.Engine, call: Signature) -> uuid.UUID:
-        """Insert one command (a signature of an outbox command) in the caller's transaction."""
-        return self._insert(conn, [self.row_for(call)])[0]
+    def push(self, conn: Connectable, call: Signature, *, tenant: str | None = None) -> uuid.UUID:
+        """Insert a command, a Celery task signature or a canvas, in the caller's transaction.
 
-    def push_many(self, conn: Session | sa.Connection | sa.Engine, calls: Iterable[Signature]) -> list[uuid.UUID]:
+        A signature (of an outbox command or of a plain Celery task) is one command;
+        returns its id. A ``chain`` returns the id of its first command (the next ones
+        are inserted as each completes: follow them with :meth:`children`); a ``group``
+        or ``chord`` returns its batch's id (see :meth:`batch`). See ``canvas.py``.
+        """
+        if not isinstance(call, (_chain, _chord, group)):
+            row = self.row_for(call)
+            if tenant is not None:
+                row["tenant"] = _tenant(tenant)
+            return self._insert(conn, [row])[0]
+        plan = canvas.next_in_chain(self.steps_for(call), NOTHING, None, _tenant(tenant))  # type: ignore[arg-type]
+        ids = self._insert(conn, plan)
+        return plan.batches[0]["id"] if plan.batches else ids[0]
+
+    def push_many(self, conn: Connectable, calls: Iterable[Signature]) -> list[uuid.UUID]:
         """Insert many commands with one statement (executemany) in the caller's transaction."""
         return self._insert(conn, [self.row_for(call) for call in calls])
 
-    def _insert(self, conn: Session | sa.Connection | sa.Engine, rows: list[dict[str, Any]]) -> list[uuid.UUID]:
+    def push_batch(
+        self,
+        conn: Connectable,
+        calls: Iterable[Signature],
+        *,
+        tenant: str | None = None,
+        then: Signature | None = None,
+    ) -> BatchRef:
+        """Insert commands as one batch, in the caller's transaction.
+
+        ``then``: the continuation, a signature inserted exactly once when every member
+        has reached a final state (unless the batch is canceled). Its first argument is
+        the list of the members' outcomes, in push order: ``{"id", "name", "status",
+        "output", "error"}`` each. Members can be added while the batch is open
+        (:meth:`append_to_batch`).
+        """
+        members = [self.row_for(call) for call in calls]
+        continuation = self._call_step(then, pass_result=True) if then is not None else None
+        plan = canvas.batch_plan(members, tenant=_tenant(tenant), continuation=continuation, chord=False)
+        ids = self._insert(conn, plan)
+        batch = plan.batches[0]
+        return BatchRef(batch["id"], ids, batch["continuation_id"])
+
+    def append_to_batch(
+        self, conn: Connectable, batch_id: uuid.UUID | str, calls: Iterable[Signature]
+    ) -> list[uuid.UUID]:
+        """Add members to an open batch in the caller's transaction; :class:`BatchClosed` once it finished."""
+        rows = [self.row_for(call) for call in calls]
+        bid = _as_uuid(batch_id, BatchNotFound)
+        return self._with_connection(conn, lambda c: self.store.append(c, bid, rows))
+
+    def _insert(self, conn: Connectable, rows: list[dict[str, Any]] | Plan) -> list[uuid.UUID]:
+        return self._with_connection(conn, lambda c: self.store.insert(c, rows))
+
+    def _with_connection(self, conn: Connectable, work: Callable[[sa.Connection], _T]) -> _T:
         if isinstance(conn, Session):
-            return self.store.insert(conn.connection(), rows)
+            return work(conn.connection())
         if isinstance(conn, sa.Connection):
-            return self.store.insert(conn, rows)
+            return work(conn)
         if isinstance(conn, sa.Engine):
             with conn.begin() as own:
-                return self.store.insert(own, rows)
+                return work(own)
         raise TypeError(f"push needs a SQLAlchemy Session, Connection or Engine, not {type(conn).__name__}")
+
+    # -- canvases -----------------------------------------------------------------------
+
+    def steps_for(self, call: Signature, pass_result: bool = False) -> list[Step]:
+        """A Celery canvas as durable chain steps (see ``canvas.py``); raises on shapes it cannot keep."""
+        if isinstance(call, _chain):
+            steps: list[Step] = []
+            for i, task in enumerate(call.tasks):
+                steps.extend(self.steps_for(task, pass_result if i == 0 else True))
+            for before, after in itertools.pairwise(steps):
+                if before["kind"] == "group" and before["then"] is None and after["kind"] == "group":
+                    raise InvalidInput("a group directly followed by another group cannot be kept durably")
+            if not steps:
+                raise InvalidInput("an empty chain has nothing to push")
+            return steps
+        if isinstance(call, _chord):
+            members = [self._call_step(m, pass_result) for m in call.tasks]
+            body = self.steps_for(call.body, True)
+            if body[0]["kind"] != "call":
+                raise InvalidInput("a chord's body must start with a task signature, not a group")
+            then = {**body[0], "chain": body[1:]}
+            return [canvas.group_step(members, then, chord=True)]
+        if isinstance(call, group):
+            return [canvas.group_step([self._call_step(m, pass_result) for m in call.tasks], None, chord=False)]
+        return [self._call_step(call, pass_result)]
+
+    def _call_step(self, call: Signature, pass_result: bool) -> Step:
+        if isinstance(call, (_chain, _chord, group)):
+            raise InvalidInput(
+                f"a group member or a continuation must be a single task signature, not a {type(call).__name__}"
+            )
+        row = self.row_for(call, leading_result=pass_result)
+        return canvas.step_from_row(row, row.pop("pass_as", None))
 
     def check_options(self, options: dict[str, Any]) -> None:
         """Refuse unknown push options early, with the list of known ones."""
@@ -283,30 +470,59 @@ class Outbox:
         if unknown:
             raise InvalidOption(f"unknown push option(s) {unknown}; known: {sorted(PUSH_OPTIONS)}")
 
-    def row_for(self, call: Signature, parent_id: uuid.UUID | None = None) -> dict[str, Any]:
-        """The row a signature becomes, validated; raises before anything is written."""
+    def runnable(self, name: str) -> Any:
+        """The task a row of that name runs: an outbox command, or a plain Celery task of this app.
+
+        Celery's own tasks (``celery.*``) and the outbox's services never run from a row;
+        plain tasks only while ``outbox_plain_tasks`` is on.
+        """
+        task = self.app.tasks.get(name)
+        if isinstance(task, OutboxTask):
+            return task
+        if task is None or name.startswith(("celery.", "orch_outbox.")) or not self.settings.plain_tasks:
+            raise UnknownCommand(f"no outbox command is registered as {name!r}")
+        return task
+
+    def row_for(
+        self, call: Signature, parent_id: uuid.UUID | None = None, leading_result: bool = False
+    ) -> dict[str, Any]:
+        """The row a signature becomes, validated; raises before anything is written.
+
+        ``leading_result``: the first argument is left out, to receive the previous
+        step's result later (unless the signature is immutable, ``.si()``); the row's
+        ``pass_as`` names the parameter that receives it.
+        """
         if not isinstance(call, Signature):
             raise TypeError(f"expected a command signature such as send_email.s(...), got {type(call).__name__}")
-        task = self.task(call.task)
+        task = self.runnable(call.task)
+        plain = not isinstance(task, OutboxTask)
         options = dict(call.options)
+        if plain:  # Celery fills some options in by itself; only the outbox's own count here
+            options = {k: v for k, v in options.items() if k in PUSH_OPTIONS}
         self.check_options(options)
         settings = self.settings
-        data = encode_arguments(task.handler_signature, tuple(call.args), dict(call.kwargs))
+        handler = handler_of(task)
+        pass_as = None
+        if leading_result and not call.immutable:
+            data, pass_as = encode_arguments_with_result(handler.signature, tuple(call.args), dict(call.kwargs))
+        else:
+            data = encode_arguments(handler.signature, tuple(call.args), dict(call.kwargs))
         check_size(data, settings.max_input_bytes, f"input of {task.name}")
         target = options.get("target", options.get("queue"))
         if target is None:
-            target = task.outbox_target or settings.default_target or self.app.conf.task_default_queue
+            own = getattr(task, "queue", None) if plain else task.outbox_target
+            target = own or settings.default_target or self.app.conf.task_default_queue
         try:
             target = validate_target(target)
         except ConfigurationError as exc:
             raise InvalidOption(str(exc)) from None
-        timeout = _pick(options.get("timeout"), task.outbox_timeout, settings.default_timeout)
-        retries = _pick(options.get("retries"), task.outbox_retries, settings.default_retries)
-        priority = _pick(options.get("priority"), task.outbox_priority, 0)
+        timeout = _pick(options.get("timeout"), getattr(task, "outbox_timeout", None), settings.default_timeout)
+        retries = _pick(options.get("retries"), getattr(task, "outbox_retries", None), settings.default_retries)
+        priority = _pick(options.get("priority"), getattr(task, "outbox_priority", None), 0)
         _check_timeout(timeout)
         _check_retries(retries)
         _check_priority(priority)
-        return {
+        row = {
             "id": uuid7(),
             "name": task.name,
             "target": target,
@@ -318,12 +534,16 @@ class Outbox:
             "parent_id": parent_id,
             "delay": _delay(options),
             "scheduled_at": _aware(options.get("scheduled_at", options.get("eta")), "scheduled_at"),
-            "expires_at": _expiry(options),
+            **_expiry(options),
             "unique_key": _unique_key(options.get("unique_key")),
+            "tenant": _tenant(options.get("tenant")),
         }
+        if pass_as is not None:
+            row["pass_as"] = pass_as
+        return row
 
     def chained_rows(self, name: str, kind: str, outcome: Outcome) -> list[dict[str, Any]]:
-        """Rows for the commands a finished command's hooks of ``kind`` return."""
+        """Rows for the commands a finished command's hooks of ``kind`` return (plain tasks have none)."""
         task = self.app.tasks.get(name)
         if not isinstance(task, OutboxTask):
             return []
@@ -386,6 +606,262 @@ class Outbox:
         if "store" in self.__dict__:
             self.store.close()
 
+    # -- batches and tenants ------------------------------------------------------------
+
+    def batch(self, batch_id: uuid.UUID | str) -> BatchInfo:
+        """A batch's state and its members' counts by state; raises :class:`BatchNotFound`."""
+        row = self.store.batch_stats(_as_uuid(batch_id, BatchNotFound))
+        if row is None:
+            raise BatchNotFound(f"no batch with id {batch_id}")
+        return _batch_info(row)
+
+    def batches(
+        self, *, tenant: str | None = None, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[BatchInfo]:
+        """Batches, newest first, with their progress."""
+        _check_page(limit, offset)
+        rows = self.store.list_batches(tenant, status, limit, offset)
+        return [_batch_info(self.store.batch_stats(r["id"]) or r) for r in rows]
+
+    def batch_members(self, batch_id: uuid.UUID | str, limit: int = 1000, offset: int = 0) -> list[CommandInfo]:
+        """A batch's members, newest first."""
+        _check_page(limit, offset)
+        rows = self.store.find(limit=limit, offset=offset, batch_id=_as_uuid(batch_id, BatchNotFound))
+        return [CommandInfo.from_row(r) for r in rows]
+
+    def cancel_batch(self, batch_id: uuid.UUID | str) -> int:
+        """Cancel a batch: pending members now, running ones told to stop; its continuation never runs.
+
+        Returns how many members were canceled or asked to stop (0 if the batch was final).
+        """
+        bid = _as_uuid(batch_id, BatchNotFound)
+
+        def children_for(cid: uuid.UUID, name: str, data: dict[str, Any]) -> list[dict[str, Any]]:
+            return self.chained_rows(name, "if_canceled", Outcome(cid, name, data))
+
+        _, canceled, running = self.store.cancel_batch(bid, children_for)
+        for command_id, attempt in running:
+            self.tell_workers_to_cancel(f"{command_id}:{attempt}")
+        return canceled + len(running)
+
+    def tenant_stats(self, tenant: str) -> dict[str, Any]:
+        """A tenant's commands and batches counted by state, and the mean run time of its completed commands."""
+        return dict(self.store.tenant_stats(_tenant(tenant) or ""))
+
+    # -- pause and resume ---------------------------------------------------------------
+
+    def pause(self, *, target: str | None = None, tenant: str | None = None) -> bool:
+        """Hold back every command, one target's, or one tenant's; False if that pause was in force.
+
+        Paused commands stay pending; running ones finish. A message already in the
+        broker goes back to pending when a worker receives it, unstarted: once this
+        returns, no command of that scope starts until :meth:`resume`.
+        """
+        return self.store.pause(*_scope(target, tenant))
+
+    def resume(self, *, target: str | None = None, tenant: str | None = None) -> bool:
+        """Lift a pause made with the same arguments; False if there was none."""
+        return self.store.resume(*_scope(target, tenant))
+
+    def paused(self) -> list[dict[str, Any]]:
+        """The pauses in force: ``{"scope": "all"|"target"|"tenant", "value", "paused_at"}``."""
+        return [dict(r) for r in self.store.paused()]
+
+    # -- dead letter and retention ------------------------------------------------------
+
+    def find(
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        target: str | None = None,
+        tenant: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[CommandInfo]:
+        """Commands matching the filters, newest first (``status="failed"``: the dead letters)."""
+        _check_page(limit, offset)
+        if status is not None and status not in STATUS_NAMES:
+            raise InvalidOption(f"status must be one of {STATUS_NAMES}, got {status!r}")
+        rows = self.store.find(limit, offset, status=status, name=name, target=target, tenant=tenant)
+        return [CommandInfo.from_row(r) for r in rows]
+
+    def failed(self, **filters: Any) -> list[CommandInfo]:
+        """Failed commands (the dead letters) with their errors, newest first; filters as :meth:`find`."""
+        return self.find(status="failed", **filters)
+
+    def requeue(
+        self,
+        ids: Iterable[uuid.UUID | str] | None = None,
+        *,
+        name: str | None = None,
+        target: str | None = None,
+        tenant: str | None = None,
+        all: bool = False,
+    ) -> int:
+        """Put failed commands back to pending, due now, with fresh retries; returns how many.
+
+        Name ids, or filters, or ``all=True``; nothing at all is refused (so a typo
+        cannot re-queue every dead letter).
+        """
+        id_list = None if ids is None else [_as_uuid(i) for i in ids]
+        if id_list is None and name is None and target is None and tenant is None and not all:
+            raise InvalidOption("requeue needs ids, a filter (name, target, tenant) or all=True")
+        return self.store.requeue(ids=id_list, name=name, target=target, tenant=tenant)
+
+    def purge(
+        self,
+        ids: Iterable[uuid.UUID | str] | None = None,
+        *,
+        status: str = "failed",
+        name: str | None = None,
+        target: str | None = None,
+        tenant: str | None = None,
+        all: bool = False,
+    ) -> int:
+        """Delete final commands (failed by default); returns how many. Needs ids, a filter or ``all=True``."""
+        id_list = None if ids is None else [_as_uuid(i) for i in ids]
+        if id_list is None and name is None and target is None and tenant is None and not all:
+            raise InvalidOption("purge needs ids, a filter (name, target, tenant) or all=True")
+        if status not in FINAL_STATUS_NAMES:
+            raise InvalidOption(f"only final commands can be purged: status must be one of {FINAL_STATUS_NAMES}")
+        return self.store.purge(status=status, ids=id_list, name=name, target=target, tenant=tenant)
+
+    def cleanup_once(self, budget: float = 5.0) -> int:
+        """Delete final rows past their retention, in short batches, for at most ``budget`` seconds."""
+        settings = self.settings
+        deadline = time.monotonic() + budget
+        deleted = 0
+        plans = [(("completed", "canceled", "expired"), settings.retention), (("failed",), settings.failed_retention)]
+        for statuses, keep in plans:
+            if keep <= 0:
+                continue
+            while time.monotonic() < deadline:
+                n = self.store.delete_finished(statuses, keep, settings.cleanup_batch)
+                deleted += n
+                if n < settings.cleanup_batch:
+                    break
+        if deleted:
+            log.info("cleanup: deleted %d row(s) past their retention", deleted)
+        return deleted
+
+    # -- schedules ----------------------------------------------------------------------
+
+    def put_schedule(
+        self,
+        name: str,
+        call: Signature,
+        cron: str,
+        *,
+        timezone: str = "UTC",
+        enabled: bool = True,
+        unique: bool = False,
+        tenant: str | None = None,
+    ) -> ScheduleInfo:
+        """Create or replace the schedule ``name``: ``call`` is pushed at every tick of ``cron``.
+
+        ``cron`` has five fields (minute hour day-of-month month day-of-week) with
+        Celery's ``crontab`` semantics, read in ``timezone``. ``unique``: a tick is
+        skipped while the command of the previous tick is not final. Each tick becomes
+        one command even with several beats; after downtime, the missed ticks become one
+        command and the schedule goes on from the next tick.
+        """
+        from . import cron as cron_mod
+
+        name = _schedule_name(name)
+        cron_mod.parse(cron)
+        cron_mod.zone(timezone)
+        if isinstance(call, (_chain, _chord, group)):
+            raise InvalidInput("a schedule pushes a single task signature")
+        row = self.row_for(call)
+        for key in ("scheduled_at", "expires_at", "unique_key", "delay"):
+            if row.get(key) is not None or row.get("expires") is not None:
+                raise InvalidOption(f"a scheduled signature cannot carry {key}: each tick is due when it fires")
+        now = self.store.now()
+        self.store.put_schedule(
+            {
+                "name": name,
+                "command": row["name"],
+                "input": row["input"],
+                "cron": cron,
+                "timezone": timezone,
+                "target": row["target"],
+                "tenant": _tenant(tenant) if tenant is not None else row.get("tenant"),
+                "priority": row["priority"],
+                "retries": row["retries"],
+                "timeout": row["timeout"],
+                "enabled": bool(enabled),
+                "is_unique": bool(unique),
+                "next_run_at": cron_mod.next_fire(cron, timezone, now),
+            }
+        )
+        return self.schedule(name)
+
+    def schedule(self, name: str) -> ScheduleInfo:
+        """One schedule; raises :class:`ScheduleNotFound`."""
+        row = self.store.get_schedule(name)
+        if row is None:
+            raise ScheduleNotFound(f"no schedule named {name!r}")
+        return ScheduleInfo.from_row(row)
+
+    def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule, by name."""
+        return [ScheduleInfo.from_row(r) for r in self.store.list_schedules()]
+
+    def delete_schedule(self, name: str) -> bool:
+        """Delete a schedule; False if there was none. Commands it already pushed are kept."""
+        return self.store.delete_schedule(name)
+
+    def enable_schedule(self, name: str, enabled: bool = True) -> ScheduleInfo:
+        """Switch a schedule on or off; switching on counts from now (no catch-up of the time it was off)."""
+        from . import cron as cron_mod
+
+        current = self.schedule(name)
+        values: dict[str, Any] = {"enabled": bool(enabled)}
+        if enabled and not current.enabled:
+            values["next_run_at"] = cron_mod.next_fire(current.cron, current.timezone, self.store.now())
+        self.store.set_schedule(name, **values)
+        return self.schedule(name)
+
+    def tick_schedules(self) -> list[dict[str, Any]]:
+        """Push the commands of due schedules now (beat does it every ``outbox_schedule_interval``)."""
+        from . import cron as cron_mod
+
+        def next_fire(row: Any, now: dt.datetime) -> dt.datetime:
+            return cron_mod.next_fire(row["cron"], row["timezone"], now)
+
+        return [dict(r) for r in self.store.tick_schedules(next_fire)]
+
+    # -- error hook ---------------------------------------------------------------------
+
+    def report_failure(
+        self, command_id: uuid.UUID, name: str, attempt: int, outcome: str, error: ErrorInfo, *, final: bool
+    ) -> None:
+        """Tell the error hook and ``command_failed`` receivers about a failed attempt; their errors are logged."""
+        info = FailedAttempt(command_id, name, attempt, outcome, error, final)
+        hook = self._error_hook
+        if hook is not None:
+            try:
+                hook(info)
+            except Exception:
+                log.exception("outbox_error_hook %s raised", self.settings.error_hook)
+        command_failed.send(sender=self, failure=info)
+
+    @functools.cached_property
+    def _error_hook(self) -> Callable[[FailedAttempt], Any] | None:
+        path = self.settings.error_hook
+        if not path:
+            return None
+        from celery.utils.imports import symbol_by_name
+
+        try:
+            hook = symbol_by_name(path)
+        except Exception as exc:
+            raise ConfigurationError(f"outbox_error_hook: cannot import {path!r}: {exc}") from None
+        if not callable(hook):
+            raise ConfigurationError(f"outbox_error_hook: {path!r} is not callable")
+        return hook  # type: ignore[no-any-return]
+
     def relay_once(self) -> int:
         """Dispatch due commands now; returns how many were published."""
         return int(self.relay.run_once())
@@ -407,11 +883,21 @@ class Outbox:
         def rescue() -> int:
             return outbox.rescue_once()
 
+        @self.app.task(name=SCHEDULE_TASK, ignore_result=True, shared=False)
+        def schedules() -> int:
+            return len(outbox.tick_schedules())
+
+        @self.app.task(name=CLEANUP_TASK, ignore_result=True, shared=False)
+        def cleanup() -> int:
+            return outbox.cleanup_once()
+
     def _add_beat_entries(self, sender: Celery | None = None, **_: Any) -> None:
         settings = self.settings
         schedule = self.app.conf.beat_schedule
         schedule.setdefault("orch-outbox-relay", {"task": RELAY_TASK, "schedule": settings.poll_interval})
         schedule.setdefault("orch-outbox-rescue", {"task": RESCUE_TASK, "schedule": settings.rescue_interval})
+        schedule.setdefault("orch-outbox-schedules", {"task": SCHEDULE_TASK, "schedule": settings.schedule_interval})
+        schedule.setdefault("orch-outbox-cleanup", {"task": CLEANUP_TASK, "schedule": settings.cleanup_interval})
         accepted = {str(c) for c in (self.app.conf.accept_content or ())}
         unsafe = sorted(accepted - {"json", "application/json"})
         if unsafe:
@@ -435,6 +921,21 @@ class Outbox:
         except ConfigurationError as exc:
             raise SystemExit(f"orch_outbox: invalid settings: {exc}") from None
 
+    def _adopt_plain_tasks(self, sender: Any = None, **_: Any) -> None:
+        """At worker start: let this app's plain Celery tasks run outbox rows (see ``task.adopt``)."""
+        if getattr(sender, "app", None) is not self.app or not self.settings.plain_tasks:
+            return
+        self.adopt_plain_tasks()
+
+    def adopt_plain_tasks(self) -> int:
+        """Wrap the plain Celery tasks of this app so that rows naming them run fenced; returns how many."""
+        adopted = 0
+        for name, task in list(self.app.tasks.items()):
+            if name.startswith(("celery.", "orch_outbox.")):
+                continue
+            adopted += adopt(task, lambda t, request: self.executor.execute(t, request))
+        return adopted
+
     def _after_fork(self, **_: Any) -> None:
         """In a prefork child: never reuse database connections opened by the parent."""
         engine = self.__dict__.get("engine")
@@ -452,6 +953,61 @@ class Outbox:
             self.executor.record_not_found(header, name)
 
 
+@dataclass(frozen=True)
+class FailedAttempt:
+    """What the error hook receives: one attempt that did not succeed."""
+
+    id: uuid.UUID
+    name: str
+    attempt: int
+    outcome: str
+    error: ErrorInfo
+    final: bool  # True: the command is now failed; False: it will be retried
+
+
+STATUS_NAMES = ("pending", "dispatched", "running", "completed", "failed", "canceled", "expired")
+FINAL_STATUS_NAMES = ("completed", "failed", "canceled", "expired")
+MAX_PAGE = 10_000
+
+
+def _batch_info(row: Any) -> BatchInfo:
+    fields = BatchInfo.__dataclass_fields__
+    values = {k: row.get(k) for k in fields}
+    values["counts"] = values["counts"] or {}
+    return BatchInfo(**values)
+
+
+def _check_page(limit: Any, offset: Any) -> None:
+    for what, value, low in (("limit", limit, 1), ("offset", offset, 0)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not low <= value <= (MAX_PAGE if what == "limit" else 2**62)
+        ):
+            raise InvalidOption(
+                f"{what} must be an integer >= {low}" + (f" and <= {MAX_PAGE}" if what == "limit" else "")
+            )
+
+
+def _scope(target: str | None, tenant: str | None) -> tuple[str, str]:
+    if target is not None and tenant is not None:
+        raise InvalidOption("pause one target or one tenant at a time, not both")
+    if target is not None:
+        try:
+            return "target", validate_target(target)
+        except ConfigurationError as exc:
+            raise InvalidOption(str(exc)) from None
+    if tenant is not None:
+        return "tenant", _tenant(tenant) or ""
+    return "all", ""
+
+
+def _schedule_name(value: Any) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAME or not _storable_text(value):
+        raise InvalidOption(f"a schedule name must be valid text of 1..{MAX_NAME} characters, got {value!r}")
+    return value
+
+
 def command_name(func_name: str) -> str:
     """``SendEmailCommand`` / ``send_email`` → ``send_email``."""
     base = func_name[: -len("Command")] if func_name.endswith("Command") and func_name != "Command" else func_name
@@ -467,13 +1023,21 @@ def _pick(*values: Any) -> Any:
     return next(v for v in values if v is not None)
 
 
-def _as_uuid(value: uuid.UUID | str) -> uuid.UUID:
+def _as_uuid(value: uuid.UUID | str, missing: type[OutboxError] = CommandNotFound) -> uuid.UUID:
     if isinstance(value, uuid.UUID):
         return value
     try:
         return uuid.UUID(str(value))
     except ValueError:
-        raise CommandNotFound(f"{value!r} is not a command id") from None
+        raise missing(f"{value!r} is not an id") from None
+
+
+def _tenant(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAME or not _storable_text(value):
+        raise InvalidOption(f"tenant must be valid text of 1..{MAX_NAME} characters without NUL, got {value!r}")
+    return value
 
 
 def _unique_key(value: Any) -> str | None:
@@ -555,11 +1119,21 @@ def _aware(value: Any, what: str) -> dt.datetime | None:
     return value
 
 
-def _expiry(options: dict[str, Any]) -> dt.datetime | None:
+def _expiry(options: dict[str, Any]) -> dict[str, Any]:
+    """``expires_at`` (an aware datetime) or ``expires`` (seconds after the push, stamped with the push's time)."""
     value = options.get("expires_at", options.get("expires"))
     if value is None or isinstance(value, dt.datetime):
-        return _aware(value, "expires_at")
-    return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=_seconds(value, "expires"))
+        return {"expires_at": _aware(value, "expires_at")}
+    return {"expires_at": None, "expires": _seconds(value, "expires")}
 
 
-__all__: Sequence[str] = ("CommandInfo", "Outbox", "command_name", "outbox_of")
+__all__: Sequence[str] = (
+    "BatchInfo",
+    "BatchRef",
+    "CommandInfo",
+    "FailedAttempt",
+    "Outbox",
+    "ScheduleInfo",
+    "command_name",
+    "outbox_of",
+)

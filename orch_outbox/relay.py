@@ -20,9 +20,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from . import backoff as backoff_mod
-from .errors import StoreUnavailable
+from .errors import StoreUnavailable, UnknownCommand
 from .store import Dispatch, ErrorInfo
-from .task import OutboxTask, Outcome
+from .task import Outcome
 
 if TYPE_CHECKING:
     from .outbox import Outbox
@@ -121,9 +121,11 @@ class Relay:
         task, ``celery.*``, the outbox's own services) must never run from a row; nor can
         an input that is not a JSON object be a command's arguments.
         """
-        task = self.app.tasks.get(item.name)
-        if item.name.startswith("celery.") or (task is not None and not isinstance(task, OutboxTask)):
-            return "not_found", ErrorInfo("NotACommand", f"{item.name!r} is not an outbox command; a row cannot run it")
+        if item.name in self.app.tasks:
+            try:
+                self.outbox.runnable(item.name)
+            except UnknownCommand:
+                return "not_found", ErrorInfo("NotACommand", f"{item.name!r} is not a command; a row cannot run it")
         if not isinstance(item.input, dict):
             kind = type(item.input).__name__
             return "failure", ErrorInfo("InvalidInput", f"the stored input is a {kind}, not a JSON object of arguments")
@@ -187,9 +189,10 @@ class Rescuer:
         self.settings = outbox.settings
 
     def run_once(self, limit: int = 500) -> int:
-        """One pass over lapsed leases; returns how many rows changed."""
+        """One pass over lapsed leases, then over batches left open; returns how many rows changed."""
         try:
             changed = self.store.release_lapsed_dispatches(limit)
+            changed += self.store.settle_open_batches()
             for lapsed in self.store.lapsed_runs(limit):
                 if lapsed.cancel_requested:  # canceled while running, and its worker never reported back
                     children = self.outbox.chained_rows(
@@ -212,6 +215,9 @@ class Rescuer:
                         lapsed.name, "if_failed", Outcome(lapsed.id, lapsed.name, lapsed.input, None, error)
                     )
                     done = self.store.fail(lapsed.id, lapsed.attempt, "lost", error, children, lapsed_only=True)
+                if done:
+                    final = lapsed.retries_left <= 0
+                    self.outbox.report_failure(lapsed.id, lapsed.name, lapsed.attempt, "lost", error, final=final)
                 changed += int(done)
         except StoreUnavailable as exc:
             log.warning("rescuer: %s", exc)

@@ -1,7 +1,9 @@
 """The outbox tables, as SQLAlchemy metadata (also Alembic's target metadata).
 
-One table per outbox, ``{prefix}commands``. The claim is served by a partial index over
-pending rows in claim order; the lease rescuer by a partial index over leased rows.
+Four tables per outbox: ``{prefix}commands`` (the outbox itself), ``{prefix}batches``
+(batches and chords, with their continuation), ``{prefix}schedules`` (cron schedules) and
+``{prefix}pauses`` (what the relay holds back). The claim is served by a partial index
+over pending rows in claim order; the lease rescuer by a partial index over leased rows.
 Users with their own Alembic setup can include :func:`metadata_for` in their
 ``target_metadata``.
 """
@@ -50,11 +52,9 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
-def unique_scope(commands: sa.Table) -> sa.ColumnElement[bool]:
+def unique_scope(commands: Any) -> sa.ColumnElement[bool]:
     """Where the unique-key index applies: keyed rows not yet final."""
-    return sa.and_(
-        commands.c.unique_key.is_not(None), commands.c.status.in_(("pending", "dispatched", "running"))
-    )
+    return sa.and_(commands.c.unique_key.is_not(None), commands.c.status.in_(("pending", "dispatched", "running")))
 
 
 @functools.cache
@@ -92,6 +92,10 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
         sa.Column("worker", sa.String(255), nullable=True),
         sa.Column("unique_key", sa.String(200), nullable=True),
         sa.Column("cancel_requested_at", UTCDateTime(), nullable=True),
+        sa.Column("tenant", sa.String(200), nullable=True),
+        sa.Column("batch_id", sa.Uuid(), nullable=True),
+        # The rest of a durable chain: steps materialised when this command completes.
+        sa.Column("chain", JSONDocument, nullable=True),
         sa.CheckConstraint(f"status IN ({status_list})", name=f"{prefix}commands_status_check"),
         sa.CheckConstraint("retries_left >= 0 AND retries >= 0", name=f"{prefix}commands_retries_check"),
         sa.CheckConstraint("timeout > 0", name=f"{prefix}commands_timeout_check"),
@@ -119,6 +123,15 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
         sqlite_where=unique_scope(commands),
     )
     sa.Index(f"{prefix}commands_status_target_idx", commands.c.status, commands.c.target)
+    # Serves "is any member of this batch unfinished?" (one probe per finishing member) and batch statistics.
+    sa.Index(
+        f"{prefix}commands_batch_idx",
+        commands.c.batch_id,
+        commands.c.status,
+        postgresql_where=commands.c.batch_id.is_not(None),
+    )
+    sa.Index(f"{prefix}commands_tenant_idx", commands.c.tenant, commands.c.status)
+    _add_support_tables(metadata, prefix)
     for ddl in notify_ddl(prefix):
         event.listen(commands, "after_create", sa.DDL(ddl).execute_if(dialect="postgresql"))  # type: ignore[no-untyped-call]
     event.listen(
@@ -127,6 +140,66 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
         sa.DDL(drop_notify_ddl(prefix)).execute_if(dialect="postgresql"),  # type: ignore[no-untyped-call]
     )
     return metadata
+
+
+BATCH_STATUSES = ("open", "finished", "canceled")
+
+
+def _add_support_tables(metadata: sa.MetaData, prefix: str) -> None:
+    batch_list = ", ".join(f"'{s}'" for s in BATCH_STATUSES)
+    batches = sa.Table(
+        f"{prefix}batches",
+        metadata,
+        sa.Column("id", sa.Uuid(), primary_key=True),
+        sa.Column("tenant", sa.String(200), nullable=True),
+        sa.Column("kind", sa.String(16), nullable=False, server_default="batch"),
+        sa.Column("status", sa.String(16), nullable=False, server_default="open"),
+        # A step (see canvas.py) materialised once, when every member is final.
+        sa.Column("continuation", JSONDocument, nullable=True),
+        sa.Column("continuation_id", sa.Uuid(), nullable=True),
+        sa.Column("parent_id", sa.Uuid(), nullable=True),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("finished_at", UTCDateTime(), nullable=True),
+        sa.CheckConstraint(f"status IN ({batch_list})", name=f"{prefix}batches_status_check"),
+    )
+    sa.Index(
+        f"{prefix}batches_open_idx",
+        batches.c.created_at,
+        postgresql_where=batches.c.status == "open",
+        sqlite_where=batches.c.status == "open",
+    )
+    sa.Index(f"{prefix}batches_tenant_idx", batches.c.tenant)
+    sa.Table(
+        f"{prefix}schedules",
+        metadata,
+        sa.Column("name", sa.String(200), primary_key=True),
+        sa.Column("command", sa.String(200), nullable=False),
+        sa.Column("input", JSONDocument, nullable=False),
+        sa.Column("cron", sa.String(100), nullable=False),
+        sa.Column("timezone", sa.String(64), nullable=False, server_default="UTC"),
+        sa.Column("target", sa.String(200), nullable=False),
+        sa.Column("tenant", sa.String(200), nullable=True),
+        sa.Column("priority", sa.SmallInteger(), nullable=False, server_default="0"),
+        sa.Column("retries", sa.Integer(), nullable=False),
+        sa.Column("timeout", sa.Float(), nullable=False),
+        sa.Column("enabled", sa.Boolean(), nullable=False, server_default=sa.true()),
+        sa.Column("is_unique", sa.Boolean(), nullable=False, server_default=sa.false()),
+        sa.Column("next_run_at", UTCDateTime(), nullable=False),
+        sa.Column("last_run_at", UTCDateTime(), nullable=True),
+        sa.Column("last_command_id", sa.Uuid(), nullable=True),
+        sa.Column("skipped", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("created_at", UTCDateTime(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(), nullable=False),
+    )
+    sa.Table(
+        f"{prefix}pauses",
+        metadata,
+        # scope: 'all' (value ''), 'target' or 'tenant'.
+        sa.Column("scope", sa.String(16), primary_key=True),
+        sa.Column("value", sa.String(200), primary_key=True),
+        sa.Column("paused_at", UTCDateTime(), nullable=False),
+        sa.CheckConstraint("scope IN ('all', 'target', 'tenant')", name=f"{prefix}pauses_scope_check"),
+    )
 
 
 def notify_channel(prefix: str) -> str:
@@ -157,6 +230,21 @@ def drop_notify_ddl(prefix: str) -> str:
 def commands_table(prefix: str = "orch_") -> sa.Table:
     """The ``{prefix}commands`` table."""
     return metadata_for(prefix).tables[f"{prefix}commands"]
+
+
+def batches_table(prefix: str = "orch_") -> sa.Table:
+    """The ``{prefix}batches`` table."""
+    return metadata_for(prefix).tables[f"{prefix}batches"]
+
+
+def schedules_table(prefix: str = "orch_") -> sa.Table:
+    """The ``{prefix}schedules`` table."""
+    return metadata_for(prefix).tables[f"{prefix}schedules"]
+
+
+def pauses_table(prefix: str = "orch_") -> sa.Table:
+    """The ``{prefix}pauses`` table."""
+    return metadata_for(prefix).tables[f"{prefix}pauses"]
 
 
 def row_defaults() -> dict[str, Any]:

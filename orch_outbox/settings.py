@@ -54,6 +54,13 @@ class Settings:
         "PostgreSQL: claims, attempt starts and heartbeats commit without waiting for the WAL flush",
         True,
     )
+    schedule_interval: float = _doc("seconds between checks for due cron schedules, driven by beat", 1.0)
+    retention: float = _doc("seconds completed, canceled and expired rows are kept (0: forever)", 7 * 24 * 3600.0)
+    failed_retention: float = _doc("seconds failed rows (the dead letters) are kept (0: forever)", 30 * 24 * 3600.0)
+    cleanup_interval: float = _doc("seconds between retention clean-ups, driven by beat", 300.0)
+    cleanup_batch: int = _doc("most rows one clean-up statement deletes", 1000)
+    error_hook: str = _doc("dotted path of a callable given every failed attempt (e.g. for Sentry)", "")
+    plain_tasks: bool = _doc("plain Celery tasks of the app may be pushed and run through the outbox", True)
 
     @classmethod
     def from_sources(
@@ -84,7 +91,16 @@ class Settings:
         validate_prefix(self.table_prefix)
         if self.default_target:
             validate_target(self.default_target)
-        for name in ("default_timeout", "poll_interval", "lock_buffer", "dispatch_timeout", "rescue_interval"):
+        positive = (
+            "default_timeout",
+            "poll_interval",
+            "lock_buffer",
+            "dispatch_timeout",
+            "rescue_interval",
+            "schedule_interval",
+            "cleanup_interval",
+        )
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"outbox_{name} must be > 0, got {getattr(self, name)!r}")
         if self.default_retries < 0:
@@ -98,6 +114,17 @@ class Settings:
         if self.retry_backoff not in BACKOFF_KINDS and "." not in self.retry_backoff:
             raise ConfigurationError(
                 f"outbox_retry_backoff must be one of {BACKOFF_KINDS} or a dotted path, got {self.retry_backoff!r}"
+            )
+        for name in ("retention", "failed_retention"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(
+                    f"outbox_{name} must be >= 0 (0 keeps rows forever), got {getattr(self, name)!r}"
+                )
+        if not 1 <= self.cleanup_batch <= 100_000:
+            raise ConfigurationError(f"outbox_cleanup_batch must be in 1..100000, got {self.cleanup_batch!r}")
+        if self.error_hook and not re.fullmatch(r"[A-Za-z_][\w.]*[.:][A-Za-z_]\w*", self.error_hook):
+            raise ConfigurationError(
+                f"outbox_error_hook must be a dotted path such as 'myapp.hooks.report', got {self.error_hook!r}"
             )
         if self.max_input_bytes < 1024:
             raise ConfigurationError("outbox_max_input_bytes must be >= 1024")

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,9 +24,22 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 
+from . import canvas
+from .canvas import Plan
 from .clock import Clock, utcnow
-from .errors import OutboxError, StoreUnavailable, UniqueConflict
-from .schema import FINAL_STATUSES, UTCDateTime, commands_table, metadata_for, notify_channel, unique_scope
+from .errors import BatchClosed, BatchNotFound, OutboxError, StoreUnavailable, UniqueConflict
+from .schema import (
+    FINAL_STATUSES,
+    UTCDateTime,
+    batches_table,
+    commands_table,
+    metadata_for,
+    notify_channel,
+    pauses_table,
+    schedules_table,
+    unique_scope,
+)
+from .uuid7 import uuid7
 
 Row = Mapping[str, Any]
 
@@ -55,6 +69,9 @@ class Started:
     timeout: float
     retries: int
     retries_left: int
+    tenant: str | None = None
+    batch_id: uuid.UUID | None = None
+    chain: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +138,9 @@ class Store:
         self.engine = engine
         self.prefix = prefix
         self.table = commands_table(prefix)
+        self.batches = batches_table(prefix)
+        self.schedules = schedules_table(prefix)
+        self.pauses = pauses_table(prefix)
         self.metadata = metadata_for(prefix)
         self._clock = clock
         self._db_clock = clock is None and engine.dialect.name == "postgresql"
@@ -154,6 +174,7 @@ class Store:
         """Close the store's own connections (the relaxed pool)."""
         if self._relaxed is not None:
             self._relaxed.dispose()
+
     # -- time ---------------------------------------------------------------------------
 
     def clock(self) -> datetime:
@@ -285,14 +306,24 @@ class Store:
     # -- push ---------------------------------------------------------------------------
 
     def insert(
-        self, conn: sa.Connection, rows: Sequence[Row], strict: bool = True, now: datetime | None = None
+        self, conn: sa.Connection, rows: Sequence[Row] | Plan, strict: bool = True, now: datetime | None = None
     ) -> list[uuid.UUID]:
-        """Insert new command rows on the caller's connection, inside the caller's transaction.
+        """Insert new command rows (and batches) on the caller's connection, inside the caller's transaction.
 
         Returns each row's command id. A row with a ``unique_key`` that an unfinished
         command already holds is not inserted: its id is that command's (``strict``:
         only if name and input are the same, else :class:`UniqueConflict`).
         """
+        if isinstance(rows, Plan):
+            if rows.batches:
+                now = now or self.now_for_insert()
+                conn.execute(sa.insert(self.batches), [{**b, "created_at": now} for b in rows.batches])
+            inserted = self.insert(conn, rows.rows, strict, now)
+            members = {r.get("batch_id") for r in rows.rows}
+            for batch in rows.batches:
+                if batch["id"] not in members:  # an empty batch is finished at once
+                    self._settle(conn, batch["id"])
+            return inserted
         if not rows:
             return []
         stamped = self._stamp(rows, now)
@@ -353,9 +384,12 @@ class Store:
         for row in rows:
             item = dict(row)
             delay = item.pop("delay", None)
+            expires = item.pop("expires", None)
             item["created_at"] = now
             if item.get("scheduled_at") is None:
                 item["scheduled_at"] = now + timedelta(seconds=delay or 0)
+            if expires is not None:
+                item["expires_at"] = now + timedelta(seconds=expires)
             out.append(item)
         return out
 
@@ -400,7 +434,21 @@ class Store:
             if r.status == "dispatched"
         ]
         claimed.sort(key=lambda d: -d.priority)
+        self.settle_batches(r.batch_id for r in rows if r.status == "expired")
         return claimed
+
+    def _paused(self) -> sa.ColumnElement[bool]:
+        """True for a command row held back by a pause (everything, its target, or its tenant)."""
+        t, p = self.table, self.pauses
+        return sa.exists(
+            sa.select(p.c.scope).where(
+                sa.or_(
+                    p.c.scope == "all",
+                    sa.and_(p.c.scope == "target", p.c.value == t.c.target),
+                    sa.and_(p.c.scope == "tenant", p.c.value == t.c.tenant),
+                )
+            )
+        )
 
     @functools.cached_property
     def _claim_stmt(self) -> sa.Update:
@@ -419,6 +467,7 @@ class Store:
                 t.c.status == "pending",
                 t.c.scheduled_at <= now,
                 t.c.target.not_in(sa.select(in_flight.c.target).where(in_flight.c.n >= cap)),
+                ~self._paused(),
             )
             .order_by(t.c.priority.desc(), t.c.scheduled_at)
             .limit(sa.bindparam("p_limit", type_=sa.Integer()))
@@ -449,7 +498,17 @@ class Store:
                 dispatched_at=sa.case((expired, t.c.dispatched_at), else_=now),
                 lease_expires_at=sa.case((expired, None), else_=self._p_later("p_lease")),
             )
-            .returning(t.c.id, t.c.name, t.c.target, t.c.attempt, t.c.input, t.c.timeout, t.c.priority, t.c.status)
+            .returning(
+                t.c.id,
+                t.c.name,
+                t.c.target,
+                t.c.attempt,
+                t.c.input,
+                t.c.timeout,
+                t.c.priority,
+                t.c.status,
+                t.c.batch_id,
+            )
         )
 
     def undispatch(self, items: Sequence[Dispatch]) -> int:
@@ -473,12 +532,19 @@ class Store:
             sa.update(t)
             .where(t.c.id == command_id, t.c.status == "dispatched", t.c.attempt == attempt)
             .values(
-                status="failed", outcome=outcome, finished_at=self._now(), lease_expires_at=None,
+                status="failed",
+                outcome=outcome,
+                finished_at=self._now(),
+                lease_expires_at=None,
                 **_error_values(error),
             )
         )
         with self._one() as conn:
-            return bool(conn.execute(stmt).rowcount == 1)
+            batch_id = conn.execute(stmt.returning(t.c.batch_id)).first()
+        if batch_id is None:
+            return False
+        self.settle_batches([batch_id[0]])
+        return True
 
     # -- executor -----------------------------------------------------------------------
 
@@ -494,24 +560,53 @@ class Store:
         t = self.table
         return (
             sa.update(t)
-            .where(*self._p_fence("dispatched"), t.c.name == sa.bindparam("p_name", type_=t.c.name.type))
+            .where(
+                *self._p_fence("dispatched"), t.c.name == sa.bindparam("p_name", type_=t.c.name.type), ~self._paused()
+            )
             .values(
                 status="running",
                 started_at=self._p_now(),
                 lease_expires_at=self._p_later("p_lease"),
                 worker=sa.bindparam("p_worker", type_=t.c.worker.type),
             )
-            .returning(t.c.id, t.c.name, t.c.target, t.c.attempt, t.c.input, t.c.timeout, t.c.retries, t.c.retries_left)
+            .returning(
+                t.c.id,
+                t.c.name,
+                t.c.target,
+                t.c.attempt,
+                t.c.input,
+                t.c.timeout,
+                t.c.retries,
+                t.c.retries_left,
+                t.c.tenant,
+                t.c.batch_id,
+                t.c.chain,
+            )
         )
 
-    def complete(self, command_id: uuid.UUID, attempt: int, output: Any, children: Sequence[Row]) -> bool:
+    def hold_back(self, command_id: uuid.UUID, attempt: int) -> bool:
+        """A dispatched attempt whose command was paused before it started: back to pending, no retry used."""
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(t.c.id == command_id, t.c.status == "dispatched", t.c.attempt == attempt, self._paused())
+            .values(status="pending", lease_expires_at=None)
+        )
+        with self._one() as conn:
+            return bool(conn.execute(stmt).rowcount == 1)
+
+    def complete(self, command_id: uuid.UUID, attempt: int, output: Any, children: Sequence[Row] | Plan) -> bool:
         """Record success and insert the on-success commands, in one transaction; False if fenced out."""
         if children:
             values = {"status": "completed", "outcome": "success", "output": output, **_NO_ERROR}
             return self._finish(command_id, attempt, values, children)
         params = {"p_id": command_id, "p_attempt": attempt, "p_output": output, **self._p_times()}
         with self._one() as conn:
-            return bool(conn.execute(self._complete_stmt, params).rowcount == 1)
+            row = conn.execute(self._complete_stmt, params).first()
+        if row is None:
+            return False
+        self.settle_batches([row.batch_id])
+        return True
 
     @functools.cached_property
     def _complete_stmt(self) -> sa.Update:
@@ -527,6 +622,7 @@ class Store:
                 lease_expires_at=None,
                 **_NO_ERROR,
             )
+            .returning(t.c.batch_id)
         )
 
     def fail(
@@ -535,7 +631,7 @@ class Store:
         attempt: int,
         outcome: str,
         error: ErrorInfo,
-        children: Sequence[Row],
+        children: Sequence[Row] | Plan,
         lapsed_only: bool = False,
     ) -> bool:
         """Record a final failure and insert the on-failure commands, in one transaction; False if fenced out."""
@@ -588,9 +684,15 @@ class Store:
             if retried:
                 return "pending"
             failed = conn.execute(
-                sa.update(t).where(*fence).values(status="failed", finished_at=self._now(), **common)
-            ).rowcount
-        return "failed" if failed else None
+                sa.update(t)
+                .where(*fence)
+                .values(status="failed", finished_at=self._now(), **common)
+                .returning(t.c.batch_id)
+            ).first()
+        if failed is None:
+            return None
+        self.settle_batches([failed.batch_id])
+        return "failed"
 
     def heartbeat(self, command_id: uuid.UUID, attempt: int, lease: float) -> tuple[bool, bool]:
         """Extend a running attempt's lease to now + ``lease``: (still held, cancellation requested)."""
@@ -624,7 +726,9 @@ class Store:
             found = {(r.id, r.attempt) for r in conn.execute(stmt)}
         return found & set(attempts)
 
-    def canceled(self, command_id: uuid.UUID, attempt: int, children: Sequence[Row], lapsed_only: bool = False) -> bool:
+    def canceled(
+        self, command_id: uuid.UUID, attempt: int, children: Sequence[Row] | Plan, lapsed_only: bool = False
+    ) -> bool:
         """Record a running attempt as canceled and insert the on-cancel commands, in one transaction."""
         values = {"status": "canceled", "outcome": "canceled", "output": None, **_NO_ERROR}
         return self._finish(command_id, attempt, values, children, lapsed_only)
@@ -642,23 +746,34 @@ class Store:
         command_id: uuid.UUID,
         attempt: int,
         values: dict[str, Any],
-        children: Sequence[Row],
+        children: Sequence[Row] | Plan,
         lapsed_only: bool = False,
     ) -> bool:
+        """One fenced move to a final state with its chained commands; then the command's batch is settled.
+
+        The batch is settled after the commit, in a transaction of its own: whichever
+        member commits last sees every member final (see :meth:`settle_batches`).
+        """
         t = self.table
         stmt = (
             sa.update(t)
             .where(*self._fence(command_id, attempt, lapsed_only))
             .values(finished_at=self._now(), lease_expires_at=None, **values)
+            .returning(t.c.batch_id)
         )
         if not children:
             with self._one() as conn:
-                return bool(conn.execute(stmt).rowcount == 1)
-        with self._tx() as conn:
-            if conn.execute(stmt).rowcount != 1:
-                conn.rollback()
-                return False
-            self.insert(conn, children, strict=False, now=self._tx_now(conn))
+                row = conn.execute(stmt).first()
+        else:
+            with self._tx() as conn:
+                row = conn.execute(stmt).first()
+                if row is None:
+                    conn.rollback()
+                    return False
+                self.insert(conn, children, strict=False, now=self._tx_now(conn))
+        if row is None:
+            return False
+        self.settle_batches([row.batch_id])
         return True
 
     # -- cancellation -------------------------------------------------------------------
@@ -686,12 +801,14 @@ class Store:
                     .values(cancel_requested_at=self._now())
                 )
                 return "running", int(row.attempt)
-            conn.execute(
+            batch_id = conn.execute(
                 sa.update(t)
                 .where(t.c.id == command_id, t.c.status == row.status)
                 .values(status="canceled", outcome="canceled", finished_at=self._now(), lease_expires_at=None)
-            )
+                .returning(t.c.batch_id)
+            ).scalar_one()
             self.insert(conn, children_for(row.name, row.input), strict=False, now=self._tx_now(conn))
+        self.settle_batches([batch_id])
         return str(row.status), int(row.attempt)
 
     # -- rescue -------------------------------------------------------------------------
@@ -733,6 +850,428 @@ class Store:
         with self._one() as conn:
             return [Lapsed(**r._mapping) for r in conn.execute(stmt)]
 
+    # -- batches ------------------------------------------------------------------------
+
+    def settle_batches(self, batch_ids: Iterable[uuid.UUID | None]) -> int:
+        """Finish every given batch whose members are all final, exactly once, with its continuation.
+
+        Runs after the member's own commit, one transaction per batch. The batch row is
+        locked, then the members are counted: whichever member commits last finds all of
+        them final, and the status gate (``open`` → ``finished``) lets one settler through.
+        A failure here loses nothing: the rescuer's sweep (:meth:`settle_open_batches`)
+        settles batches that were left open.
+        """
+        fired = 0
+        for batch_id in sorted({b for b in batch_ids if b is not None}):
+            try:
+                with self._tx() as conn:
+                    fired += self._settle(conn, batch_id)
+            except StoreUnavailable as exc:
+                log.warning("batch %s not settled now (%s); the rescuer will", batch_id, exc)
+        return fired
+
+    def _settle(self, conn: sa.Connection, batch_id: uuid.UUID) -> int:
+        b, t = self.batches, self.table
+        batch = conn.execute(sa.select(b).where(b.c.id == batch_id, b.c.status == "open").with_for_update()).first()
+        if batch is None:
+            return 0
+        unfinished = conn.execute(
+            sa.select(t.c.id).where(t.c.batch_id == batch_id, t.c.status.in_(UNFINISHED)).limit(1)
+        ).first()
+        if unfinished is not None:
+            return 0
+        now = self._tx_now(conn) or self.clock()
+        conn.execute(sa.update(b).where(b.c.id == batch_id).values(status="finished", finished_at=now))
+        if batch.continuation is None:
+            return 1
+        members = conn.execute(
+            sa.select(t.c.id, t.c.name, t.c.status, t.c.output, t.c.error_type, t.c.error_message)
+            .where(t.c.batch_id == batch_id)
+            .order_by(t.c.id)
+        ).all()
+        broken = []
+        if batch.kind == "chord":
+            value: Any = [m.output for m in members]
+            broken = [m for m in members if m.status != "completed"]
+        else:
+            value = [canvas.outcome_of(m) for m in members]
+        row = canvas.row_from_step(batch.continuation, value, batch.parent_id, batch.tenant)
+        row["id"] = batch.continuation_id
+        if broken:  # as in Celery, a chord whose header did not complete never calls its body
+            row.update(
+                status="failed",
+                outcome="failure",
+                finished_at=now,
+                chain=None,
+                error_type="ChordError",
+                error_message=f"{len(broken)} of {len(members)} member(s) of chord {batch_id} did not complete; "
+                f"first: {broken[0].id} ({broken[0].status})",
+            )
+        self.insert(conn, [row], strict=False, now=now)
+        return 1
+
+    def settle_open_batches(self, limit: int = 100) -> int:
+        """The sweep: settle open batches with no unfinished member (a settle that never ran, expired members)."""
+        b, t = self.batches, self.table
+        stmt = (
+            sa.select(b.c.id)
+            .where(
+                b.c.status == "open",
+                ~sa.exists(sa.select(t.c.id).where(t.c.batch_id == b.c.id, t.c.status.in_(UNFINISHED))),
+            )
+            .order_by(b.c.created_at)
+            .limit(limit)
+        )
+        with self._one() as conn:
+            ids = [r[0] for r in conn.execute(stmt)]
+        return self.settle_batches(ids)
+
+    def append(self, conn: sa.Connection, batch_id: uuid.UUID, rows: Sequence[Row]) -> list[uuid.UUID]:
+        """Add members to an open batch, in the caller's transaction.
+
+        The batch row stays locked until the caller commits, so the batch cannot finish
+        in between: its last member's settle waits and then counts the new members.
+        """
+        b = self.batches
+        batch = conn.execute(
+            sa.update(b).where(b.c.id == batch_id, b.c.status == "open").values(status="open").returning(b.c.tenant)
+        ).first()
+        if batch is None:
+            status = conn.execute(sa.select(b.c.status).where(b.c.id == batch_id)).scalar_one_or_none()
+            if status is None:
+                raise BatchNotFound(f"no batch with id {batch_id}")
+            raise BatchClosed(f"batch {batch_id} is {status}: no member can be added to it")
+        return self.insert(conn, [{**r, "batch_id": batch_id, "tenant": batch.tenant} for r in rows])
+
+    def cancel_batch(
+        self, batch_id: uuid.UUID, children_for: Callable[[uuid.UUID, str, Any], Sequence[Row]]
+    ) -> tuple[str, int, list[tuple[uuid.UUID, int]]]:
+        """Cancel a batch: (its status before, members canceled now, running attempts asked to stop).
+
+        Pending and dispatched members become ``canceled`` (with their on-cancel
+        commands); running ones get a cancellation request. The batch becomes
+        ``canceled`` and its continuation never runs.
+        """
+        b, t = self.batches, self.table
+        with self._tx() as conn:
+            batch = conn.execute(sa.select(b.c.status).where(b.c.id == batch_id).with_for_update()).first()
+            if batch is None:
+                raise BatchNotFound(f"no batch with id {batch_id}")
+            if batch.status != "open":
+                return str(batch.status), 0, []
+            now = self._tx_now(conn) or self.clock()
+            canceled = conn.execute(
+                sa.update(t)
+                .where(t.c.batch_id == batch_id, t.c.status.in_(("pending", "dispatched")))
+                .values(status="canceled", outcome="canceled", finished_at=now, lease_expires_at=None)
+                .returning(t.c.id, t.c.name, t.c.input)
+            ).all()
+            children: list[Row] = []
+            for row in canceled:
+                children.extend(children_for(row.id, row.name, row.input))
+            self.insert(conn, children, strict=False, now=now)
+            running = conn.execute(
+                sa.update(t)
+                .where(t.c.batch_id == batch_id, t.c.status == "running", t.c.cancel_requested_at.is_(None))
+                .values(cancel_requested_at=now)
+                .returning(t.c.id, t.c.attempt)
+            ).all()
+            conn.execute(sa.update(b).where(b.c.id == batch_id).values(status="canceled", finished_at=now))
+        return "open", len(canceled), [(r.id, int(r.attempt)) for r in running]
+
+    def batch_stats(self, batch_id: uuid.UUID) -> Row | None:
+        """A batch row with its members' counts by status and their first start and last finish."""
+        b, t = self.batches, self.table
+        with self._one() as conn:
+            batch = conn.execute(sa.select(b).where(b.c.id == batch_id)).first()
+            if batch is None:
+                return None
+            counts = conn.execute(
+                sa.select(t.c.status, sa.func.count()).where(t.c.batch_id == batch_id).group_by(t.c.status)
+            ).all()
+            times = conn.execute(
+                sa.select(sa.func.min(t.c.started_at), sa.func.max(t.c.finished_at)).where(t.c.batch_id == batch_id)
+            ).one()
+        return {
+            **batch._mapping,
+            "counts": {str(s): int(n) for s, n in counts},
+            "first_started_at": times[0],
+            "last_finished_at": times[1],
+        }
+
+    def list_batches(
+        self, tenant: str | None = None, status: str | None = None, limit: int = 50, offset: int = 0
+    ) -> list[Row]:
+        """Batches, newest first."""
+        b = self.batches
+        stmt = sa.select(b).order_by(b.c.created_at.desc(), b.c.id.desc()).limit(limit).offset(offset)
+        if tenant is not None:
+            stmt = stmt.where(b.c.tenant == tenant)
+        if status is not None:
+            stmt = stmt.where(b.c.status == status)
+        with self._one() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def tenant_stats(self, tenant: str) -> Row:
+        """Counts of a tenant's commands by status and of its batches by status, and its mean run time."""
+        b, t = self.batches, self.table
+        run_seconds = _seconds_between(t.c.started_at, t.c.finished_at, self.engine.dialect.name)
+        with self._one() as conn:
+            commands = conn.execute(
+                sa.select(t.c.status, sa.func.count()).where(t.c.tenant == tenant).group_by(t.c.status)
+            ).all()
+            batches = conn.execute(
+                sa.select(b.c.status, sa.func.count()).where(b.c.tenant == tenant).group_by(b.c.status)
+            ).all()
+            mean = conn.execute(
+                sa.select(sa.func.avg(run_seconds)).where(
+                    t.c.tenant == tenant, t.c.status == "completed", t.c.started_at.is_not(None)
+                )
+            ).scalar_one()
+        return {
+            "tenant": tenant,
+            "commands": {str(s): int(n) for s, n in commands},
+            "batches": {str(s): int(n) for s, n in batches},
+            "mean_run_seconds": None if mean is None else float(mean),
+        }
+
+    # -- pause and resume ---------------------------------------------------------------
+
+    def pause(self, scope: str, value: str) -> bool:
+        """Hold back commands of a scope (``all``, ``target``, ``tenant``); False if it already was."""
+        p = self.pauses
+        with self._tx() as conn:
+            now = self._tx_now(conn) or self.clock()
+            stmt = _dialect_insert(conn)(p).values(scope=scope, value=value, paused_at=now).on_conflict_do_nothing()
+            return bool(conn.execute(stmt).rowcount == 1)
+
+    def resume(self, scope: str, value: str) -> bool:
+        """Lift a pause; False if there was none. Wakes listening relays on PostgreSQL."""
+        p = self.pauses
+        with self._tx() as conn:
+            removed = conn.execute(sa.delete(p).where(p.c.scope == scope, p.c.value == value)).rowcount == 1
+            if removed and self.can_listen:
+                conn.execute(sa.select(sa.func.pg_notify(notify_channel(self.prefix), "")))
+        return bool(removed)
+
+    def paused(self) -> list[Row]:
+        """The pauses in force."""
+        p = self.pauses
+        with self._one() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.select(p).order_by(p.c.scope, p.c.value))]
+
+    # -- dead letter and retention ------------------------------------------------------
+
+    def _filters(
+        self,
+        status: str | Sequence[str] | None = None,
+        name: str | None = None,
+        target: str | None = None,
+        tenant: str | None = None,
+        batch_id: uuid.UUID | None = None,
+        ids: Sequence[uuid.UUID] | None = None,
+    ) -> list[sa.ColumnElement[bool]]:
+        t = self.table
+        where: list[sa.ColumnElement[bool]] = []
+        if status is not None:
+            where.append(t.c.status == status if isinstance(status, str) else t.c.status.in_(list(status)))
+        for column, value in ((t.c.name, name), (t.c.target, target), (t.c.tenant, tenant), (t.c.batch_id, batch_id)):
+            if value is not None:
+                where.append(column == value)
+        if ids is not None:
+            where.append(t.c.id.in_(list(ids)))
+        return where
+
+    def find(self, limit: int = 50, offset: int = 0, **filters: Any) -> list[Row]:
+        """Commands matching the filters (status, name, target, tenant, batch_id, ids), newest first."""
+        t = self.table
+        stmt = (
+            sa.select(t)
+            .where(*self._filters(**filters))
+            .order_by(t.c.created_at.desc(), t.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        with self._one() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    def requeue(self, **filters: Any) -> int:
+        """Failed commands matching the filters back to pending, due now, with fresh retries.
+
+        A failed command whose unique key another unfinished command holds stays failed.
+        """
+        t = self.table
+        other = t.alias("holder")
+        key_free = sa.or_(
+            t.c.unique_key.is_(None),
+            ~sa.exists(sa.select(other.c.id).where(other.c.unique_key == t.c.unique_key, unique_scope(other))),
+        )
+        stmt = (
+            sa.update(t)
+            .where(t.c.status == "failed", key_free, *self._filters(**filters))
+            .values(
+                status="pending",
+                retries_left=t.c.retries,
+                scheduled_at=self._now(),
+                outcome=None,
+                finished_at=None,
+                lease_expires_at=None,
+                cancel_requested_at=None,
+                worker=None,
+                **_NO_ERROR,
+            )
+        )
+        try:
+            with self._tx() as conn:
+                return int(conn.execute(stmt).rowcount)
+        except sa.exc.IntegrityError as exc:
+            raise UniqueConflict(
+                "two failed commands to re-queue share a unique key; re-queue them one by one"
+            ) from exc
+
+    def purge(self, **filters: Any) -> int:
+        """Delete final commands matching the filters (status defaults to ``failed``)."""
+        t = self.table
+        status = filters.pop("status", None) or "failed"
+        statuses = [status] if isinstance(status, str) else list(status)
+        if not set(statuses) <= set(FINAL_STATUSES):
+            raise OutboxError(f"only final commands can be purged, not {sorted(set(statuses) - set(FINAL_STATUSES))}")
+        with self._tx() as conn:
+            return int(conn.execute(sa.delete(t).where(*self._filters(status=statuses, **filters))).rowcount)
+
+    def delete_finished(self, statuses: Sequence[str], older_than: float, limit: int) -> int:
+        """Delete up to ``limit`` rows in ``statuses`` finished more than ``older_than`` seconds ago.
+
+        One short statement per call (rows locked by others are skipped), so clean-up
+        never holds long locks; members of a still-open batch are kept for its continuation.
+        """
+        t, b = self.table, self.batches
+        cutoff = self._later(-older_than)
+        doomed = (
+            sa.select(t.c.id)
+            .where(
+                t.c.status.in_(list(statuses)),
+                t.c.finished_at < cutoff,
+                sa.or_(
+                    t.c.batch_id.is_(None),
+                    ~sa.exists(sa.select(b.c.id).where(b.c.id == t.c.batch_id, b.c.status == "open")),
+                ),
+            )
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        with self._one() as conn:
+            deleted = int(conn.execute(sa.delete(t).where(t.c.id.in_(doomed))).rowcount)
+            old_batches = (
+                sa.select(b.c.id)
+                .where(
+                    b.c.status != "open",
+                    b.c.finished_at < cutoff,
+                    ~sa.exists(sa.select(t.c.id).where(t.c.batch_id == b.c.id)),
+                )
+                .limit(limit)
+                .scalar_subquery()
+            )
+            deleted += int(conn.execute(sa.delete(b).where(b.c.id.in_(old_batches))).rowcount)
+        return deleted
+
+    # -- schedules ----------------------------------------------------------------------
+
+    def put_schedule(self, values: Row) -> None:
+        """Create or replace a schedule by name (its run history is kept)."""
+        s = self.schedules
+        with self._tx() as conn:
+            now = self._tx_now(conn) or self.clock()
+            row = {**values, "created_at": now, "updated_at": now}
+            keep = {"created_at", "last_run_at", "last_command_id", "skipped", "name"}
+            stmt = _dialect_insert(conn)(s).values(**row)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[s.c.name], set_={k: stmt.excluded[k] for k in row if k not in keep}
+            )
+            conn.execute(stmt)
+
+    def get_schedule(self, name: str) -> Row | None:
+        """One schedule by name."""
+        s = self.schedules
+        with self._one() as conn:
+            row = conn.execute(sa.select(s).where(s.c.name == name)).first()
+        return dict(row._mapping) if row else None
+
+    def list_schedules(self) -> list[Row]:
+        """All schedules, by name."""
+        s = self.schedules
+        with self._one() as conn:
+            return [dict(r._mapping) for r in conn.execute(sa.select(s).order_by(s.c.name))]
+
+    def delete_schedule(self, name: str) -> bool:
+        """Delete a schedule; False if there was none (commands it made are kept)."""
+        s = self.schedules
+        with self._tx() as conn:
+            return bool(conn.execute(sa.delete(s).where(s.c.name == name)).rowcount == 1)
+
+    def set_schedule(self, name: str, **values: Any) -> bool:
+        """Change columns of one schedule (``enabled``, ``next_run_at``); False if there is none."""
+        s = self.schedules
+        with self._tx() as conn:
+            now = self._tx_now(conn) or self.clock()
+            return bool(conn.execute(sa.update(s).where(s.c.name == name).values(updated_at=now, **values)).rowcount)
+
+    def tick_schedules(self, next_fire: Callable[[Row, datetime], datetime], limit: int = 100) -> list[Row]:
+        """Turn due schedules into commands, each tick exactly once; returns what happened per schedule.
+
+        One transaction: due schedules are locked (``FOR UPDATE SKIP LOCKED``, so a
+        second beat skips them), their commands inserted and their next run moved past
+        now, together. Catch-up after downtime: one command for all the missed ticks,
+        then the schedule continues from the next tick after now. A ``unique`` schedule
+        whose previous command is not final skips the tick (counted in ``skipped``).
+        """
+        s, t = self.schedules, self.table
+        done: list[Row] = []
+        with self._tx() as conn:
+            now = self._tx_now(conn) or self.clock()
+            due = conn.execute(
+                sa.select(s)
+                .where(s.c.enabled.is_(True), s.c.next_run_at <= now)
+                .order_by(s.c.next_run_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            for sched in due:
+                following = next_fire(dict(sched._mapping), now)
+                busy = None
+                if sched.is_unique and sched.last_command_id is not None:
+                    busy = conn.execute(
+                        sa.select(t.c.status).where(t.c.id == sched.last_command_id, t.c.status.in_(UNFINISHED))
+                    ).scalar_one_or_none()
+                if busy is not None:
+                    conn.execute(
+                        sa.update(s)
+                        .where(s.c.name == sched.name)
+                        .values(next_run_at=following, skipped=s.c.skipped + 1)
+                    )
+                    done.append({"name": sched.name, "command_id": None, "skipped": busy, "next_run_at": following})
+                    continue
+                row = {
+                    "id": uuid7(),
+                    "name": sched.command,
+                    "target": sched.target,
+                    "input": sched.input,
+                    "retries": sched.retries,
+                    "retries_left": sched.retries,
+                    "timeout": sched.timeout,
+                    "priority": sched.priority,
+                    "tenant": sched.tenant,
+                }
+                (command_id,) = self.insert(conn, [row], strict=False, now=now)
+                conn.execute(
+                    sa.update(s)
+                    .where(s.c.name == sched.name)
+                    .values(next_run_at=following, last_run_at=now, last_command_id=command_id)
+                )
+                done.append({"name": sched.name, "command_id": command_id, "skipped": None, "next_run_at": following})
+        return done
+
     # -- reading ------------------------------------------------------------------------
 
     def get(self, command_id: uuid.UUID) -> Row | None:
@@ -764,6 +1303,25 @@ class Store:
         t = self.table
         with self._one() as conn:
             return int(conn.execute(sa.select(sa.func.count()).where(t.c.status.not_in(FINAL_STATUSES))).scalar_one())
+
+
+UNFINISHED = ("pending", "dispatched", "running")
+log = logging.getLogger("orch_outbox.store")
+
+
+def _dialect_insert(conn: sa.Connection) -> Any:
+    """The INSERT construct with ON CONFLICT for the connection's dialect."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert
+    if conn.dialect.name == "sqlite":
+        return sqlite.insert
+    raise OutboxError(f"the outbox supports PostgreSQL and SQLite, not {conn.dialect.name}")  # pragma: no cover
+
+
+def _seconds_between(start: Any, end: Any, dialect: str) -> sa.ColumnElement[Any]:
+    if dialect == "postgresql":
+        return sa.func.extract("epoch", end - start)
+    return (sa.func.julianday(end) - sa.func.julianday(start)) * 86400.0
 
 
 _NO_ERROR: dict[str, Any] = {"error_type": None, "error_message": None, "error_traceback": None}

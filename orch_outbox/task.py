@@ -127,6 +127,55 @@ class OutboxTask(Task):  # type: ignore[misc]
         return self.outbox.executor.execute(self, self.request)
 
 
+@dataclass(frozen=True)
+class Handler:
+    """What the executor calls for a task: the function, its signature and its type hints."""
+
+    run: Callable[..., Any]
+    signature: inspect.Signature
+    hints: dict[str, Any]
+
+
+#: Attribute holding a plain Celery task's own ``run`` once the outbox adopted the task.
+ORIGINAL_RUN = "_orch_outbox_run"
+
+
+def handler_of(task: Any) -> Handler:
+    """The handler of an outbox command, or of a plain Celery task pushed through the outbox."""
+    if isinstance(task, OutboxTask):
+        return Handler(task.run, task.handler_signature, task.handler_hints)
+    run = getattr(task, ORIGINAL_RUN, None) or task.run
+    try:
+        hints = typing.get_type_hints(run)
+    except Exception:
+        hints = {}
+    return Handler(run, inspect.signature(run), hints)
+
+
+def adopt(task: Any, execute: Callable[[Any, Any], Any]) -> bool:
+    """Let a plain Celery task run attempts of outbox rows; False if it already could.
+
+    The task's ``run`` is wrapped (on this task object only): a message the relay
+    published carries the ``outbox`` header and goes through ``execute`` (fenced start,
+    input read from the row, outcome written back); any other message, and direct
+    calls, run the task exactly as before.
+    """
+    if isinstance(task, OutboxTask) or getattr(task, ORIGINAL_RUN, None) is not None:
+        return False
+    original = task.run
+
+    @functools.wraps(original)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        request = task.request
+        if request.called_directly or getattr(request, "outbox", None) is None:
+            return original(*args, **kwargs)
+        return execute(task, request)
+
+    setattr(task, ORIGINAL_RUN, original)
+    task.run = run
+    return True
+
+
 class PushWith:
     """A command with per-push options, from :meth:`OutboxTask.options`."""
 

@@ -450,16 +450,13 @@ def test_bad_delay_schedule_and_expiry_are_refused(outbox: Outbox, cmds: Any, op
 
 
 def test_unknown_commands_are_refused(outbox: Outbox, cmds: Any, tmp_path: Path) -> None:
-    """Kind 12: pushing a signature that is not an outbox command of this app raises UnknownCommand naming
-    it - a plain Celery task of the same app, a name nobody registered, a command of ANOTHER outbox, a
-    Celery canvas (chain) - and a non-signature raises TypeError saying what is expected; after each the
-    transaction stays usable and nothing is written."""
+    """Kind 12: pushing a signature that is not runnable by this app's outbox raises UnknownCommand naming
+    it - Celery's own tasks (``celery.backend_cleanup``), the outbox's services, a name nobody registered, a
+    command of ANOTHER outbox, a chain holding such a name - and a non-signature raises TypeError saying
+    what is expected; after each the transaction stays usable and nothing is written. (Plain Celery tasks
+    of the same app are pushable: see test_plain_tasks_only_when_allowed.)"""
     app = outbox.app
     existing = table_rows(outbox)
-
-    @app.task(name=f"plain_celery_task_{uuid.uuid4().hex[:8]}", shared=False)
-    def plain_celery_task() -> None:
-        never()
 
     other = Outbox(make_app(), f"sqlite:///{tmp_path}/other.sqlite3")  # never opened
 
@@ -468,10 +465,11 @@ def test_unknown_commands_are_refused(outbox: Outbox, cmds: Any, tmp_path: Path)
         never()
 
     cases = [
-        (plain_celery_task.s(), repr(plain_celery_task.name)),
+        (app.signature("celery.backend_cleanup"), "'celery.backend_cleanup'"),
+        (app.signature("orch_outbox.relay"), "'orch_outbox.relay'"),
         (app.signature("no.such.command"), "'no.such.command'"),
         (elsewhere.s(), "'only_on_the_other_outbox'"),
-        (chain(cmds.send.s("a"), cmds.send.s("b")), "'celery.chain'"),
+        (chain(cmds.send.s("a"), app.signature("no.such.command")), "'no.such.command'"),
     ]
     for call, fragment in cases:
         with Session(outbox.engine) as session, session.begin():
@@ -487,7 +485,7 @@ def test_unknown_commands_are_refused(outbox: Outbox, cmds: Any, tmp_path: Path)
             outbox.push(session, "send")  # type: ignore[arg-type]
         cmds.send.push(session, "last@example.com")
     added = [v for k, v in table_rows(outbox).items() if k not in existing]
-    assert sorted(i["to"] for _, i in added) == ["kept@example.com"] * 4 + ["last@example.com"]
+    assert sorted(i["to"] for _, i in added) == ["kept@example.com"] * len(cases) + ["last@example.com"]
 
 
 def test_push_many_with_one_bad_signature_writes_nothing(outbox: Outbox, cmds: Any) -> None:
@@ -655,13 +653,13 @@ def worker_outbox(pg_engine: sa.Engine) -> Iterator[Callable[..., Outbox]]:
     """
     made: list[Outbox] = []
 
-    def make(broker: str = REDIS_DB11) -> Outbox:
+    def make(broker: str = REDIS_DB11, **settings: Any) -> Outbox:
         if broker.startswith("redis"):
             require("127.0.0.1", 6379, "Redis")
         app = make_app(broker)
         app.conf.broker_transport_options = {"polling_interval": 0.02}  # the memory transport polls
         outbox = Outbox(app, pg_engine, table_prefix=unique_prefix(), lock_buffer=2.0, retry_backoff="fixed",
-                        retry_backoff_base=0.0)
+                        retry_backoff_base=0.0, **settings)
         outbox.create_tables()
         made.append(outbox)
         return outbox
@@ -815,10 +813,36 @@ def test_hand_written_row_with_non_object_input_does_not_jam_the_relay(worker_ou
         assert outbox.get(poison).status == "failed"
 
 
+def test_plain_tasks_only_when_allowed(tmp_path: Path) -> None:
+    """Kind 12b: with ``outbox_plain_tasks`` off, pushing a plain Celery task of the app raises UnknownCommand
+    naming it and writes nothing; with it on (the default) the same push is accepted."""
+    strict = Outbox(make_app(), f"sqlite:///{tmp_path}/strict.sqlite3", plain_tasks=False)
+    strict.create_tables()
+
+    @strict.app.task(name="plain_cleanup", shared=False)
+    def plain_cleanup(days: int) -> None:
+        never()
+
+    with pytest.raises(UnknownCommand, match="'plain_cleanup'"):
+        strict.push(strict.engine, plain_cleanup.s(3))
+    assert strict.find() == []
+    lenient = Outbox(make_app(), f"sqlite:///{tmp_path}/lenient.sqlite3")
+    lenient.create_tables()
+
+    @lenient.app.task(name="plain_cleanup", shared=False)
+    def accepted(days: int) -> None:
+        never()
+
+    pushed = lenient.push(lenient.engine, accepted.s(3))
+    assert (lenient.get(pushed).name, lenient.get(pushed).input) == ("plain_cleanup", {"days": 3})
+    strict.close()
+    lenient.close()
+
+
 def test_hand_written_row_naming_a_plain_celery_task_runs_nothing(worker_outbox: Callable[..., Outbox]) -> None:
-    """Kind 15b (guarantee 6): a hand-written row naming a plain Celery task registered on the same app
-    (not an outbox command) does not run that task; the row ends ``failed``."""
-    outbox = worker_outbox()
+    """Kind 15b (guarantee 6): with ``outbox_plain_tasks`` off, a hand-written row naming a plain Celery task
+    registered on the same app (not an outbox command) does not run that task; the row ends ``failed``."""
+    outbox = worker_outbox(plain_tasks=False)
     target = unique_target("plain")
     ran: list[Any] = []
 
