@@ -13,6 +13,8 @@ from typing import Any
 from .context import CommandContext, current
 from .default import command, default_outbox
 from .errors import (
+    BatchClosed,
+    BatchNotFound,
     CommandCanceled,
     CommandNotFound,
     CommandTimeout,
@@ -22,11 +24,13 @@ from .errors import (
     InvalidTransition,
     LeaseLost,
     OutboxError,
+    ScheduleNotFound,
     StoreUnavailable,
     UniqueConflict,
     UnknownCommand,
 )
-from .outbox import CommandInfo, Outbox
+from .outbox import BatchInfo, BatchRef, CommandInfo, FailedAttempt, Outbox, ScheduleInfo
+from .signals import command_failed
 from .schema import FINAL_STATUSES, STATUSES, metadata_for
 from .settings import Settings
 from .store import ErrorInfo
@@ -37,6 +41,10 @@ __version__ = "0.1.0"
 __all__ = [
     "FINAL_STATUSES",
     "STATUSES",
+    "BatchClosed",
+    "BatchInfo",
+    "BatchNotFound",
+    "BatchRef",
     "CommandCanceled",
     "CommandContext",
     "CommandInfo",
@@ -44,6 +52,7 @@ __all__ = [
     "CommandTimeout",
     "ConfigurationError",
     "ErrorInfo",
+    "FailedAttempt",
     "InvalidInput",
     "InvalidOption",
     "InvalidTransition",
@@ -52,6 +61,8 @@ __all__ = [
     "OutboxError",
     "OutboxTask",
     "Outcome",
+    "ScheduleInfo",
+    "ScheduleNotFound",
     "Settings",
     "StoreUnavailable",
     "UniqueConflict",
@@ -59,18 +70,25 @@ __all__ = [
     "app",
     "cancel",
     "command",
+    "command_failed",
     "current",
     "default_outbox",
     "get",
     "metadata_for",
     "push",
+    "push_batch",
     "push_many",
 ]
 
 
-def push(conn: Any, call: Any) -> uuid.UUID:
-    """Push a command signature (``send_email.s(...)``) through the ready app's outbox."""
-    return default_outbox().push(conn, call)
+def push(conn: Any, call: Any, *, tenant: str | None = None) -> uuid.UUID:
+    """Push a command signature (``send_email.s(...)``) or a canvas through the ready app's outbox."""
+    return default_outbox().push(conn, call, tenant=tenant)
+
+
+def push_batch(conn: Any, calls: Any, *, tenant: str | None = None, then: Any = None) -> BatchRef:
+    """Push commands as one batch through the ready app's outbox (see :meth:`Outbox.push_batch`)."""
+    return default_outbox().push_batch(conn, calls, tenant=tenant, then=then)
 
 
 def push_many(conn: Any, calls: Any) -> list[uuid.UUID]:

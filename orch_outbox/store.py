@@ -1043,7 +1043,7 @@ class Store:
         with self._tx() as conn:
             now = self._tx_now(conn) or self.clock()
             stmt = _dialect_insert(conn)(p).values(scope=scope, value=value, paused_at=now).on_conflict_do_nothing()
-            return bool(conn.execute(stmt).rowcount == 1)
+            return conn.execute(stmt.returning(p.c.scope)).first() is not None
 
     def resume(self, scope: str, value: str) -> bool:
         """Lift a pause; False if there was none. Wakes listening relays on PostgreSQL."""
@@ -1299,10 +1299,16 @@ class Store:
             return [(r[0], r[1], int(r[2])) for r in conn.execute(stmt)]
 
     def unfinished(self) -> int:
-        """How many commands are not in a final state."""
-        t = self.table
+        """How many commands are not in a final state, plus the batches still open.
+
+        An open batch counts because its continuation is still to come: between its last
+        member's commit and the settle, no command is unfinished, yet work remains.
+        """
+        t, b = self.table, self.batches
+        commands = sa.select(sa.func.count()).where(t.c.status.not_in(FINAL_STATUSES)).scalar_subquery()
+        batches = sa.select(sa.func.count()).where(b.c.status == "open").scalar_subquery()
         with self._one() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).where(t.c.status.not_in(FINAL_STATUSES))).scalar_one())
+            return int(conn.execute(sa.select(commands + batches)).scalar_one())
 
 
 UNFINISHED = ("pending", "dispatched", "running")

@@ -38,6 +38,10 @@ class FakeClock:
         with self._lock:
             return self._now
 
+    def set(self, when: dt.datetime) -> None:
+        with self._lock:
+            self._now = when
+
     def advance(self, seconds: float) -> dt.datetime:
         with self._lock:
             self._now += dt.timedelta(seconds=seconds)
