@@ -30,9 +30,9 @@ from .errors import (
     UnknownCommand,
 )
 from .outbox import BatchInfo, BatchRef, CommandInfo, FailedAttempt, Outbox, ScheduleInfo
-from .signals import command_failed
 from .schema import FINAL_STATUSES, STATUSES, metadata_for
 from .settings import Settings
+from .signals import command_failed
 from .store import ErrorInfo
 from .task import OutboxTask, Outcome
 

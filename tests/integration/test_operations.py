@@ -164,11 +164,11 @@ def test_two_beats_on_one_tick_make_one_command(scheduled: tuple[Outbox, Any, Fa
         clock.set(dt.datetime(2027, 1, 4, 10, minute, 0, 500, tzinfo=dt.UTC))
         barrier = threading.Barrier(8)
 
-        def beat() -> None:
+        def beat(barrier: threading.Barrier) -> None:
             barrier.wait(5)
             outbox.tick_schedules()
 
-        threads = [threading.Thread(target=beat) for _ in range(8)]
+        threads = [threading.Thread(target=beat, args=(barrier,)) for _ in range(8)]
         for th in threads:
             th.start()
         for th in threads:
@@ -289,7 +289,8 @@ def test_retention_deletes_old_final_rows_in_batches(make_outbox: Callable[..., 
     t = outbox.store.table
     with outbox.engine.begin() as conn:
         old = fake_clock() - dt.timedelta(hours=1, minutes=30)
-        conn.execute(sa.update(t).where(t.c.id.in_(done + ref.member_ids[:1])).values(status="completed", finished_at=old))
+        finished = done + ref.member_ids[:1]
+        conn.execute(sa.update(t).where(t.c.id.in_(finished)).values(status="completed", finished_at=old))
         conn.execute(sa.update(t).where(t.c.id.in_(failed)).values(status="failed", finished_at=old))
     assert outbox.cleanup_once() == 20
     remaining = {c.id for c in outbox.find(limit=100)}

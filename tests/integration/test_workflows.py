@@ -210,11 +210,11 @@ def test_last_two_members_finishing_together_run_the_continuation_exactly_once(
         assert len(started) == 2
         barrier = threading.Barrier(2)
 
-        def finish(s: Any) -> None:
+        def finish(s: Any, barrier: threading.Barrier) -> None:
             barrier.wait(5)
             outbox.store.complete(s.id, s.attempt, s.input["n"], [])
 
-        threads = [threading.Thread(target=finish, args=(s,)) for s in started]
+        threads = [threading.Thread(target=finish, args=(s, barrier)) for s in started]
         for th in threads:
             th.start()
         for th in threads:
