@@ -90,7 +90,7 @@ def next_fire(expression: str | crontab, tz: str | ZoneInfo, after: datetime) ->
             if day.day in cron.day_of_month and day.isoweekday() % 7 in cron.day_of_week:
                 local = [datetime(day.year, day.month, day.day, h, m, tzinfo=tzinfo) for h in hours for m in minutes]
                 # The minimum, not the first: a gap that is not a whole hour makes the mapping non-monotonic.
-                fires = [instant for instant in (t.astimezone(UTC) for t in local) if instant >= after]
+                fires = [instant for instant in (t.astimezone(UTC) for t in local) if instant > after]
                 if fires:
                     return min(fires)
             day += timedelta(days=1)

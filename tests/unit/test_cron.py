@@ -229,6 +229,8 @@ def test_local_day_is_that_of_the_zone_not_utc() -> None:
     assert cron.next_fire("0 8 * * fri", "Asia/Tokyo", utc(2027, 1, 1, 23, 30)) == utc(2027, 1, 7, 23)
     # ... and Friday 1 January 08:00 Tokyo was 2026-12-31 23:00 UTC, before ``after``.
     assert cron.next_fire("0 8 * * fri", "Asia/Tokyo", utc(2026, 12, 31, 22)) == utc(2026, 12, 31, 23)
+    # 2027-01-01 01:00 UTC is still 31 December 20:00 in New York: 21:00 New York that evening comes first.
+    assert cron.next_fire("0 21 * * *", "America/New_York", utc(2027, 1, 1, 1)) == utc(2027, 1, 1, 2)
 
 
 # --- next_fire: DST ----------------------------------------------------------------------------------------------
