@@ -22,9 +22,9 @@ from kombu.utils.imports import symbol_by_name
 from .errors import OutboxError
 from .jsoncodec import encode
 from .outbox import FINAL_STATUS_NAMES, BatchInfo, CommandInfo, Outbox, ScheduleInfo, outbox_of
+from .schema import BATCH_STATUSES
 
 F = TypeVar("F", bound=Callable[..., Any])
-BATCH_STATUSES = ("open", "finished", "canceled")
 #: Widest error message shown in a table (``--json`` has them whole).
 ERROR_WIDTH = 60
 
@@ -84,19 +84,20 @@ def json_option(func: F) -> F:
 
 def paging_options(func: F) -> F:
     """``--limit`` and ``--offset`` of a listing."""
-    func = click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Rows to skip.")(
-        func
-    )
-    return click.option(
-        "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Most rows to show."
-    )(func)
+    offset = click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True, help="Rows to skip.")
+    limit = click.option("--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Most rows.")
+    return limit(offset(func))
+
+
+def scope_options(func: F) -> F:
+    """``--target`` and ``--tenant``: whose commands (neither: everyone's)."""
+    func = click.option("--tenant", default=None, help="Only this tenant's commands.")(func)
+    return click.option("--target", default=None, help="Only commands of this target (queue).")(func)
 
 
 def filter_options(func: F) -> F:
     """``--name``, ``--target`` and ``--tenant``: which commands."""
-    func = click.option("--tenant", default=None, help="Only this tenant's commands.")(func)
-    func = click.option("--target", default=None, help="Only commands of this target (queue).")(func)
-    return click.option("--name", default=None, help="Only commands of this name.")(func)
+    return click.option("--name", default=None, help="Only commands of this name.")(scope_options(func))
 
 
 def json_of(kind: type[list[Any]] | type[dict[str, Any]]) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -313,12 +314,6 @@ def tenant(ctx: click.Context, tenant: str, as_json: bool) -> None:
 # -- pause and resume ---------------------------------------------------------------------
 
 
-def scope_options(func: F) -> F:
-    """``--target`` or ``--tenant``: what a pause covers (neither: everything)."""
-    func = click.option("--tenant", default=None, help="Only this tenant's commands.")(func)
-    return click.option("--target", default=None, help="Only commands of this target (queue).")(func)
-
-
 @main.command()
 @scope_options
 @click.pass_context
@@ -391,7 +386,7 @@ def requeue(
     """Put failed commands back to pending, due now, with fresh retries: by IDS, by filters, or --all."""
     selection = select_commands("requeue", ids, name, target, tenant, all_)
     count = _outbox(ctx).requeue(**selection)
-    click.echo(f"re-queued {count} failed command(s)")
+    click.echo(f"re-queued {count} failed command(s)" if count else "no failed command matched; nothing re-queued")
 
 
 @main.command()
@@ -606,9 +601,18 @@ def describe_batch(info: BatchInfo) -> str:
             ("first started", when(info.first_started_at)),
             ("last finished", when(info.last_finished_at)),
             ("finished", when(info.finished_at)),
-            ("continuation", info.continuation_id or "-"),
+            ("continuation", continuation_text(info)),
         ]
     )
+
+
+def continuation_text(info: BatchInfo) -> str:
+    """A batch's continuation: its id, and whether it will still run."""
+    if info.continuation_id is None:
+        return "-"
+    if info.status == "canceled":
+        return f"{info.continuation_id} (never runs: the batch was canceled)"
+    return str(info.continuation_id)
 
 
 def describe_schedule(info: ScheduleInfo) -> str:

@@ -620,13 +620,18 @@ class Outbox:
     ) -> list[BatchInfo]:
         """Batches, newest first, with their progress."""
         _check_page(limit, offset)
+        if status is not None and status not in ("open", "finished", "canceled"):
+            raise InvalidOption(f"batch status must be open, finished or canceled, got {status!r}")
         rows = self.store.list_batches(tenant, status, limit, offset)
         return [_batch_info(self.store.batch_stats(r["id"]) or r) for r in rows]
 
     def batch_members(self, batch_id: uuid.UUID | str, limit: int = 1000, offset: int = 0) -> list[CommandInfo]:
         """A batch's members, newest first."""
         _check_page(limit, offset)
-        rows = self.store.find(limit=limit, offset=offset, batch_id=_as_uuid(batch_id, BatchNotFound))
+        bid = _as_uuid(batch_id, BatchNotFound)
+        if self.store.batch_stats(bid) is None:
+            raise BatchNotFound(f"no batch with id {batch_id}")
+        rows = self.store.find(limit=limit, offset=offset, batch_id=bid)
         return [CommandInfo.from_row(r) for r in rows]
 
     def cancel_batch(self, batch_id: uuid.UUID | str) -> int:
@@ -719,7 +724,10 @@ class Outbox:
         tenant: str | None = None,
         all: bool = False,
     ) -> int:
-        """Delete final commands (failed by default); returns how many. Needs ids, a filter or ``all=True``."""
+        """Delete final commands (failed by default); returns how many. Needs ids, a filter or ``all=True``.
+
+        Members of a batch that is still open are kept: its continuation will read them.
+        """
         id_list = None if ids is None else [_as_uuid(i) for i in ids]
         if id_list is None and name is None and target is None and tenant is None and not all:
             raise InvalidOption("purge needs ids, a filter (name, target, tenant) or all=True")

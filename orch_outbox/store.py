@@ -1130,14 +1130,22 @@ class Store:
             ) from exc
 
     def purge(self, **filters: Any) -> int:
-        """Delete final commands matching the filters (status defaults to ``failed``)."""
+        """Delete final commands matching the filters (status defaults to ``failed``); members of open batches stay."""
         t = self.table
         status = filters.pop("status", None) or "failed"
         statuses = [status] if isinstance(status, str) else list(status)
         if not set(statuses) <= set(FINAL_STATUSES):
             raise OutboxError(f"only final commands can be purged, not {sorted(set(statuses) - set(FINAL_STATUSES))}")
         with self._tx() as conn:
-            return int(conn.execute(sa.delete(t).where(*self._filters(status=statuses, **filters))).rowcount)
+            stmt = sa.delete(t).where(*self._filters(status=statuses, **filters), self._not_in_open_batch())
+            return int(conn.execute(stmt).rowcount)
+
+    def _not_in_open_batch(self) -> sa.ColumnElement[bool]:
+        """Rows a deletion may take: not members of a batch still open (its continuation will read them)."""
+        t, b = self.table, self.batches
+        return sa.or_(
+            t.c.batch_id.is_(None), ~sa.exists(sa.select(b.c.id).where(b.c.id == t.c.batch_id, b.c.status == "open"))
+        )
 
     def delete_finished(self, statuses: Sequence[str], older_than: float, limit: int) -> int:
         """Delete up to ``limit`` rows in ``statuses`` finished more than ``older_than`` seconds ago.
@@ -1152,10 +1160,7 @@ class Store:
             .where(
                 t.c.status.in_(list(statuses)),
                 t.c.finished_at < cutoff,
-                sa.or_(
-                    t.c.batch_id.is_(None),
-                    ~sa.exists(sa.select(b.c.id).where(b.c.id == t.c.batch_id, b.c.status == "open")),
-                ),
+                self._not_in_open_batch(),
             )
             .limit(limit)
             .with_for_update(skip_locked=True)

@@ -306,3 +306,27 @@ def test_settings_for_the_new_services_are_validated(make_outbox: Callable[..., 
     for bad in [dict(retention=-1), dict(cleanup_batch=0), dict(schedule_interval=0), dict(error_hook="not a path")]:
         with pytest.raises(ConfigurationError, match=next(iter(bad))):
             make_outbox(**bad)
+
+
+def test_purge_keeps_failed_members_of_an_open_batch(make_outbox: Callable[..., Outbox]) -> None:
+    """purge(all=True) leaves a failed member of a batch that is still open (its continuation will list it);
+    once the batch finished, the member can be purged."""
+    outbox = make_outbox()
+
+    @outbox.command(target=unique_target("pg"), retries=0)
+    def job(n: int) -> None: ...
+
+    @outbox.command(target=unique_target("pg"))
+    def after(outcomes: list[Any]) -> None: ...
+
+    ref = outbox.push_batch(outbox.engine, [job.s(1), job.s(2)], then=after.s())
+    from orch_outbox.store import ErrorInfo
+
+    first, second = (outbox.store.start(d.id, d.attempt, d.name, "w", 60) for d in outbox.store.claim(10, 60.0))
+    assert first is not None and second is not None
+    outbox.store.fail(first.id, first.attempt, "failure", ErrorInfo("E", "x"), [])
+    assert outbox.purge(all=True) == 0
+    outbox.store.complete(second.id, second.attempt, None, [])
+    continuation = outbox.get(ref.continuation_id)  # type: ignore[arg-type]
+    assert [o["status"] for o in continuation.input["outcomes"]] == ["failed", "completed"]
+    assert outbox.purge(all=True) == 1
