@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from orch_outbox import InvalidOption, Outbox, ScheduleNotFound
+from orch_outbox.store import ErrorInfo
 from orch_outbox.testing import drain, wait_until
 
 from .support import FakeClock, run_worker, unique_target
@@ -320,9 +321,9 @@ def test_purge_keeps_failed_members_of_an_open_batch(make_outbox: Callable[..., 
     def after(outcomes: list[Any]) -> None: ...
 
     ref = outbox.push_batch(outbox.engine, [job.s(1), job.s(2)], then=after.s())
-    from orch_outbox.store import ErrorInfo
 
-    first, second = (outbox.store.start(d.id, d.attempt, d.name, "w", 60) for d in outbox.store.claim(10, 60.0))
+    started = [outbox.store.start(d.id, d.attempt, d.name, "w", 60) for d in outbox.store.claim(10, 60.0)]
+    first, second = sorted(started, key=lambda s: s.input["n"] if s else 0)
     assert first is not None and second is not None
     outbox.store.fail(first.id, first.attempt, "failure", ErrorInfo("E", "x"), [])
     assert outbox.purge(all=True) == 0
