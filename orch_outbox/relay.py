@@ -49,6 +49,7 @@ class Relay:
         self.broker_retry_at = 0.0
         self.broker_failures = 0
         self._producer: Any = None
+        self._confirms: _Confirms | None = None
         self._lock = threading.Lock()
 
     def run_once(self, budget: float = RUN_BUDGET_SECONDS) -> int:
@@ -83,20 +84,40 @@ class Relay:
                 return published
 
     def publish(self, batch: list[Dispatch]) -> int:
-        """Publish a claimed batch; on a broker failure, return the unpublished rows to pending."""
-        sent = 0
+        """Publish a claimed batch; rows the broker did not take (or confirm) go back to pending.
+
+        On AMQP the whole batch is published, then the broker's confirms are awaited once
+        (one round trip per batch, not per message). A message published but not
+        confirmed (nacked, or the connection failed first) has its row returned to
+        pending; if the message did reach a queue after all, its attempt no longer
+        matches the row and the worker drops it, so nothing runs twice.
+        """
+        done = 0
+        unconfirmed: list[Dispatch] = []
         try:
             producer = self._open_producer()
+            confirms = self._confirms
             for item in batch:
                 refusal = self._refusal(item)
                 if refusal is None:
-                    self._send(producer, item)
+                    if confirms is not None:
+                        confirms.expect(item)
+                        unconfirmed.append(item)
+                    self._send(producer, item, retry=confirms is None)
                 else:
                     self._refuse(item, refusal)
-                sent += 1
+                done += 1
+            if confirms is not None:
+                nacked = confirms.wait(CONFIRM_TIMEOUT)
+                unconfirmed = []
+                if nacked:
+                    log.warning("relay: the broker refused %d message(s); they stay pending", len(nacked))
+                    self.store.undispatch(nacked)
+                    return done - len(nacked)
         except Exception as exc:  # broker errors of any transport (py-amqp's are not all KombuError/OSError)
             self.close()
-            unsent = batch[sent:]
+            unsent = [*unconfirmed, *batch[done:]]
+            sent = done - len(unconfirmed)
             self.broker_failures += 1
             pause = min(BROKER_BACKOFF_MAX, 0.5 * 2 ** min(self.broker_failures - 1, 10))
             self.broker_retry_at = time.monotonic() + pause
@@ -111,7 +132,7 @@ class Relay:
         if self.broker_failures:
             log.info("relay: broker back after %d failed attempt(s)", self.broker_failures)
             self.broker_failures = 0
-        return sent
+        return done
 
     def _refusal(self, item: Dispatch) -> tuple[str, ErrorInfo] | None:
         """(outcome, error) of a claimed row that must not become a message, or None.
@@ -140,12 +161,15 @@ class Relay:
             log.warning("relay: could not record the refusal of %s; its dispatch lease will return it", item.id)
 
     def _open_producer(self) -> Any:
-        """The relay's own producer, kept open across runs; publisher confirms on (AMQP)."""
+        """The relay's own producer, kept open across runs; its channel in confirm mode on AMQP."""
         if self._producer is None:
-            conn = self.app.connection_for_write(transport_options={"confirm_publish": True})
+            conn = self.app.connection_for_write()
             try:
                 conn.ensure_connection(max_retries=1)
-                self._producer = self.app.amqp.Producer(conn)
+                producer = self.app.amqp.Producer(conn)
+                channel = producer.channel
+                self._confirms = _Confirms(channel) if hasattr(channel, "confirm_select") else None
+                self._producer = producer
             except BaseException:
                 conn.release()
                 raise
@@ -153,6 +177,7 @@ class Relay:
 
     def close(self) -> None:
         """Release the relay's broker connection (it reopens on the next run)."""
+        self._confirms = None
         producer, self._producer = self._producer, None
         if producer is not None:
             try:
@@ -160,7 +185,7 @@ class Relay:
             except Exception as exc:  # closing a broken connection may fail too
                 log.debug("relay: closing the broker connection: %s", exc)
 
-    def _send(self, producer: object, item: Dispatch) -> None:
+    def _send(self, producer: object, item: Dispatch, retry: bool = True) -> None:
         # The executor reads the input from the row; the message carries it only so that
         # logs and Flower show it, unless the command hides it.
         hidden = getattr(self.app.tasks.get(item.name), "outbox_hide_input", False)
@@ -174,10 +199,57 @@ class Relay:
             queue=item.target,
             headers={"outbox": [str(item.id), item.attempt, item.timeout]},
             producer=producer,
-            retry=True,
+            retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
             ignore_result=True,
         )
+
+
+#: Longest wait for the broker to confirm a published batch.
+CONFIRM_TIMEOUT = 10.0
+
+
+class _Confirms:
+    """Publisher confirms of one AMQP channel, awaited per batch instead of per message.
+
+    In confirm mode the broker numbers the messages of a channel 1, 2, ... and acks (or
+    nacks) them, singly or up to a number. ``expect`` is called before each publish;
+    ``wait`` reads the broker's frames until every expected message is settled.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+        channel.confirm_select()
+        self.last_tag = 0
+        self.pending: dict[int, Dispatch] = {}
+        self.nacked: list[Dispatch] = []
+        channel.events["basic_ack"].add(self._ack)
+        channel.events["basic_nack"].add(self._nack)
+
+    def expect(self, item: Dispatch) -> None:
+        self.last_tag += 1
+        self.pending[self.last_tag] = item
+
+    def _settled(self, tag: int, multiple: bool) -> list[Dispatch]:
+        tags = [t for t in self.pending if t <= tag] if multiple else [tag]
+        return [item for t in tags if (item := self.pending.pop(t, None)) is not None]
+
+    def _ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settled(delivery_tag, multiple)
+
+    def _nack(self, delivery_tag: int, multiple: bool) -> None:
+        self.nacked.extend(self._settled(delivery_tag, multiple))
+
+    def wait(self, timeout: float) -> list[Dispatch]:
+        """Block until every expected message is acked or nacked; returns the nacked ones."""
+        deadline = time.monotonic() + timeout
+        while self.pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the broker did not confirm {len(self.pending)} message(s) in {timeout:g}s")
+            self.channel.connection.drain_events(timeout=left)
+        nacked, self.nacked = self.nacked, []
+        return nacked
 
 
 class Rescuer:

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.e2e
 
 #: Longest single wait here: the whole file must stay well under a minute.
 STEP_WAIT = 30.0
+#: Beat checks schedules every ``outbox_schedule_interval`` (1 s by default): an overdue one fires well within this.
+SCHEDULE_WAIT = 15.0
 SCHEDULE = "every-minute"
 
 COMMANDS = '''\
@@ -211,13 +213,16 @@ def test_canvases_and_plain_task_end_to_end(project: Project) -> None:
     # 1. The chord.
     chord = project.wait_for(
         lambda: (b := batch_row(project, ids["chord"]))["status"] == "finished" and b,
-        "the chord's batch to be finished", timeout=STEP_WAIT,
+        "the chord's batch to be finished",
+        timeout=STEP_WAIT,
     )
     assert chord["kind"] == "chord", chord
     assert chord["counts"] == {"completed": 3}, chord
     members = sorted((r for r in rows if str(r["batch_id"]) == ids["chord"]), key=lambda r: r["input"]["n"])
     assert [(m["name"], m["input"], m["output"]) for m in members] == [
-        ("square", {"n": 1}, 1), ("square", {"n": 2}, 4), ("square", {"n": 3}, 9)
+        ("square", {"n": 1}, 1),
+        ("square", {"n": 2}, 4),
+        ("square", {"n": 3}, 9),
     ], members
     body = by_id[str(chord["continuation_id"])]
     assert body["name"] == "total" and body["status"] == "completed", body
@@ -241,7 +246,8 @@ def test_canvases_and_plain_task_end_to_end(project: Project) -> None:
     # 3. The batch with a continuation, for tenant "acme".
     batch = project.wait_for(
         lambda: (b := batch_row(project, ids["batch"]))["status"] == "finished" and b,
-        "the batch to be finished", timeout=STEP_WAIT,
+        "the batch to be finished",
+        timeout=STEP_WAIT,
     )
     assert batch["kind"] == "batch" and batch["tenant"] == "acme", batch
     assert str(batch["continuation_id"]) == ids["continuation"], batch
@@ -254,10 +260,12 @@ def test_canvases_and_plain_task_end_to_end(project: Project) -> None:
     assert [r["id"] for r in project.rows() if r["name"] == "report"] == [cont["id"]]
     assert cont["status"] == "completed" and cont["attempt"] == 1, cont
     assert cont["tenant"] == "acme", cont
-    assert cont["input"] == {"outcomes": [
-        {"id": ids["members"][0], "name": "ping", "status": "completed", "output": 11, "error": None},
-        {"id": ids["members"][1], "name": "ping", "status": "completed", "output": 21, "error": None},
-    ]}, cont
+    assert cont["input"] == {
+        "outcomes": [
+            {"id": ids["members"][0], "name": "ping", "status": "completed", "output": 11, "error": None},
+            {"id": ids["members"][1], "name": "ping", "status": "completed", "output": 21, "error": None},
+        ]
+    }, cont
     assert cont["output"] == "ping:completed:11,ping:completed:21", cont
     assert log.count(f"Task report[{ids['continuation']}:1] received") == 1, log
     assert f"Task report[{ids['continuation']}:2]" not in log, log
@@ -281,9 +289,13 @@ def test_pause_resume_and_cron_schedule_end_to_end(project: Project) -> None:
     ids = run_script(project, "pause", "push_held")
     assert ids["paused"] is True, ids
     probe_done = project.wait_for(
-        lambda: (done := [r for r in project.rows() if r["name"] == "ping" and r["status"] == "completed"])
-        and len(done) == 3 and done,
-        "the three-step probe chain on the unpaused target to complete", timeout=STEP_WAIT,
+        lambda: (
+            (done := [r for r in project.rows() if r["target"] == project.queue and r["status"] == "completed"])
+            and len(done) == 3
+            and done
+        ),
+        "the three-step probe chain on the unpaused target to complete",
+        timeout=STEP_WAIT,
     )
     assert [r["output"] for r in sorted(probe_done, key=lambda r: r["created_at"])] == [101, 102, 103]
     held = project.row(ids["held"])
@@ -305,7 +317,8 @@ def test_pause_resume_and_cron_schedule_end_to_end(project: Project) -> None:
     # 5. Beat fires the overdue cron schedule once.
     fired = project.wait_for(
         lambda: (s := project.store.get_schedule(SCHEDULE)) and s["last_command_id"] is not None and s,
-        f"beat to fire the schedule {SCHEDULE!r}", timeout=STEP_WAIT,
+        f"beat to fire the schedule {SCHEDULE!r}",
+        timeout=SCHEDULE_WAIT,
     )
     tick = project.wait_status(str(fired["last_command_id"]), "completed", "failed", timeout=STEP_WAIT)
     assert tick["status"] == "completed", f"{tick}{project.report()}"
