@@ -1,12 +1,12 @@
 """A beat scheduler that runs the outbox's own services inside the beat process.
 
-The relay and the lease rescuer are ordinary beat entries, but sending them as messages
+The relay, the lease rescuer, the cron schedules and the retention clean-up are ordinary beat entries, but sending them as messages
 would need a worker consuming some extra queue. This scheduler runs those entries
 in-process instead, so ``celery -A orch_outbox beat`` plus a worker on the commands'
 queues is all a deployment needs. Every other entry is sent as usual.
 
 On PostgreSQL it also starts the listening relay, which relays within milliseconds of a
-push's commit; while that relay is listening, the polling entries stand aside.
+push's commit; while that relay is listening, the polling relay and rescuer entries stand aside.
 
 Use it with ``beat_scheduler = "orch_outbox.beat:Scheduler"`` (the ready app sets it).
 """
@@ -18,10 +18,13 @@ from typing import Any
 
 from celery.beat import PersistentScheduler, ScheduleEntry
 
-from .outbox import LOCAL_TASKS, outbox_of
+from .outbox import LOCAL_TASKS, RELAY_TASK, RESCUE_TASK, outbox_of
 from .relay import ListeningRelay
 
 log = logging.getLogger("orch_outbox.beat")
+
+#: The service entries the listening relay runs itself while it listens (schedules and clean-up always run here).
+LISTENER_TASKS = frozenset({RELAY_TASK, RESCUE_TASK})
 
 
 class Scheduler(PersistentScheduler):  # type: ignore[misc]
@@ -41,7 +44,7 @@ class Scheduler(PersistentScheduler):  # type: ignore[misc]
         if entry.task not in LOCAL_TASKS:
             return super().apply_async(entry, producer, advance, **kwargs)
         entry = self.reserve(entry) if advance else entry
-        if self.listener is not None and self.listener.listening.is_set():
+        if entry.task in LISTENER_TASKS and self.listener is not None and self.listener.listening.is_set():
             return None  # the listening relay is doing this work
         task = self.app.tasks[entry.task]
         result = task.apply(entry.args, entry.kwargs)
