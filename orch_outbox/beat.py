@@ -1,9 +1,9 @@
 """A beat scheduler that runs the outbox's own services inside the beat process.
 
-The relay, the lease rescuer, the cron schedules and the retention clean-up are ordinary beat entries, but sending them as messages
-would need a worker consuming some extra queue. This scheduler runs those entries
-in-process instead, so ``celery -A orch_outbox beat`` plus a worker on the commands'
-queues is all a deployment needs. Every other entry is sent as usual.
+The relay, the lease rescuer, the cron schedules and the retention clean-up are ordinary
+beat entries, but sending them as messages would need a worker consuming some extra
+queue. This scheduler runs those entries in-process instead, so ``celery -A orch_outbox
+beat`` plus a worker on the commands' queues is all a deployment needs. Every other entry is sent as usual.
 
 On PostgreSQL it also starts the listening relay, which relays within milliseconds of a
 push's commit; while that relay is listening, the polling relay and rescuer entries stand aside.

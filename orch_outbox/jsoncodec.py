@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import functools
 import inspect
 import json
 import math
@@ -172,11 +173,40 @@ def _decode_scalar(data: JSON, annotation: type) -> Any:
 
 def encode_arguments(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, JSON]:
     """Bind a call to a handler's signature and encode it as a JSON object, one key per parameter."""
+    arguments = _quick_bind(signature, args, kwargs)
+    if arguments is None:
+        try:
+            arguments = signature.bind(*args, **kwargs).arguments
+        except TypeError as exc:
+            raise InvalidInput(f"arguments do not match the handler: {exc}") from None
+    return {name: encode(value, name) for name, value in arguments.items()}
+
+
+@functools.lru_cache(maxsize=512)
+def _plain_parameters(signature: inspect.Signature) -> tuple[str, ...] | None:
+    """The parameter names of a signature made only of required positional-or-keyword parameters, else None."""
+    names = []
+    for param in signature.parameters.values():
+        if param.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD or param.default is not inspect.Parameter.empty:
+            return None
+        names.append(param.name)
+    return tuple(names)
+
+
+def _quick_bind(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The common case bound without ``Signature.bind`` (a bulk push binds thousands); None: use ``bind``."""
     try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError as exc:
-        raise InvalidInput(f"arguments do not match the handler: {exc}") from None
-    return {name: encode(value, name) for name, value in bound.arguments.items()}
+        names = _plain_parameters(signature)
+    except TypeError:  # an unhashable annotation: no cache for this one
+        names = _plain_parameters.__wrapped__(signature)
+    if names is None or len(args) + len(kwargs) != len(names):
+        return None
+    arguments = dict(zip(names, args, strict=False))
+    for name, value in kwargs.items():
+        if name in arguments or name not in names:
+            return None
+        arguments[name] = value
+    return {name: arguments[name] for name in names}
 
 
 _RESULT: Any = object()

@@ -328,13 +328,46 @@ class Store:
             return []
         stamped = self._stamp(rows, now)
         plain = [r for r in stamped if r.get("unique_key") is None]
-        if plain:
+        if len(plain) >= COPY_MIN_ROWS and conn.dialect.name == "postgresql":
+            self._copy(conn, plain)
+        elif plain:
             conn.execute(sa.insert(self.table), plain)
         ids: list[uuid.UUID] = [r["id"] for r in stamped]
         for i, row in enumerate(stamped):
             if row.get("unique_key") is not None:
                 ids[i] = self._insert_unique(conn, row, strict)
         return ids
+
+    def _copy(self, conn: sa.Connection, rows: Sequence[Row]) -> None:
+        """Many rows at once with PostgreSQL's COPY, on the caller's connection and transaction.
+
+        Much cheaper per row than an INSERT; COPY fires the statement-level insert
+        trigger too, so the relay is notified on commit as for an INSERT.
+        """
+        from psycopg import sql
+        from psycopg.types.json import Jsonb
+
+        columns = sorted({key for row in rows for key in row})
+        json_columns = {c for c in columns if isinstance(self.table.c[c].type, sa.JSON)}
+        raw = conn.connection.driver_connection
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier(self.table.name), sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
+        try:
+            with raw.cursor() as cursor, cursor.copy(statement) as copy:  # type: ignore[union-attr]
+                for row in rows:
+                    copy.write_row(
+                        [
+                            Jsonb(row.get(c)) if c in json_columns and row.get(c) is not None else row.get(c)
+                            for c in columns
+                        ]
+                    )
+        except Exception as exc:  # the driver's error, as SQLAlchemy would have raised it
+            import psycopg
+
+            if isinstance(exc, psycopg.OperationalError):
+                raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+            raise
 
     def _insert_unique(self, conn: sa.Connection, row: Row, strict: bool) -> uuid.UUID:
         """INSERT ... ON CONFLICT DO NOTHING on the partial unique index, else the holder's id.
@@ -1317,6 +1350,8 @@ class Store:
 
 
 UNFINISHED = ("pending", "dispatched", "running")
+#: From this many rows in one push, PostgreSQL gets them through COPY instead of INSERT.
+COPY_MIN_ROWS = 50
 log = logging.getLogger("orch_outbox.store")
 
 

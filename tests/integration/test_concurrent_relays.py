@@ -115,7 +115,7 @@ def test_concurrent_relay_runs_publish_each_attempt_exactly_once(pg_outbox: Outb
     published: list[tuple[uuid.UUID, int]] = []
     lock = threading.Lock()
 
-    def fake_send(_producer: object, item: Dispatch) -> None:
+    def fake_send(_producer: object, item: Dispatch, retry: bool = True) -> None:
         with lock:
             published.append((item.id, item.attempt))
 
@@ -156,7 +156,7 @@ def test_relay_broker_failure_mid_batch_returns_only_unsent_rows(pg_outbox: Outb
     broken = threading.Event()
     broken.set()
 
-    def flaky_send(_producer: object, item: Dispatch) -> None:
+    def flaky_send(_producer: object, item: Dispatch, retry: bool = True) -> None:
         if broken.is_set() and len(published) == 4:
             raise OperationalError("broker down")
         published.append((item.id, item.attempt))

@@ -29,7 +29,7 @@ def test_commit_wakes_the_relay(slow_poll_outbox: Outbox) -> None:
     """Proves NOTIFY-on-commit: with a 120 s poll interval the command is dispatched within 10 s."""
     outbox = slow_poll_outbox
     published: list[str] = []
-    outbox.relay._send = lambda _producer, item: published.append(str(item.id))  # type: ignore[method-assign]
+    outbox.relay._send = lambda _producer, item, retry=True: published.append(str(item.id))  # type: ignore[method-assign]
 
     @outbox.command(target="listen-q")
     def ping(n: int) -> int:
@@ -82,7 +82,7 @@ def test_listener_reconnects_after_its_connection_is_killed(slow_poll_outbox: Ou
     def ping(n: int) -> int:
         return n
 
-    outbox.relay._send = lambda _producer, _item: None  # type: ignore[method-assign]
+    outbox.relay._send = lambda _producer, _item, retry=True: None  # type: ignore[method-assign]
     relay = ListeningRelay(outbox)
     relay.start()
     try:
