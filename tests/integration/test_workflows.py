@@ -122,6 +122,35 @@ def test_chord_with_a_failed_member_does_not_call_its_body(flow: tuple[Outbox, s
     assert seen["total"] == []
 
 
+def test_chord_whose_members_are_retried_calls_its_body_once(make_outbox: Callable[..., Outbox]) -> None:
+    """The race of retries: every chord member fails its first two attempts and succeeds on the third. The body
+    waits for the retried members (a retry is not final), runs exactly once, and gets every member's output."""
+    outbox = make_outbox(retry_backoff_base=0.0)
+    target = unique_target("retry")
+    attempts: dict[int, int] = {}
+    bodies: list[Any] = []
+
+    @outbox.command(target=target, retries=3)
+    def shaky(n: int) -> int:
+        attempts[n] = attempts.get(n, 0) + 1
+        if attempts[n] < 3:
+            raise ConnectionError(f"flaky {n}")
+        return n * 10
+
+    @outbox.command(target=target, retries=0)
+    def gather(values: list[int]) -> int:
+        bodies.append(values)
+        return sum(values)
+
+    batch_id = outbox.push(outbox.engine, chord([shaky.s(n) for n in range(4)], gather.s()))
+    with run_worker(outbox.app, [target]):
+        drain(outbox, timeout=WAIT)
+    assert attempts == {0: 3, 1: 3, 2: 3, 3: 3}
+    assert bodies == [[0, 10, 20, 30]]
+    body = outbox.get(outbox.batch(batch_id).continuation_id)  # type: ignore[arg-type]
+    assert (body.status, body.output, body.attempt) == ("completed", 60, 1)
+
+
 def test_chain_into_group_into_callback_is_a_durable_chord(flow: tuple[Outbox, str, dict[str, Any]]) -> None:
     """chain(add(1, 1), group(double(), double()), total()): Celery's upgrade to a chord, kept durable: the
     group members each get 2, the callback gets [4, 4]."""
