@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import heapq
 import logging
+import os
 import threading
 import time
 import traceback
@@ -225,6 +226,17 @@ class Executor:
         self.settings = outbox.settings
         #: why messages were dropped without running (``duplicate``, ``malformed``...).
         self.dropped: Counter[str] = Counter()
+        #: set inside a worker: plain successes are written back in batches (see _WriteBehind).
+        self.write_behind: _WriteBehind | None = None
+
+    def start_write_behind(self) -> None:
+        """Write plain successes back in batches from now on (a worker process calls this at start)."""
+        if self.write_behind is None or self.write_behind.pid != os.getpid():
+            self.write_behind = _WriteBehind(self)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every success handed to the write-behind is written; False on timeout."""
+        return self.write_behind.flush(timeout) if self.write_behind is not None else True
 
     # -- entry points -------------------------------------------------------------------
 
@@ -352,6 +364,9 @@ class Executor:
                 children.extend(next_in_chain(started.chain, output, started.id, started.tenant))
         except Exception as exc:  # a bad output or a failing hook fails the attempt: no parent without children
             return self._failed(task, started, "failure", error_of(exc))
+        if not children and started.batch_id is None and self.write_behind is not None:
+            self.write_behind.submit(started, output)
+            return output
         recorded = self._write(lambda: self.store.complete(started.id, started.attempt, output, children))
         self._log_fenced(recorded, started, "completed")
         return output
@@ -407,6 +422,71 @@ class Executor:
                 log.warning("outbox database unavailable (%s); retrying in %.2fs", exc, delay)
                 time.sleep(delay)
         return write()
+
+
+#: Most successes one write-behind statement records.
+WRITE_BEHIND_BATCH = 500
+
+
+class _WriteBehind:
+    """Successes without chained commands, written back in batches by one thread per worker process.
+
+    The handler's thread hands over (attempt, output) and takes the next message at once;
+    this thread records everything handed over meanwhile in one fenced statement and one
+    commit, so under load many commands share one WAL flush. Until it is written a
+    success is only in this process: if the process dies first, the attempt's lease
+    lapses and the rescuer retries it, as for a worker that died during the handler (at
+    least once, as before). A warm shutdown flushes first.
+    """
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self.pid = os.getpid()
+        self._cond = threading.Condition()
+        self._queue: list[tuple[Started, Any]] = []
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="orch-outbox-write-behind", daemon=True)
+        self._thread.start()
+
+    def submit(self, started: Started, output: Any) -> None:
+        with self._cond:
+            self._queue.append((started, output))
+            self._cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                batch, self._queue = self._queue[:WRITE_BEHIND_BATCH], self._queue[WRITE_BEHIND_BATCH:]
+                self._busy = True
+            try:
+                self._record(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _record(self, batch: list[tuple[Started, Any]]) -> None:
+        executor = self.executor
+        items = [(started.id, started.attempt, output) for started, output in batch]
+        try:
+            recorded = executor._write(lambda: executor.store.complete_many(items))
+        except Exception:  # the database stayed away: the leases lapse and the rescuer retries the attempts
+            log.exception("could not record %d completion(s); their attempts will be retried", len(batch))
+            return
+        for started, _ in batch:
+            executor._log_fenced(started.id in recorded, started, "completed")
 
 
 def _parse_header(header: Any) -> tuple[uuid.UUID, int, float] | None:

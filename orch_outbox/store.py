@@ -641,6 +641,42 @@ class Store:
         self.settle_batches([row.batch_id])
         return True
 
+    def complete_many(self, items: Sequence[tuple[uuid.UUID, int, Any]]) -> set[uuid.UUID]:
+        """Record many successes without chained commands, in one statement and one commit.
+
+        ``items``: (command id, attempt, output). Each row is fenced as in :meth:`complete`;
+        returns the ids that were recorded (the others no longer belonged to their attempt).
+        """
+        if not items:
+            return set()
+        t = self.table
+        if self.engine.dialect.name != "postgresql":
+            done = {cid for cid, attempt, output in items if self.complete(cid, attempt, output, [])}
+            return done
+        values = sa.values(
+            sa.column("v_id", t.c.id.type),
+            sa.column("v_attempt", sa.Integer()),
+            sa.column("v_output", t.c.output.type),
+            name="done",
+        ).data(sorted(items, key=lambda item: item[0]))
+        stmt = (
+            sa.update(t)
+            .where(t.c.id == values.c.v_id, t.c.status == "running", t.c.attempt == values.c.v_attempt)
+            .values(
+                status="completed",
+                outcome="success",
+                output=values.c.v_output,
+                finished_at=self._now(),
+                lease_expires_at=None,
+                **_NO_ERROR,
+            )
+            .returning(t.c.id, t.c.batch_id)
+        )
+        with self._one() as conn:
+            rows = conn.execute(stmt).all()
+        self.settle_batches(r.batch_id for r in rows)
+        return {r.id for r in rows}
+
     @functools.cached_property
     def _complete_stmt(self) -> sa.Update:
         t = self.table

@@ -99,8 +99,9 @@ def test_postgres_cut_during_write_back(lab) -> None:
     assert pg.down() >= 1
     # Handlers finish (their side effect goes to its own connection) and the write-backs start failing.
     p.wait_for(lambda: len(p.effects("done")) == 3, "the handlers to finish")
-    p.wait_for(lambda: worker.count("); retrying in 0.50s") >= 3,
-               "three write-backs to fail three times each (the third try waits 0.5 s)")
+    # The three successes are written back together (the worker's write-behind) or one by one.
+    p.wait_for(lambda: worker.count("); retrying in 0.50s") >= 1,
+               "the write-backs to fail three times (the third try waits 0.5 s)")
     assert all(p.row(i)["status"] == "running" for i in ids)
     pg.restore()
 
