@@ -157,7 +157,7 @@ def outcome_of(row: Any) -> dict[str, Any]:
     return {"id": str(row.id), "name": row.name, "status": row.status, "output": row.output, "error": error}
 
 
-def next_in_chain(chain: list[Step], value: Any, parent_id: uuid.UUID, tenant: str | None) -> Plan:
+def next_in_chain(chain: list[Step], value: Any, parent_id: uuid.UUID | None, tenant: str | None) -> Plan:
     """What a completed command's chain becomes: its next step, carrying the steps after it.
 
     A group followed by more steps is a chord (as in Celery): its members' outputs, as a

@@ -384,7 +384,7 @@ class Outbox:
             if tenant is not None:
                 row["tenant"] = _tenant(tenant)
             return self._insert(conn, [row])[0]
-        plan = canvas.next_in_chain(self.steps_for(call), NOTHING, None, _tenant(tenant))  # type: ignore[arg-type]
+        plan = canvas.next_in_chain(self.steps_for(call), NOTHING, None, _tenant(tenant))
         ids = self._insert(conn, plan)
         return plan.batches[0]["id"] if plan.batches else ids[0]
 
