@@ -21,8 +21,8 @@ from kombu.utils.imports import symbol_by_name
 
 from .errors import OutboxError
 from .jsoncodec import encode
-from .outbox import FINAL_STATUS_NAMES, BatchInfo, CommandInfo, Outbox, ScheduleInfo, outbox_of
-from .schema import BATCH_STATUSES
+from .outbox import BatchInfo, CommandInfo, Outbox, ScheduleInfo, outbox_of
+from .schema import BATCH_STATUSES, FINAL_STATUSES
 
 F = TypeVar("F", bound=Callable[..., Any])
 #: Widest error message shown in a table (``--json`` has them whole).
@@ -392,7 +392,7 @@ def requeue(
 @main.command()
 @click.argument("ids", nargs=-1)
 @click.option(
-    "--status", type=click.Choice(FINAL_STATUS_NAMES), default="failed", show_default=True, help="Which final state."
+    "--status", type=click.Choice(FINAL_STATUSES), default="failed", show_default=True, help="Which final state."
 )
 @filter_options
 @click.option("--all", "all_", is_flag=True, help="Every command in --status (with filters: every matching one).")

@@ -40,6 +40,7 @@ from .errors import (
     UnknownCommand,
 )
 from .jsoncodec import check_size, encode, encode_arguments, encode_arguments_with_result
+from .schema import BATCH_STATUSES, FINAL_STATUSES, STATUSES
 from .settings import Settings, validate_target
 from .signals import command_failed
 from .store import ErrorInfo, Store, make_engine
@@ -127,7 +128,7 @@ class BatchInfo:
     @property
     def done(self) -> int:
         """How many members are final."""
-        return sum(n for status, n in self.counts.items() if status in ("completed", "failed", "canceled", "expired"))
+        return sum(n for status, n in self.counts.items() if status in FINAL_STATUSES)
 
     @property
     def progress(self) -> float:
@@ -212,7 +213,7 @@ class CommandInfo:
     @property
     def is_final(self) -> bool:
         """True once the command can change no more (completed, failed, canceled or expired)."""
-        return self.status in ("completed", "failed", "canceled", "expired")
+        return self.status in FINAL_STATUSES
 
     def to_json(self) -> dict[str, Any]:
         """The command as plain JSON data."""
@@ -648,8 +649,8 @@ class Outbox:
     ) -> list[BatchInfo]:
         """Batches, newest first, with their progress."""
         _check_page(limit, offset)
-        if status is not None and status not in ("open", "finished", "canceled"):
-            raise InvalidOption(f"batch status must be open, finished or canceled, got {status!r}")
+        if status is not None and status not in BATCH_STATUSES:
+            raise InvalidOption(f"batch status must be one of {BATCH_STATUSES}, got {status!r}")
         rows = self.store.list_batches(tenant, status, limit, offset)
         return [_batch_info(self.store.batch_stats(r["id"]) or r) for r in rows]
 
@@ -714,8 +715,8 @@ class Outbox:
     ) -> list[CommandInfo]:
         """Commands matching the filters, newest first (``status="failed"``: the dead letters)."""
         _check_page(limit, offset)
-        if status is not None and status not in STATUS_NAMES:
-            raise InvalidOption(f"status must be one of {STATUS_NAMES}, got {status!r}")
+        if status is not None and status not in STATUSES:
+            raise InvalidOption(f"status must be one of {STATUSES}, got {status!r}")
         rows = self.store.find(limit, offset, status=status, name=name, target=target, tenant=tenant)
         return [CommandInfo.from_row(r) for r in rows]
 
@@ -737,9 +738,7 @@ class Outbox:
         Name ids, or filters, or ``all=True``; nothing at all is refused (so a typo
         cannot re-queue every dead letter).
         """
-        id_list = None if ids is None else [_as_uuid(i) for i in ids]
-        if id_list is None and name is None and target is None and tenant is None and not all:
-            raise InvalidOption("requeue needs ids, a filter (name, target, tenant) or all=True")
+        id_list = _selection("requeue", ids, name, target, tenant, all)
         return self.store.requeue(ids=id_list, name=name, target=target, tenant=tenant)
 
     def purge(
@@ -756,11 +755,9 @@ class Outbox:
 
         Members of a batch that is still open are kept: its continuation will read them.
         """
-        id_list = None if ids is None else [_as_uuid(i) for i in ids]
-        if id_list is None and name is None and target is None and tenant is None and not all:
-            raise InvalidOption("purge needs ids, a filter (name, target, tenant) or all=True")
-        if status not in FINAL_STATUS_NAMES:
-            raise InvalidOption(f"only final commands can be purged: status must be one of {FINAL_STATUS_NAMES}")
+        id_list = _selection("purge", ids, name, target, tenant, all)
+        if status not in FINAL_STATUSES:
+            raise InvalidOption(f"only final commands can be purged: status must be one of {FINAL_STATUSES}")
         return self.store.purge(status=status, ids=id_list, name=name, target=target, tenant=tenant)
 
     def cleanup_once(self, budget: float = 5.0) -> int:
@@ -1000,7 +997,6 @@ class Outbox:
         if store is not None:
             store.after_fork()
 
-
     def _on_task_unknown(self, sender: Any = None, message: Any = None, name: str = "", id: str = "", **_: Any) -> None:
         header = (getattr(message, "headers", None) or {}).get("outbox")
         if sender is not None and getattr(sender, "app", None) is not self.app:
@@ -1021,8 +1017,6 @@ class FailedAttempt:
     final: bool  # True: the command is now failed; False: it will be retried
 
 
-STATUS_NAMES = ("pending", "dispatched", "running", "completed", "failed", "canceled", "expired")
-FINAL_STATUS_NAMES = ("completed", "failed", "canceled", "expired")
 MAX_PAGE = 10_000
 
 
@@ -1058,10 +1052,18 @@ def _scope(target: str | None, tenant: str | None) -> tuple[str, str]:
     return "all", ""
 
 
+def _selection(
+    verb: str, ids: Iterable[uuid.UUID | str] | None, name: Any, target: Any, tenant: Any, everything: bool
+) -> list[uuid.UUID] | None:
+    """The ids of a requeue or purge; refuses a call that names nothing (a typo must not select every row)."""
+    id_list = None if ids is None else [_as_uuid(i) for i in ids]
+    if id_list is None and name is None and target is None and tenant is None and not everything:
+        raise InvalidOption(f"{verb} needs ids, a filter (name, target, tenant) or all=True")
+    return id_list
+
+
 def _schedule_name(value: Any) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAME or not _storable_text(value):
-        raise InvalidOption(f"a schedule name must be valid text of 1..{MAX_NAME} characters, got {value!r}")
-    return value
+    return _text(value, "a schedule name", MAX_NAME)
 
 
 def command_name(func_name: str) -> str:
@@ -1101,20 +1103,17 @@ def _as_uuid(value: uuid.UUID | str, missing: type[OutboxError] = CommandNotFoun
 
 
 def _tenant(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_NAME or not _storable_text(value):
-        raise InvalidOption(f"tenant must be valid text of 1..{MAX_NAME} characters without NUL, got {value!r}")
-    return value
+    return None if value is None else _text(value, "tenant", MAX_NAME)
 
 
 def _unique_key(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 1 <= len(value) <= MAX_UNIQUE_KEY or not _storable_text(value):
-        raise InvalidOption(
-            f"unique_key must be valid text of 1..{MAX_UNIQUE_KEY} characters without NUL, got {value!r}"
-        )
+    return None if value is None else _text(value, "unique_key", MAX_UNIQUE_KEY)
+
+
+def _text(value: Any, what: str, limit: int, error: type[OutboxError] = InvalidOption) -> str:
+    """A name or key stored as text: 1..``limit`` characters, no NUL, valid Unicode; else ``error``."""
+    if not isinstance(value, str) or not 1 <= len(value) <= limit or not _storable_text(value):
+        raise error(f"{what} must be valid text of 1..{limit} characters without NUL, got {value!r}")
     return value
 
 
@@ -1131,9 +1130,7 @@ def _storable_text(value: str) -> bool:
 
 def check_command_name(name: Any) -> str:
     """A command name must fit its column and be plain text; refused before anything is written."""
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME or not _storable_text(name):
-        raise ConfigurationError(f"a command name must be valid text of 1..{MAX_NAME} characters, got {name!r}")
-    return name
+    return _text(name, "a command name", MAX_NAME, ConfigurationError)
 
 
 def _check_timeout(value: Any) -> None:

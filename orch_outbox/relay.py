@@ -138,9 +138,10 @@ class Relay:
         """(outcome, error) of a claimed row that must not become a message, or None.
 
         Rows are written by the outbox, but anyone with access to the table can write
-        one: a name this app knows as a task that is not an outbox command (a plain Celery
-        task, ``celery.*``, the outbox's own services) must never run from a row; nor can
-        an input that is not a JSON object be a command's arguments.
+        one: a name this app knows as a task the outbox may not run (``celery.*``, the
+        outbox's own services, plain Celery tasks when ``outbox_plain_tasks`` is off; see
+        ``Outbox.runnable``) must never run from a row; nor can an input that is not a
+        JSON object be a command's arguments.
         """
         if item.name in self.app.tasks:
             try:

@@ -22,6 +22,7 @@ from .settings import validate_prefix
 
 STATUSES = ("pending", "dispatched", "running", "completed", "failed", "canceled", "expired")
 FINAL_STATUSES = ("completed", "failed", "canceled", "expired")
+UNFINISHED_STATUSES = ("pending", "dispatched", "running")
 OUTCOMES = ("success", "failure", "timeout", "canceled", "not_found", "lost", "expired")
 
 
@@ -54,7 +55,7 @@ JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 def unique_scope(commands: Any) -> sa.ColumnElement[bool]:
     """Where the unique-key index applies: keyed rows not yet final."""
-    return sa.and_(commands.c.unique_key.is_not(None), commands.c.status.in_(("pending", "dispatched", "running")))
+    return sa.and_(commands.c.unique_key.is_not(None), commands.c.status.in_(UNFINISHED_STATUSES))
 
 
 @functools.cache

@@ -39,6 +39,9 @@ from .schema import (
     schedules_table,
     unique_scope,
 )
+from .schema import (
+    UNFINISHED_STATUSES as UNFINISHED,
+)
 from .uuid7 import uuid7
 
 Row = Mapping[str, Any]
@@ -858,7 +861,7 @@ class Store:
         with self._tx() as conn:
             row = conn.execute(
                 sa.select(t.c.status, t.c.name, t.c.input, t.c.attempt)
-                .where(t.c.id == command_id, t.c.status.in_(("pending", "dispatched", "running")))
+                .where(t.c.id == command_id, t.c.status.in_(UNFINISHED))
                 .with_for_update()
             ).first()
             if row is None:
@@ -1385,7 +1388,6 @@ class Store:
             return int(conn.execute(sa.select(commands + batches)).scalar_one())
 
 
-UNFINISHED = ("pending", "dispatched", "running")
 #: From this many rows in one push, PostgreSQL gets them through COPY instead of INSERT.
 COPY_MIN_ROWS = 50
 log = logging.getLogger("orch_outbox.store")

@@ -347,3 +347,26 @@ def test_workflows_on_the_embedded_sqlite_default(sqlite_outbox: Outbox) -> None
     assert [(o["status"], o["output"]) for o in got[1]] == [("completed", 16)]
     assert outbox.batch(batch_id).status == outbox.batch(ref.id).status == "finished"
     assert outbox.get(tick["command_id"]).output == 25
+
+
+def test_a_plain_task_message_delivered_twice_runs_once(flow: tuple[Outbox, str, dict[str, Any]]) -> None:
+    """Guarantee 3 for plain Celery tasks: once adopted, a plain task's outbox message is fenced like a
+    command's. The same message delivered twice runs the task once; the second delivery is dropped as stale
+    and the recorded output is the first run's. A direct call of the task still runs it as plain Celery."""
+    import types
+
+    outbox, _target, seen = flow
+    mul = seen["tasks"]["mul"]
+    assert outbox.adopt_plain_tasks() >= 1
+    command_id = outbox.push(outbox.engine, mul.s(7))
+    (claimed,) = outbox.store.claim(10, 60.0)
+    request = types.SimpleNamespace(
+        outbox=[str(claimed.id), claimed.attempt, claimed.timeout], id=f"{claimed.id}:{claimed.attempt}",
+        hostname="w", called_directly=False,
+    )
+    assert outbox.executor.execute(mul, request) == 21
+    assert outbox.executor.execute(mul, request) is None
+    assert seen["plain"] == [7]
+    assert outbox.executor.dropped["stale"] == 1
+    assert (outbox.get(command_id).status, outbox.get(command_id).output) == ("completed", 21)
+    assert mul(2) == 6 and seen["plain"] == [7, 2]
