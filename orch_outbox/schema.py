@@ -114,7 +114,9 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
         postgresql_where=commands.c.status.in_(("dispatched", "running")),
         sqlite_where=commands.c.status.in_(("dispatched", "running")),
     )
-    sa.Index(f"{prefix}commands_parent_idx", commands.c.parent_id)
+    # Only the rows that have one: a root command (most of them) adds no entry.
+    has_parent = commands.c.parent_id.is_not(None)
+    sa.Index(f"{prefix}commands_parent_idx", commands.c.parent_id, postgresql_where=has_parent, sqlite_where=has_parent)
     # At most one unfinished command per unique key; a finished one frees its key.
     sa.Index(
         f"{prefix}commands_unique_idx",
@@ -123,7 +125,23 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
         postgresql_where=unique_scope(commands),
         sqlite_where=unique_scope(commands),
     )
-    sa.Index(f"{prefix}commands_status_target_idx", commands.c.status, commands.c.target)
+    # Unfinished rows per target (in-flight caps, drain checks). No index leads with
+    # ``status`` over all rows: with stale statistics the planner took one for the fenced
+    # ``WHERE id = ? AND status = ?`` of every start and completion and walked every row
+    # in that status; now only the primary key can serve those, whatever the statistics.
+    unfinished = commands.c.status.in_(UNFINISHED_STATUSES)
+    sa.Index(
+        f"{prefix}commands_unfinished_idx",
+        commands.c.target,
+        commands.c.status,
+        postgresql_where=unfinished,
+        sqlite_where=unfinished,
+    )
+    # Retention clean-up (oldest final rows first) and the dead-letter listing.
+    final = commands.c.status.in_(FINAL_STATUSES)
+    sa.Index(f"{prefix}commands_finished_idx", commands.c.finished_at, postgresql_where=final, sqlite_where=final)
+    failed = commands.c.status == "failed"
+    sa.Index(f"{prefix}commands_failed_idx", commands.c.created_at, postgresql_where=failed, sqlite_where=failed)
     # Serves "is any member of this batch unfinished?" (one probe per finishing member) and batch statistics.
     sa.Index(
         f"{prefix}commands_batch_idx",
@@ -131,7 +149,14 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
         commands.c.status,
         postgresql_where=commands.c.batch_id.is_not(None),
     )
-    sa.Index(f"{prefix}commands_tenant_idx", commands.c.tenant, commands.c.status)
+    has_tenant = commands.c.tenant.is_not(None)
+    sa.Index(
+        f"{prefix}commands_tenant_idx",
+        commands.c.tenant,
+        commands.c.status,
+        postgresql_where=has_tenant,
+        sqlite_where=has_tenant,
+    )
     _add_support_tables(metadata, prefix)
     for ddl in notify_ddl(prefix):
         event.listen(commands, "after_create", sa.DDL(ddl).execute_if(dialect="postgresql"))  # type: ignore[no-untyped-call]

@@ -1,0 +1,117 @@
+"""The hot statements keep their indexes when the table's statistics are stale.
+
+A fresh or fast-growing outbox table has not been analysed yet. Before migration 0005 the
+planner then served the fenced ``WHERE id = ? AND status = 'dispatched'`` of every start
+with the ``(status, target)`` index and walked every dispatched row for each command;
+these tests fail if any index again offers ``status`` as a way in over the fence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from orch_outbox import Outbox
+from orch_outbox.uuid7 import uuid7
+
+pytestmark = pytest.mark.pg
+
+ROWS = 3000
+
+
+def _fill(outbox: Outbox, status: str) -> list[Any]:
+    """ROWS rows in ``status``, attempt 1, written in one statement and never analysed."""
+    store = outbox.store
+    t = store.table
+    now = store.now()
+    ids = [uuid7() for _ in range(ROWS)]
+    rows = [
+        {
+            "id": command_id,
+            "name": "noop",
+            "target": "q",
+            "status": status,
+            "attempt": 1,
+            "input": {},
+            "timeout": 60,
+            "retries": 0,
+            "retries_left": 0,
+            "priority": 0,
+            "scheduled_at": now,
+            "created_at": now,
+        }
+        for command_id in ids
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(sa.insert(t), rows)
+        analysed = conn.execute(
+            sa.text("SELECT reltuples FROM pg_class WHERE relname = :t"), {"t": t.name}
+        ).scalar_one()
+    assert analysed <= 0, "the table was analysed: the test needs stale statistics"
+    return ids
+
+
+def _plan(outbox: Outbox, sql: str, params: dict[str, Any]) -> str:
+    raw = outbox.store.engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        cursor.execute("EXPLAIN " + sql, params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+        raw.rollback()
+    finally:
+        raw.close()
+    return plan
+
+
+def test_fenced_start_uses_the_primary_key_with_stale_statistics(make_outbox: Callable[..., Outbox]) -> None:
+    """Proves a worker's start costs one primary-key probe, not a walk over every dispatched row."""
+    outbox = make_outbox()
+    ids = _fill(outbox, "dispatched")
+    sql, constants = outbox.store._hot_start
+    params = {**constants, "p_id": ids[ROWS // 2], "p_attempt": 1, "p_name": "noop", "p_worker": "w"}
+    plan = _plan(outbox, sql, {**params, "p_lease": timedelta(seconds=60)})
+    assert f"{outbox.store.table.name}_pkey" in plan, plan
+    assert f"Seq Scan on {outbox.store.table.name} " not in plan, plan
+
+
+def test_fenced_complete_uses_the_primary_key_with_stale_statistics(make_outbox: Callable[..., Outbox]) -> None:
+    """Proves recording an outcome costs one primary-key probe, not a walk over every running row."""
+    outbox = make_outbox()
+    ids = _fill(outbox, "running")
+    sql, constants, to_json = outbox.store._hot_complete
+    plan = _plan(outbox, sql, {**constants, "p_id": ids[ROWS // 2], "p_attempt": 1, "p_output": to_json(None)})
+    assert f"{outbox.store.table.name}_pkey" in plan, plan
+
+
+def test_claim_stays_on_the_due_index_with_stale_statistics(make_outbox: Callable[..., Outbox]) -> None:
+    """Proves the relay's claim reads the partial index of pending rows in claim order, not the whole table."""
+    outbox = make_outbox()
+    _fill(outbox, "pending")
+    store = outbox.store
+    compiled = store._claim_stmt.compile(dialect=store.engine.dialect)
+    params = {k: v for k, v in compiled.params.items() if v is not None}
+    params.update(p_limit=100, p_cap=2**31 - 1, p_lease=timedelta(seconds=10))
+    missing = [k for k, v in compiled.params.items() if v is None and k not in params]
+    assert not missing, f"unbound claim parameters: {missing}"
+    plan = _plan(outbox, compiled.string, params)
+    assert f"{store.table.name}_due_idx" in plan, plan
+
+
+def test_a_completed_row_leaves_every_index_but_the_key_and_finished_at(
+    make_outbox: Callable[..., Outbox],
+) -> None:
+    """Proves the lean schema: the indexes over completed rows are the primary key and retention's only."""
+    outbox = make_outbox()
+    t = outbox.store.table.name
+    with outbox.store.engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :t"), {"t": t}
+        ).all()
+    over_completed = sorted(
+        name.removeprefix(t) for name, definition in rows if " WHERE " not in definition or "completed" in definition
+    )
+    assert over_completed == ["_finished_idx", "_pkey"], rows
