@@ -265,6 +265,7 @@ class Store:
 
         # The executor's per-command statements bypass SQLAlchemy's execution layer on
         # psycopg (see _HotPath); with an injected clock they keep the general path.
+        self._insert_sql: dict[tuple[str, ...], str] = {}
         self._hot: _HotPath | None = None
         if self._db_clock and engine.dialect.driver == "psycopg":
             self._hot = _HotPath(engine)
@@ -438,6 +439,8 @@ class Store:
         plain = [r for r in stamped if r.get("unique_key") is None]
         if len(plain) >= COPY_MIN_ROWS and conn.dialect.name == "postgresql":
             self._copy(conn, plain)
+        elif len(plain) == 1 and conn.dialect.driver == "psycopg":
+            self._insert_one(conn, plain[0])
         elif plain:
             conn.execute(sa.insert(self.table), plain)
         ids: list[uuid.UUID] = [r["id"] for r in stamped]
@@ -476,6 +479,42 @@ class Store:
             if isinstance(exc, psycopg.OperationalError):
                 raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
             raise
+
+    def _insert_one(self, conn: sa.Connection, row: Row) -> None:
+        """One row on the caller's psycopg connection, in the caller's transaction, as a prepared INSERT.
+
+        A push is one row most of the time; SQLAlchemy's execution layer would cost the
+        caller more than the INSERT itself. The statement is built once per column set.
+        """
+        import psycopg
+        from psycopg.types.json import Jsonb
+
+        raw: Any = conn.connection.driver_connection
+        columns = tuple(sorted(row))
+        statement = self._insert_sql.get(columns)
+        if statement is None:
+            from psycopg import sql
+
+            statement = (
+                sql.SQL("INSERT INTO {} ({}) VALUES ({})")
+                .format(
+                    sql.Identifier(self.table.name),
+                    sql.SQL(", ").join(map(sql.Identifier, columns)),
+                    sql.SQL(", ").join(sql.Placeholder() * len(columns)),
+                )
+                .as_string(raw)
+            )
+            if len(self._insert_sql) < 64:
+                self._insert_sql[columns] = statement
+        values = [Jsonb(row[c]) if row[c] is not None and c in self._json_columns else row[c] for c in columns]
+        try:
+            raw.execute(statement, values, prepare=True)
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+
+    @functools.cached_property
+    def _json_columns(self) -> frozenset[str]:
+        return frozenset(c.name for c in self.table.c if isinstance(c.type, sa.JSON))
 
     def _insert_unique(self, conn: sa.Connection, row: Row, strict: bool) -> uuid.UUID:
         """INSERT ... ON CONFLICT DO NOTHING on the partial unique index, else the holder's id.
