@@ -227,6 +227,19 @@ class _HotPath:
                 conn.close()
 
 
+def _driver(conn: sa.Connection) -> Any:
+    """The caller's psycopg connection, inside the caller's SQLAlchemy transaction.
+
+    SQLAlchemy begins a Connection's transaction at its first statement ("commit as you
+    go"). A statement sent to the driver directly does not count: the caller's
+    ``conn.commit()`` would then commit nothing and closing the connection would roll the
+    push back. So the transaction is begun first, as SQLAlchemy's own statement would.
+    """
+    if not conn.in_transaction():
+        conn.begin()
+    return conn.connection.driver_connection
+
+
 class Store:
     """Named statements over the ``{prefix}commands`` table."""
 
@@ -460,7 +473,7 @@ class Store:
 
         columns = sorted({key for row in rows for key in row})
         json_columns = {c for c in columns if isinstance(self.table.c[c].type, sa.JSON)}
-        raw = conn.connection.driver_connection
+        raw = _driver(conn)
         statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
             sql.Identifier(self.table.name), sql.SQL(", ").join(map(sql.Identifier, columns))
         )
@@ -489,7 +502,7 @@ class Store:
         import psycopg
         from psycopg.types.json import Jsonb
 
-        raw: Any = conn.connection.driver_connection
+        raw = _driver(conn)
         columns = tuple(sorted(row))
         statement = self._insert_sql.get(columns)
         if statement is None:

@@ -185,3 +185,27 @@ def test_command_pushed_then_rolled_back_while_relay_polls_is_never_claimed(pg_o
     seen.append(pg_outbox.store.claim(100, 30))
     assert seen == [[], [], [], []]
     assert count_rows(pg_engine, pg_outbox.store.table) == 0
+
+
+@pytest.mark.parametrize("count", [1, 60], ids=["one-insert", "copy"])
+@pytest.mark.parametrize("ending", ["commit", "rollback", "close"])
+def test_push_on_a_commit_as_you_go_connection_follows_its_commit(
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any, count: int, ending: str
+) -> None:
+    """Guarantee 1 on SQLAlchemy's "commit as you go" Connection (no explicit begin): commit keeps the pushes,
+    rollback or close without commit leaves none.
+
+    One row goes in as a prepared INSERT and 60 through COPY, both on the driver
+    connection: fails if SQLAlchemy did not know its transaction had begun, so that
+    ``conn.commit()`` committed nothing and the commands were lost.
+    """
+    with pg_engine.connect() as conn:
+        if count == 1:
+            send_email.push(conn, "e@example.com")
+        else:
+            pg_outbox.push_many(conn, [send_email.s(f"{i}@example.com") for i in range(count)])
+        if ending == "commit":
+            conn.commit()
+        elif ending == "rollback":
+            conn.rollback()
+    assert count_rows(pg_engine, pg_outbox.store.table) == (count if ending == "commit" else 0)
