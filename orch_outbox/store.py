@@ -11,6 +11,7 @@ the right precision, and in tests that pass ``clock=``, the Python clock is used
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -134,6 +135,9 @@ def _tune_sqlite(engine: sa.Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+#: A claimed row as the claim statement returns it.
+_CLAIMED = collections.namedtuple("_CLAIMED", "id name target attempt input timeout priority status batch_id")
+
 #: Connections a forked child inherited from its parent's hot path: kept referenced, never
 #: closed or collected, because closing one would end the parent's session on the shared socket.
 _INHERITED: list[Any] = []
@@ -172,6 +176,18 @@ class _HotPath:
         try:
             cur = conn.execute(sql, params, prepare=True)
             return cur.fetchone()
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._drop(relaxed, conn)
+            raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+
+    def execute_all(self, relaxed: bool, sql: str, params: dict[str, Any]) -> list[Any]:
+        """Run one statement in autocommit on this thread's connection; all its rows."""
+        import psycopg
+
+        conn = self._conn(relaxed)
+        try:
+            rows: list[Any] = conn.execute(sql, params, prepare=True).fetchall()
+            return rows
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._drop(relaxed, conn)
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
@@ -616,11 +632,18 @@ class Store:
         skipped, so the backlog waits in the database (where it can be reordered and
         canceled) and no message waits in the broker past its dispatch lease.
         """
-        with self._one(relaxed=True) as conn:
-            rows = conn.execute(
-                self._claim_stmt,
-                {"p_limit": limit, "p_cap": max_in_flight or 2**31 - 1, **self._p_times(p_lease=dispatch_timeout)},
-            ).all()
+        params: dict[str, Any] = {"p_limit": limit}
+        if max_in_flight:
+            params["p_cap"] = max_in_flight
+        if self._hot is not None:
+            sql, constants = self._hot_claim_capped if max_in_flight else self._hot_claim
+            params.update(constants, p_lease=timedelta(seconds=dispatch_timeout))
+            rows: Sequence[Any] = self._hot.execute_all(self._relaxed is not None, sql, params)
+            rows = [_CLAIMED(*row) for row in rows]
+        else:
+            with self._one(relaxed=True) as conn:
+                stmt = self._claim_capped_stmt if max_in_flight else self._claim_stmt
+                rows = conn.execute(stmt, {**params, **self._p_times(p_lease=dispatch_timeout)}).all()
         claimed = [
             Dispatch(r.id, r.name, r.target, r.attempt, r.input, r.timeout, r.priority)
             for r in rows
@@ -644,7 +667,32 @@ class Store:
         )
 
     @functools.cached_property
+    def _hot_claim(self) -> tuple[str, dict[str, Any]]:
+        assert self._hot is not None
+        return self._hot.compile(self.engine, self._claim_stmt)
+
+    @functools.cached_property
+    def _hot_claim_capped(self) -> tuple[str, dict[str, Any]]:
+        assert self._hot is not None
+        return self._hot.compile(self.engine, self._claim_capped_stmt)
+
+    @functools.cached_property
     def _claim_stmt(self) -> sa.Update:
+        """The claim without an in-flight cap: the first ``p_limit`` due rows, locked and skipped over by others."""
+        t = self.table
+        locked = (
+            sa.select(t.c.id)
+            .where(t.c.status == "pending", t.c.scheduled_at <= self._p_now(), ~self._paused())
+            .order_by(t.c.priority.desc(), t.c.scheduled_at)
+            .limit(sa.bindparam("p_limit", type_=sa.Integer()))
+            .with_for_update(skip_locked=True)
+            .cte("locked")
+        )
+        return self._claim_update(sa.select(locked.c.id))
+
+    @functools.cached_property
+    def _claim_capped_stmt(self) -> sa.Update:
+        """The claim under ``max_in_flight``: per target, at most ``p_cap`` dispatched and not yet started."""
         t = self.table
         now = self._p_now()
         cap = sa.bindparam("p_cap", type_=sa.Integer())
@@ -679,10 +727,16 @@ class Store:
             .cte("ranked")
         )
         due = sa.select(ranked.c.id).where(ranked.c.rank + ranked.c.n <= cap).cte("due")
+        return self._claim_update(sa.select(due.c.id))
+
+    def _claim_update(self, ids: sa.Select[Any]) -> sa.Update:
+        """Dispatch the rows ``ids`` selects (a new attempt each), or expire those past ``expires_at``."""
+        t = self.table
+        now = self._p_now()
         expired = sa.and_(t.c.expires_at.is_not(None), t.c.expires_at <= now)
         return (
             sa.update(t)
-            .where(t.c.id.in_(sa.select(due.c.id)))
+            .where(t.c.id.in_(ids))
             .values(
                 status=sa.case((expired, "expired"), else_="dispatched"),
                 outcome=sa.case((expired, "expired"), else_=t.c.outcome),

@@ -87,17 +87,17 @@ def test_fenced_complete_uses_the_primary_key_with_stale_statistics(make_outbox:
     assert f"{outbox.store.table.name}_pkey" in plan, plan
 
 
-def test_claim_stays_on_the_due_index_with_stale_statistics(make_outbox: Callable[..., Outbox]) -> None:
+@pytest.mark.parametrize("capped", [False, True], ids=["no-cap", "max-in-flight"])
+def test_claim_stays_on_the_due_index_with_stale_statistics(make_outbox: Callable[..., Outbox], capped: bool) -> None:
     """Proves the relay's claim reads the partial index of pending rows in claim order, not the whole table."""
     outbox = make_outbox()
     _fill(outbox, "pending")
     store = outbox.store
-    compiled = store._claim_stmt.compile(dialect=store.engine.dialect)
-    params = {k: v for k, v in compiled.params.items() if v is not None}
-    params.update(p_limit=100, p_cap=2**31 - 1, p_lease=timedelta(seconds=10))
-    missing = [k for k, v in compiled.params.items() if v is None and k not in params]
-    assert not missing, f"unbound claim parameters: {missing}"
-    plan = _plan(outbox, compiled.string, params)
+    sql, constants = store._hot_claim_capped if capped else store._hot_claim
+    params = {**constants, "p_limit": 100, "p_lease": timedelta(seconds=10)}
+    if capped:
+        params["p_cap"] = 10
+    plan = _plan(outbox, sql, params)
     assert f"{store.table.name}_due_idx" in plan, plan
 
 
