@@ -95,16 +95,31 @@ def _refuse_naive(value: Any, where: str) -> None:
             _refuse_naive(item, f"{where}[{i}]")
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def dumps(data: JSON) -> str:
     """Compact JSON text of already-encoded data."""
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _COMPACT.encode(data)
 
 
-def check_size(data: JSON, limit: int, where: str) -> None:
-    """Refuse encoded data larger than ``limit`` bytes."""
-    size = len(dumps(data).encode())
+def check_size(data: JSON, limit: int, where: str) -> str:
+    """Refuse encoded data larger than ``limit`` bytes; returns its JSON text."""
+    text = dumps(data)
+    if len(text) * 4 <= limit:  # no character takes more than 4 bytes in UTF-8
+        return text
+    size = len(text.encode())
     if size > limit:
         raise InvalidInput(f"{where} is {size} bytes encoded; the limit (outbox_max_input_bytes) is {limit}")
+    return text
+
+
+class Arguments(dict[str, JSON]):
+    """Encoded arguments that keep their JSON text once it was computed (a bulk push writes it as is)."""
+
+    __slots__ = ("text",)
+
+    text: str
 
 
 def decode(data: JSON, annotation: Any) -> Any:
@@ -191,6 +206,18 @@ def _plain_parameters(signature: inspect.Signature) -> tuple[str, ...] | None:
             return None
         names.append(param.name)
     return tuple(names)
+
+
+def argument_encoder(signature: inspect.Signature) -> Callable[[tuple[Any, ...], dict[str, Any]], Arguments]:
+    """:func:`encode_arguments` for one signature, with the signature's analysis done once (bulk pushes)."""
+    names = _plain_parameters.__wrapped__(signature)
+
+    def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
+        if names is not None and not kwargs and len(args) == len(names):
+            return Arguments([(name, encode(value, name)) for name, value in zip(names, args, strict=True)])
+        return Arguments(encode_arguments(signature, args, kwargs))
+
+    return encode_call
 
 
 def _quick_bind(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:

@@ -39,13 +39,13 @@ from .errors import (
     ScheduleNotFound,
     UnknownCommand,
 )
-from .jsoncodec import check_size, encode, encode_arguments, encode_arguments_with_result
+from .jsoncodec import argument_encoder, check_size, encode, encode_arguments, encode_arguments_with_result
 from .schema import BATCH_STATUSES, FINAL_STATUSES, STATUSES
 from .settings import Settings, validate_target
 from .signals import command_failed
 from .store import ErrorInfo, Store, make_engine
 from .task import Hooks, OutboxTask, Outcome, adopt, handler_of
-from .uuid7 import uuid7
+from .uuid7 import uuid7, uuid7_many
 
 log = logging.getLogger("orch_outbox")
 
@@ -391,7 +391,8 @@ class Outbox:
 
     def push_many(self, conn: Connectable, calls: Iterable[Signature]) -> list[uuid.UUID]:
         """Insert many commands at once in the caller's transaction (COPY on PostgreSQL from 50 rows)."""
-        return self._insert(conn, self.rows_for(calls))
+        items = self._templated_rows(calls)
+        return self._with_connection(conn, lambda c: self.store.insert_templated(c, items))
 
     def rows_for(self, calls: Iterable[Signature]) -> list[dict[str, Any]]:
         """Rows of many signatures, validated; what depends only on the command and its options is done once.
@@ -399,21 +400,28 @@ class Outbox:
         Calls of one command with the same options share its target, timeout, retries,
         priority and times: only the arguments are bound and encoded per call.
         """
+        return [{**template, "id": cid, "input": data} for template, cid, data in self._templated_rows(calls)]
+
+    def _templated_rows(self, calls: Iterable[Signature]) -> list[tuple[dict[str, Any], uuid.UUID, Any]]:
+        """(template row, id, input) per call: rows as :meth:`rows_for` makes them, not yet built."""
         done: dict[Any, tuple[dict[str, Any], Any]] = {}
-        rows = []
-        for call in calls:
+        rows: list[tuple[dict[str, Any], uuid.UUID, Any]] = []
+        calls = list(calls)
+        limit = self.settings.max_input_bytes
+        for call, command_id in zip(calls, uuid7_many(len(calls)), strict=True):
             key = _template_key(call)
             known = done.get(key) if key is not None else None
             if known is None:
                 row = self.row_for(call)
+                row["id"] = command_id  # ids in push order, drawn for the whole push at once
                 if key is not None:
-                    done[key] = (row, handler_of(self.runnable(call.task)).signature)
-                rows.append(row)
+                    done[key] = (row, argument_encoder(handler_of(self.runnable(call.task)).signature))
+                rows.append((row, command_id, row["input"]))
                 continue
-            template, signature = known
-            data = encode_arguments(signature, tuple(call.args), dict(call.kwargs))
-            check_size(data, self.settings.max_input_bytes, f"input of {template['name']}")
-            rows.append({**template, "id": uuid7(), "input": data})
+            template, encode_call = known
+            data = encode_call(tuple(call["args"]), call["kwargs"])
+            data.text = check_size(data, limit, f"input of {template['name']}")
+            rows.append((template, command_id, data))
         return rows
 
     def push_batch(
@@ -1079,10 +1087,10 @@ def command_name(func_name: str) -> str:
 
 def _template_key(call: Any) -> Any:
     """What makes two signatures' rows equal but for their arguments (None: do not share)."""
-    if type(call) is not Signature or call.immutable:
+    if type(call) is not Signature or call.get("immutable"):
         return None
-    try:
-        key = (call.task, tuple(sorted(call.options.items())))
+    try:  # the signature's own dict: its properties cost more than the rest of a bulk row
+        key = (call["task"], tuple(sorted(call["options"].items())))
         hash(key)
     except TypeError:
         return None

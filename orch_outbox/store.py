@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import logging
 import os
 import threading
@@ -241,6 +242,65 @@ class _HotPath:
         for conn in conns:
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+#: Rows rendered per write of a COPY.
+COPY_CHUNK_ROWS = 2_000
+
+#: COPY text escapes: backslash first, then the separators.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+#: JSON for COPY text: ASCII only, so no raw tab or newline can reach the row.
+_COPY_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
+def _quote(identifier: str) -> str:
+    """A quoted SQL identifier (the table prefix and column names are validated identifiers)."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+class _CopyText:
+    """Rows as PostgreSQL COPY text: tab-separated, ``\\N`` for NULL, with COPY's escapes.
+
+    Columns go in the order ``id``, ``input``, then the rest. Rows of one bulk push share
+    everything but their id and input (name, target, timeout, times...), so the rest is
+    rendered once per template row and reused. JSON is dumped with ASCII escapes, so it
+    holds no raw tab or newline; its backslashes are doubled for COPY.
+    """
+
+    def __init__(self, columns: Iterable[str], json_columns: frozenset[str]) -> None:
+        self.json_columns = json_columns
+        self.rest = sorted(set(columns) - {"id", "input"})
+        self.columns = ["id", "input", *self.rest]
+        self._rest_of: dict[int, tuple[Row, str]] = {}
+
+    def line(self, template: Row, command_id: uuid.UUID, data: Any) -> str:
+        """One row: ``template``'s values but for its id and input."""
+        known = self._rest_of.get(id(template))
+        if known is None or known[0] is not template:
+            known = self._rest_of[id(template)] = (template, "\t".join([self.render(c, template) for c in self.rest]))
+        if data is None:
+            value = "\\N"
+        else:  # JSON escapes every control character, tab and newline included: only backslashes need doubling
+            value = (getattr(data, "text", None) or _COPY_JSON.encode(data)).replace("\\", "\\\\")
+        return f"{command_id}\t{value}\t{known[1]}\n"
+
+    def render(self, column: str, row: Row) -> str:
+        value = row.get(column)
+        if value is None:
+            return "\\N"
+        if column in self.json_columns:
+            return _COPY_JSON.encode(value).replace("\\", "\\\\")
+        if isinstance(value, bool):
+            return "t" if value else "f"
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime")
+            return value.isoformat()
+        if isinstance(value, float):
+            return repr(value)
+        return str(value).translate(_COPY_ESCAPES)
 
 
 def _driver(conn: sa.Connection) -> Any:
@@ -478,30 +538,50 @@ class Store:
                 ids[i] = self._insert_unique(conn, row, strict)
         return ids
 
+    def insert_templated(self, conn: sa.Connection, items: Sequence[tuple[Row, uuid.UUID, Any]]) -> list[uuid.UUID]:
+        """A bulk push given as (template row, id, input): rows equal to their template but for id and input.
+
+        From ``COPY_MIN_ROWS`` on PostgreSQL the rows go through COPY without being built
+        one by one: each template is stamped and rendered once. Otherwise (and for rows
+        with a unique key) this is :meth:`insert`.
+        """
+        if (
+            len(items) < COPY_MIN_ROWS
+            or conn.dialect.name != "postgresql"
+            or any(template.get("unique_key") is not None for template, _, _ in items)
+        ):
+            return self.insert(conn, [{**template, "id": cid, "input": data} for template, cid, data in items])
+        now = self.now_for_insert()
+        stamped: dict[int, Row] = {}
+        rows: list[tuple[Row, uuid.UUID, Any]] = []
+        for template, cid, data in items:
+            stamp = stamped.get(id(template))
+            if stamp is None:
+                stamp = stamped[id(template)] = self._stamp([template], now)[0]
+            rows.append((stamp, cid, data))
+        self._copy_lines(conn, {c for stamp in stamped.values() for c in stamp}, rows)
+        return [cid for _, cid, _ in items]
+
     def _copy(self, conn: sa.Connection, rows: Sequence[Row]) -> None:
-        """Many rows at once with PostgreSQL's COPY, on the caller's connection and transaction.
+        """Many rows at once with PostgreSQL's COPY (rows of any shape)."""
+        self._copy_lines(conn, {c for row in rows for c in row}, [(row, row["id"], row.get("input")) for row in rows])
+
+    def _copy_lines(self, conn: sa.Connection, columns: set[str], rows: Sequence[tuple[Row, uuid.UUID, Any]]) -> None:
+        """COPY rows given as (row to take the other columns from, id, input), on the caller's transaction.
 
         Much cheaper per row than an INSERT; COPY fires the statement-level insert
         trigger too, so the relay is notified on commit as for an INSERT.
         """
-        from psycopg import sql
-        from psycopg.types.json import Jsonb
-
-        columns = sorted({key for row in rows for key in row})
-        json_columns = {c for c in columns if isinstance(self.table.c[c].type, sa.JSON)}
+        text = _CopyText(columns, self._json_columns)
         raw = _driver(conn)
-        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-            sql.Identifier(self.table.name), sql.SQL(", ").join(map(sql.Identifier, columns))
+        statement = "COPY {} ({}) FROM STDIN".format(
+            _quote(self.table.name), ", ".join(_quote(c) for c in text.columns)
         )
+        line = text.line
         try:
-            with raw.cursor() as cursor, cursor.copy(statement) as copy:  # type: ignore[union-attr]
-                for row in rows:
-                    copy.write_row(
-                        [
-                            Jsonb(row.get(c)) if c in json_columns and row.get(c) is not None else row.get(c)
-                            for c in columns
-                        ]
-                    )
+            with raw.cursor() as cursor, cursor.copy(statement) as copy:
+                for start in range(0, len(rows), COPY_CHUNK_ROWS):
+                    copy.write("".join([line(*row) for row in rows[start : start + COPY_CHUNK_ROWS]]))
         except Exception as exc:  # the driver's error, as SQLAlchemy would have raised it
             import psycopg
 

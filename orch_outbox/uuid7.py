@@ -33,6 +33,26 @@ def uuid7() -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
+def uuid7_many(n: int) -> list[uuid.UUID]:
+    """``n`` new ids in order: what ``n`` calls of :func:`uuid7` in one millisecond make, at a fraction of the cost."""
+    global _last
+    if n <= 0:
+        return []
+    values = []
+    with _lock:
+        ms = time.time_ns() // 1_000_000
+        rand = int.from_bytes(os.urandom(10), "big")
+        value = ((ms & ((1 << 48) - 1)) << 80) | (0x7 << 76) | (((rand >> 62) & 0xFFF) << 64) | (0b10 << 62)
+        value |= rand & ((1 << 62) - 1)
+        if value >> 80 <= _last >> 80 and _last:
+            value = _next_after(_last)
+        for _ in range(n):
+            values.append(value)
+            value = _next_after(value)
+        _last = values[-1]
+    return [uuid.UUID(int=v) for v in values]
+
+
 def _next_after(previous: int) -> int:
     """The previous id plus one in its random bits (the version and variant bits kept)."""
     rand_a = (previous >> 64) & 0xFFF
