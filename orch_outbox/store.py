@@ -161,7 +161,7 @@ class _HotPath:
         cargs, cparams = engine.dialect.create_connect_args(engine.url)
         self._cargs, self._cparams = list(cargs), dict(cparams)
         self._lock = threading.Lock()
-        self._conns: dict[tuple[int, bool], Any] = {}
+        self._conns: dict[tuple[int, bool], Any] = {}  # (thread, relaxed) -> cursor of its connection
         self._pid = os.getpid()
 
     def compile(self, engine: sa.Engine, stmt: sa.Update) -> tuple[str, dict[str, Any]]:
@@ -171,35 +171,32 @@ class _HotPath:
 
     def execute(self, relaxed: bool, sql: str, params: dict[str, Any]) -> Any:
         """Run one statement in autocommit on this thread's connection; its first row or None."""
-        import psycopg
-
-        conn = self._conn(relaxed)
-        try:
-            cur = conn.execute(sql, params, prepare=True)
-            return cur.fetchone()
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self._drop(relaxed, conn)
-            raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+        return self._run(relaxed, sql, params)[0]
 
     def execute_all(self, relaxed: bool, sql: str, params: dict[str, Any]) -> list[Any]:
         """Run one statement in autocommit on this thread's connection; all its rows."""
+        return self._run(relaxed, sql, params)[1]
+
+    def _run(self, relaxed: bool, sql: str, params: dict[str, Any]) -> tuple[Any, list[Any]]:
         import psycopg
 
-        conn = self._conn(relaxed)
+        cursor = self._cursor(relaxed)
         try:
-            rows: list[Any] = conn.execute(sql, params, prepare=True).fetchall()
-            return rows
+            cursor.execute(sql, params, prepare=True)
+            rows = cursor.fetchall()
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self._drop(relaxed, conn)
+            self._drop(relaxed, cursor.connection)
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+        return (rows[0] if rows else None), rows
 
-    def _conn(self, relaxed: bool) -> Any:
+    def _cursor(self, relaxed: bool) -> Any:
+        """This thread's cursor for ``relaxed`` (kept with its connection: a new one per statement costs)."""
         if os.getpid() != self._pid:
             self._forget_inherited()
         key = (threading.get_ident(), relaxed)
-        conn = self._conns.get(key)
-        if conn is not None and not conn.closed:
-            return conn
+        cursor = self._conns.get(key)
+        if cursor is not None and not cursor.connection.closed:
+            return cursor
         import psycopg
 
         params = dict(self._cparams)
@@ -209,10 +206,11 @@ class _HotPath:
             conn = psycopg.connect(*self._cargs, **params, autocommit=True)
         except psycopg.Error as exc:
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+        cursor = conn.cursor()
         with self._lock:
             self._close_dead_threads()
-            self._conns[key] = conn
-        return conn
+            self._conns[key] = cursor
+        return cursor
 
     def _drop(self, relaxed: bool, conn: Any) -> None:
         with self._lock:
@@ -224,7 +222,7 @@ class _HotPath:
         alive = {t.ident for t in threading.enumerate()}
         for key in [k for k in self._conns if k[0] not in alive]:
             with contextlib.suppress(Exception):
-                self._conns.pop(key).close()
+                self._conns.pop(key).connection.close()
 
     def _forget_inherited(self) -> None:
         with self._lock:
@@ -238,10 +236,10 @@ class _HotPath:
             self._forget_inherited()
             return
         with self._lock:
-            conns, self._conns = list(self._conns.values()), {}
-        for conn in conns:
+            cursors, self._conns = list(self._conns.values()), {}
+        for cursor in cursors:
             with contextlib.suppress(Exception):
-                conn.close()
+                cursor.connection.close()
 
 
 #: Rows rendered per write of a COPY.
