@@ -177,6 +177,24 @@ class _HotPath:
         """Run one statement in autocommit on this thread's connection; all its rows."""
         return self._run(relaxed, sql, params)[1]
 
+    def execute_each(self, relaxed: bool, sql: str, params: Sequence[dict[str, Any]]) -> list[Any]:
+        """Run one statement per parameter set in ONE transaction, pipelined; each one's first row or None."""
+        import psycopg
+
+        cursor = self._cursor(relaxed)
+        firsts: list[Any] = []
+        try:
+            with cursor.connection.transaction():
+                cursor.executemany(sql, params, returning=True)
+                while True:
+                    firsts.append(cursor.fetchone())
+                    if not cursor.nextset():
+                        break
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._drop(relaxed, cursor.connection)
+            raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+        return firsts
+
     def _run(self, relaxed: bool, sql: str, params: dict[str, Any]) -> tuple[Any, list[Any]]:
         import psycopg
 
@@ -968,6 +986,23 @@ class Store:
         """
         if not items:
             return set()
+        if self._hot is not None:
+            # One fenced primary-key UPDATE per success, pipelined in one transaction: one
+            # round trip and one WAL flush, and no join for the planner to get wrong.
+            sql, constants, to_json = self._hot_complete
+            firsts = self._hot.execute_each(
+                False,
+                sql,
+                [
+                    {**constants, "p_id": cid, "p_attempt": attempt, "p_output": to_json(output)}
+                    for cid, attempt, output in sorted(items, key=lambda item: item[0])
+                ],
+            )
+            recorded = [
+                (cid, first) for (cid, _, _), first in zip(sorted(items, key=lambda item: item[0]), firsts, strict=True)
+            ]
+            self.settle_batches(first[0] for _, first in recorded if first is not None)
+            return {cid for cid, first in recorded if first is not None}
         t = self.table
         if self.engine.dialect.name != "postgresql":
             done = {cid for cid, attempt, output in items if self.complete(cid, attempt, output, [])}

@@ -86,3 +86,26 @@ def test_a_stale_success_in_the_write_behind_changes_nothing(make_outbox: Callab
     executor.write_behind.submit(started, 1)  # type: ignore[union-attr]
     assert executor.flush(10)
     assert (outbox.get(command_id).status, outbox.get(command_id).output) == ("completed", 1)
+
+
+def test_complete_many_records_only_the_attempts_that_still_hold_their_rows(make_outbox: Callable[..., Outbox]) -> None:
+    """Guarantee 3 for the batched write-back: of five successes handed over, the two whose attempt no longer
+    holds its row (canceled meanwhile; a stale attempt number) change nothing; the three others are recorded
+    with their outputs, in one call."""
+    outbox = make_outbox()
+    store = outbox.store
+
+    @outbox.command(target=unique_target("wb-fence"))
+    def job(n: int) -> int:
+        return n
+
+    ids = outbox.push_many(outbox.engine, [job.s(n) for n in range(5)])
+    claimed = {d.id: d for d in store.claim(10, 60)}
+    for command_id in ids:
+        assert store.start(command_id, claimed[command_id].attempt, "job", "w", 60) is not None
+    assert store.canceled(ids[3], claimed[ids[3]].attempt, [])  # the attempt was canceled meanwhile
+    items = [(cid, claimed[cid].attempt, {"n": i}) for i, cid in enumerate(ids)]
+    items[4] = (ids[4], claimed[ids[4]].attempt + 1, {"n": 4})  # an attempt that never held the row
+    assert store.complete_many(items) == {ids[0], ids[1], ids[2]}
+    assert [outbox.get(i).status for i in ids] == ["completed", "completed", "completed", "canceled", "running"]
+    assert [outbox.get(i).output for i in ids[:3]] == [{"n": 0}, {"n": 1}, {"n": 2}]
