@@ -193,8 +193,8 @@ class Relay:
         self.app.send_task(
             item.name,
             kwargs={} if hidden else item.input,
-            argsrepr="()" if hidden else None,
-            kwargsrepr="<hidden>" if hidden else None,
+            argsrepr="()",
+            kwargsrepr="<hidden>" if hidden else _kwargsrepr(item.input, self.app.amqp.kwargsrepr_maxsize),
             serializer="json",
             task_id=f"{item.id}:{item.attempt}",
             queue=item.target,
@@ -204,6 +204,16 @@ class Relay:
             retry_policy=PUBLISH_RETRY_POLICY,
             ignore_result=True,
         )
+
+
+def _kwargsrepr(data: Any, limit: int) -> str:
+    """What Flower shows as the task's keyword arguments: the stored input (already plain JSON data).
+
+    Celery would build it with ``saferepr``, which walks the value item by item; the
+    input is JSON data, so its ``repr`` is safe and cheaper.
+    """
+    text = repr(data)
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
 
 
 #: Longest wait for the broker to confirm a published batch.

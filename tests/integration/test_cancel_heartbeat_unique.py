@@ -339,3 +339,31 @@ def test_hidden_input_stays_out_of_the_message(make_outbox: Callable[..., Outbox
     assert "hunter2" not in repr(body) and "hunter2" not in repr(headers)
     assert headers["kwargsrepr"] == "<hidden>"
     assert received == ["hunter2"]
+
+
+def test_published_message_shows_the_input_to_flower(make_outbox: Callable[..., Outbox]) -> None:
+    """Flower and worker logs show a command's arguments: the message carries the input as kwargs and its
+    repr as ``kwargsrepr`` (cut at Celery's ``kwargsrepr_maxsize``), and no positional arguments."""
+    outbox = make_outbox()
+
+    @outbox.command(target=unique_target("shown"))
+    def greet(user: str, note: str) -> None: ...
+
+    published: list[tuple[Any, Any]] = []
+
+    def capture(sender: Any = None, body: Any = None, headers: Any = None, **_: Any) -> None:
+        if sender == "greet":
+            published.append((body, headers))
+
+    signals.before_task_publish.connect(capture, weak=False)
+    try:
+        greet.push(outbox.engine, "ada", "hi")
+        greet.push(outbox.engine, "bob", "x" * 5000)
+        assert outbox.relay_once() == 2
+    finally:
+        signals.before_task_publish.disconnect(capture)
+    (body, headers), (_, long_headers) = published
+    assert tuple(body[0]) == () and body[1] == {"user": "ada", "note": "hi"}
+    assert (headers["argsrepr"], headers["kwargsrepr"]) == ("()", repr(body[1]))
+    limit = outbox.app.amqp.kwargsrepr_maxsize
+    assert len(long_headers["kwargsrepr"]) == limit and long_headers["kwargsrepr"].endswith("...")
