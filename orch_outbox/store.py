@@ -745,7 +745,7 @@ class Store:
             for r in rows
             if r.status == "dispatched"
         ]
-        claimed.sort(key=lambda d: -d.priority)
+        claimed.sort(key=lambda d: (-d.priority, d.id))  # within a priority, oldest first (ids are time-ordered)
         self.settle_batches(r.batch_id for r in rows if r.status == "expired")
         return claimed
 
