@@ -53,6 +53,11 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
 JSONDocument = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 
 
+def _partial(name: str, *columns: Any, where: sa.ColumnElement[bool], unique: bool = False) -> sa.Index:
+    """An index over the rows ``where`` holds, on PostgreSQL and SQLite alike."""
+    return sa.Index(name, *columns, unique=unique, postgresql_where=where, sqlite_where=where)
+
+
 def unique_scope(commands: Any) -> sa.ColumnElement[bool]:
     """Where the unique-key index applies: keyed rows not yet final."""
     return sa.and_(commands.c.unique_key.is_not(None), commands.c.status.in_(UNFINISHED_STATUSES))
@@ -101,62 +106,24 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
         sa.CheckConstraint("retries_left >= 0 AND retries >= 0", name=f"{prefix}commands_retries_check"),
         sa.CheckConstraint("timeout > 0", name=f"{prefix}commands_timeout_check"),
     )
-    sa.Index(
-        f"{prefix}commands_due_idx",
-        commands.c.priority.desc(),
-        commands.c.scheduled_at,
-        postgresql_where=commands.c.status == "pending",
-        sqlite_where=commands.c.status == "pending",
-    )
-    sa.Index(
-        f"{prefix}commands_lease_idx",
-        commands.c.lease_expires_at,
-        postgresql_where=commands.c.status.in_(("dispatched", "running")),
-        sqlite_where=commands.c.status.in_(("dispatched", "running")),
-    )
+    c = commands.c
+    _partial(f"{prefix}commands_due_idx", c.priority.desc(), c.scheduled_at, where=c.status == "pending")
+    _partial(f"{prefix}commands_lease_idx", c.lease_expires_at, where=c.status.in_(("dispatched", "running")))
     # Only the rows that have one: a root command (most of them) adds no entry.
-    has_parent = commands.c.parent_id.is_not(None)
-    sa.Index(f"{prefix}commands_parent_idx", commands.c.parent_id, postgresql_where=has_parent, sqlite_where=has_parent)
+    _partial(f"{prefix}commands_parent_idx", c.parent_id, where=c.parent_id.is_not(None))
     # At most one unfinished command per unique key; a finished one frees its key.
-    sa.Index(
-        f"{prefix}commands_unique_idx",
-        commands.c.unique_key,
-        unique=True,
-        postgresql_where=unique_scope(commands),
-        sqlite_where=unique_scope(commands),
-    )
+    _partial(f"{prefix}commands_unique_idx", c.unique_key, where=unique_scope(commands), unique=True)
     # Unfinished rows per target (in-flight caps, drain checks). No index leads with
     # ``status`` over all rows: with stale statistics the planner took one for the fenced
     # ``WHERE id = ? AND status = ?`` of every start and completion and walked every row
     # in that status; now only the primary key can serve those, whatever the statistics.
-    unfinished = commands.c.status.in_(UNFINISHED_STATUSES)
-    sa.Index(
-        f"{prefix}commands_unfinished_idx",
-        commands.c.target,
-        commands.c.status,
-        postgresql_where=unfinished,
-        sqlite_where=unfinished,
-    )
+    _partial(f"{prefix}commands_unfinished_idx", c.target, c.status, where=c.status.in_(UNFINISHED_STATUSES))
     # Retention clean-up (oldest final rows first) and the dead-letter listing.
-    final = commands.c.status.in_(FINAL_STATUSES)
-    sa.Index(f"{prefix}commands_finished_idx", commands.c.finished_at, postgresql_where=final, sqlite_where=final)
-    failed = commands.c.status == "failed"
-    sa.Index(f"{prefix}commands_failed_idx", commands.c.created_at, postgresql_where=failed, sqlite_where=failed)
+    _partial(f"{prefix}commands_finished_idx", c.finished_at, where=c.status.in_(FINAL_STATUSES))
+    _partial(f"{prefix}commands_failed_idx", c.created_at, where=c.status == "failed")
     # Serves "is any member of this batch unfinished?" (one probe per finishing member) and batch statistics.
-    sa.Index(
-        f"{prefix}commands_batch_idx",
-        commands.c.batch_id,
-        commands.c.status,
-        postgresql_where=commands.c.batch_id.is_not(None),
-    )
-    has_tenant = commands.c.tenant.is_not(None)
-    sa.Index(
-        f"{prefix}commands_tenant_idx",
-        commands.c.tenant,
-        commands.c.status,
-        postgresql_where=has_tenant,
-        sqlite_where=has_tenant,
-    )
+    sa.Index(f"{prefix}commands_batch_idx", c.batch_id, c.status, postgresql_where=c.batch_id.is_not(None))
+    _partial(f"{prefix}commands_tenant_idx", c.tenant, c.status, where=c.tenant.is_not(None))
     _add_support_tables(metadata, prefix)
     for ddl in notify_ddl(prefix):
         event.listen(commands, "after_create", sa.DDL(ddl).execute_if(dialect="postgresql"))  # type: ignore[no-untyped-call]
