@@ -153,15 +153,15 @@ class _HotPath:
     thread keeps, as a prepared statement, about a third of that. The SQL is the same:
     it is compiled once from the store's SQLAlchemy statements.
 
-    Each thread has its own connections (one per durability), made on first use and
-    replaced after a connection error. A forked child starts with none.
+    Each thread has its own connections (one per durability), made by the engine on
+    first use (so its ``connect_args`` and ``connect`` events apply), then detached from
+    its pool; replaced after a connection error. A forked child starts with none.
     """
 
     def __init__(self, engine: sa.Engine) -> None:
-        cargs, cparams = engine.dialect.create_connect_args(engine.url)
-        self._cargs, self._cparams = list(cargs), dict(cparams)
+        self._engine = engine
         self._lock = threading.Lock()
-        self._conns: dict[tuple[int, bool], Any] = {}  # (thread, relaxed) -> cursor of its connection
+        self._conns: dict[tuple[int, bool], tuple[Any, Any]] = {}  # (thread, relaxed) -> (pool handle, cursor)
         self._pid = os.getpid()
 
     def compile(self, engine: sa.Engine, stmt: sa.Update) -> tuple[str, dict[str, Any]]:
@@ -212,35 +212,40 @@ class _HotPath:
         if os.getpid() != self._pid:
             self._forget_inherited()
         key = (threading.get_ident(), relaxed)
-        cursor = self._conns.get(key)
-        if cursor is not None and not cursor.connection.closed:
-            return cursor
+        held = self._conns.get(key)
+        if held is not None and not held[1].connection.closed:
+            return held[1]
         import psycopg
 
-        params = dict(self._cparams)
-        if relaxed:
-            params["options"] = (str(params.get("options") or "") + " -c synchronous_commit=off").strip()
+        # A connection made by the engine (its URL, connect_args and connect events, such
+        # as a search_path), then taken out of its pool for this thread alone. The pool's
+        # handle is kept: closing it closes the connection, dropping it would too.
         try:
-            conn = psycopg.connect(*self._cargs, **params, autocommit=True)
-        except psycopg.Error as exc:
+            pooled = self._engine.raw_connection()
+            conn: Any = pooled.driver_connection
+            pooled.detach()
+            conn.autocommit = True
+            if relaxed:
+                conn.execute("SET synchronous_commit = off")
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, psycopg.OperationalError) as exc:
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
         cursor = conn.cursor()
         with self._lock:
             self._close_dead_threads()
-            self._conns[key] = cursor
+            self._conns[key] = (pooled, cursor)
         return cursor
 
     def _drop(self, relaxed: bool, conn: Any) -> None:
         with self._lock:
-            self._conns.pop((threading.get_ident(), relaxed), None)
+            held = self._conns.pop((threading.get_ident(), relaxed), None)
         with contextlib.suppress(Exception):
-            conn.close()
+            (held[0] if held is not None else conn).close()
 
     def _close_dead_threads(self) -> None:
         alive = {t.ident for t in threading.enumerate()}
         for key in [k for k in self._conns if k[0] not in alive]:
             with contextlib.suppress(Exception):
-                self._conns.pop(key).connection.close()
+                self._conns.pop(key)[0].close()
 
     def _forget_inherited(self) -> None:
         with self._lock:
@@ -254,10 +259,10 @@ class _HotPath:
             self._forget_inherited()
             return
         with self._lock:
-            cursors, self._conns = list(self._conns.values()), {}
-        for cursor in cursors:
+            held, self._conns = list(self._conns.values()), {}
+        for pooled, _ in held:
             with contextlib.suppress(Exception):
-                cursor.connection.close()
+                pooled.close()
 
 
 #: Rows rendered per write of a COPY.
