@@ -14,7 +14,7 @@ from orch_outbox import ConfigurationError, Outbox, OutboxTask, Settings
 from orch_outbox.backoff import delay_for, resolve
 from orch_outbox.outbox import command_name
 from orch_outbox.testing import wait_until
-from orch_outbox.uuid7 import uuid7
+from orch_outbox.uuid7 import uuid7, uuid7_many
 
 # -- names -----------------------------------------------------------------------------
 
@@ -110,6 +110,19 @@ def test_uuid7_unique() -> None:
     """Ids do not collide even within one millisecond."""
     ids = {uuid7() for _ in range(20_000)}
     assert len(ids) == 20_000
+
+
+def test_uuid7_many_continues_the_same_strictly_increasing_sequence() -> None:
+    """A bulk push's ids (``uuid7_many``) are version-7 ids in strictly increasing order, unique, and
+    interleave with single ids without going backwards: push order is id order."""
+    before = uuid7()
+    batch = uuid7_many(5000)
+    after = uuid7()
+    sequence = [before, *batch, after]
+    assert all(a < b for a, b in itertools.pairwise(sequence))
+    assert len(set(batch)) == 5000
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in batch)
+    assert uuid7_many(0) == []
 
 
 # -- backoff ---------------------------------------------------------------------------
