@@ -394,16 +394,13 @@ class Outbox:
         items = self._templated_rows(calls)
         return self._with_connection(conn, lambda c: self.store.insert_templated(c, items))
 
-    def rows_for(self, calls: Iterable[Signature]) -> list[dict[str, Any]]:
-        """Rows of many signatures, validated; what depends only on the command and its options is done once.
+    def _templated_rows(self, calls: Iterable[Signature]) -> list[tuple[dict[str, Any], uuid.UUID, Any]]:
+        """(template row, id, input) per call, validated: each row is its template but for its id and input.
 
         Calls of one command with the same options share its target, timeout, retries,
-        priority and times: only the arguments are bound and encoded per call.
+        priority and times: only the arguments are bound and encoded per call, and the
+        rows themselves are never built for a COPY.
         """
-        return [{**template, "id": cid, "input": data} for template, cid, data in self._templated_rows(calls)]
-
-    def _templated_rows(self, calls: Iterable[Signature]) -> list[tuple[dict[str, Any], uuid.UUID, Any]]:
-        """(template row, id, input) per call: rows as :meth:`rows_for` makes them, not yet built."""
         done: dict[Any, tuple[dict[str, Any], Any]] = {}
         rows: list[tuple[dict[str, Any], uuid.UUID, Any]] = []
         calls = list(calls)
