@@ -188,13 +188,25 @@ def _decode_scalar(data: JSON, annotation: type) -> Any:
 
 def encode_arguments(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, JSON]:
     """Bind a call to a handler's signature and encode it as a JSON object, one key per parameter."""
-    arguments = _quick_bind(signature, args, kwargs)
+    return _encode_bound(signature, _names_of(signature), args, kwargs)
+
+
+def argument_encoder(signature: inspect.Signature) -> Callable[[tuple[Any, ...], dict[str, Any]], Arguments]:
+    """:func:`encode_arguments` for one signature, with the signature's analysis done once (bulk pushes)."""
+    names = _names_of(signature)
+    return lambda args, kwargs: _encode_bound(signature, names, args, kwargs)
+
+
+def _encode_bound(
+    signature: inspect.Signature, names: tuple[str, ...] | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Arguments:
+    arguments = _quick_bind(names, args, kwargs)
     if arguments is None:
         try:
             arguments = signature.bind(*args, **kwargs).arguments
         except TypeError as exc:
             raise InvalidInput(f"arguments do not match the handler: {exc}") from None
-    return {name: encode(value, name) for name, value in arguments.items()}
+    return Arguments([(name, encode(value, name)) for name, value in arguments.items()])
 
 
 @functools.lru_cache(maxsize=512)
@@ -208,26 +220,19 @@ def _plain_parameters(signature: inspect.Signature) -> tuple[str, ...] | None:
     return tuple(names)
 
 
-def argument_encoder(signature: inspect.Signature) -> Callable[[tuple[Any, ...], dict[str, Any]], Arguments]:
-    """:func:`encode_arguments` for one signature, with the signature's analysis done once (bulk pushes)."""
-    names = _plain_parameters.__wrapped__(signature)
-
-    def encode_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Arguments:
-        if names is not None and not kwargs and len(args) == len(names):
-            return Arguments([(name, encode(value, name)) for name, value in zip(names, args, strict=True)])
-        return Arguments(encode_arguments(signature, args, kwargs))
-
-    return encode_call
-
-
-def _quick_bind(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
-    """The common case bound without ``Signature.bind`` (a bulk push binds thousands); None: use ``bind``."""
+def _names_of(signature: inspect.Signature) -> tuple[str, ...] | None:
     try:
-        names = _plain_parameters(signature)
+        return _plain_parameters(signature)
     except TypeError:  # an unhashable annotation: no cache for this one
-        names = _plain_parameters.__wrapped__(signature)
+        return _plain_parameters.__wrapped__(signature)
+
+
+def _quick_bind(names: tuple[str, ...] | None, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any] | None:
+    """The common case bound without ``Signature.bind`` (a bulk push binds thousands); None: use ``bind``."""
     if names is None or len(args) + len(kwargs) != len(names):
         return None
+    if not kwargs:
+        return dict(zip(names, args, strict=True))
     arguments = dict(zip(names, args, strict=False))
     for name, value in kwargs.items():
         if name in arguments or name not in names:

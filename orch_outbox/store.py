@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -136,7 +137,7 @@ def _tune_sqlite(engine: sa.Engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-#: A claimed row as the claim statement returns it.
+#: A claimed row as the claim statement returns it (its RETURNING list is these fields).
 _CLAIMED = collections.namedtuple("_CLAIMED", "id name target attempt input timeout priority status batch_id")
 
 #: Connections a forked child inherited from its parent's hot path: kept referenced, never
@@ -276,9 +277,14 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 _COPY_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
-def _quote(identifier: str) -> str:
-    """A quoted SQL identifier (the table prefix and column names are validated identifiers)."""
-    return '"' + identifier.replace('"', '""') + '"'
+def _insert_sql(template: str, table: str, columns: Sequence[str], raw: Any) -> str:
+    """``template`` (``COPY {} ({}) …`` or ``INSERT INTO {} ({}) VALUES ({})``) with the table and columns quoted."""
+    from psycopg import sql
+
+    parts = [sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))]
+    if template.count("{}") == 3:
+        parts.append(sql.SQL(", ").join(sql.Placeholder() * len(columns)))
+    return str(sql.SQL(template).format(*parts).as_string(raw))
 
 
 class _CopyText:
@@ -595,9 +601,7 @@ class Store:
         """
         text = _CopyText(columns, self._json_columns)
         raw = _driver(conn)
-        statement = "COPY {} ({}) FROM STDIN".format(
-            _quote(self.table.name), ", ".join(_quote(c) for c in text.columns)
-        )
+        statement = _insert_sql("COPY {} ({}) FROM STDIN", self.table.name, text.columns, raw)
         line = text.line
         try:
             with raw.cursor() as cursor, cursor.copy(statement) as copy:
@@ -623,17 +627,7 @@ class Store:
         columns = tuple(sorted(row))
         statement = self._insert_sql.get(columns)
         if statement is None:
-            from psycopg import sql
-
-            statement = (
-                sql.SQL("INSERT INTO {} ({}) VALUES ({})")
-                .format(
-                    sql.Identifier(self.table.name),
-                    sql.SQL(", ").join(map(sql.Identifier, columns)),
-                    sql.SQL(", ").join(sql.Placeholder() * len(columns)),
-                )
-                .as_string(raw)
-            )
+            statement = _insert_sql("INSERT INTO {} ({}) VALUES ({})", self.table.name, columns, raw)
             if len(self._insert_sql) < 64:
                 self._insert_sql[columns] = statement
         values = [Jsonb(row[c]) if row[c] is not None and c in self._json_columns else row[c] for c in columns]
@@ -846,17 +840,7 @@ class Store:
                 dispatched_at=sa.case((expired, t.c.dispatched_at), else_=now),
                 lease_expires_at=sa.case((expired, None), else_=self._p_later("p_lease")),
             )
-            .returning(
-                t.c.id,
-                t.c.name,
-                t.c.target,
-                t.c.attempt,
-                t.c.input,
-                t.c.timeout,
-                t.c.priority,
-                t.c.status,
-                t.c.batch_id,
-            )
+            .returning(*(t.c[name] for name in _CLAIMED._fields))
         )
 
     def undispatch(self, items: Sequence[Dispatch]) -> int:
@@ -936,19 +920,7 @@ class Store:
                 lease_expires_at=self._p_later("p_lease"),
                 worker=sa.bindparam("p_worker", type_=t.c.worker.type),
             )
-            .returning(
-                t.c.id,
-                t.c.name,
-                t.c.target,
-                t.c.attempt,
-                t.c.input,
-                t.c.timeout,
-                t.c.retries,
-                t.c.retries_left,
-                t.c.tenant,
-                t.c.batch_id,
-                t.c.chain,
-            )
+            .returning(*(t.c[f.name] for f in dataclasses.fields(Started)))  # in Started's order
         )
 
     def hold_back(self, command_id: uuid.UUID, attempt: int) -> bool:

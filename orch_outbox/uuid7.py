@@ -18,19 +18,7 @@ def uuid7() -> uuid.UUID:
     as the previous one, or while the clock stepped back, is the previous one plus one.
     So ids of one push are in push order, and a batch's members keep their order.
     """
-    global _last
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80
-    value |= 0x7 << 76
-    value |= ((rand >> 62) & 0xFFF) << 64
-    value |= 0b10 << 62
-    value |= rand & ((1 << 62) - 1)
-    with _lock:
-        if value >> 80 <= _last >> 80 and _last:
-            value = _next_after(_last)
-        _last = value
-    return uuid.UUID(int=value)
+    return uuid7_many(1)[0]
 
 
 def uuid7_many(n: int) -> list[uuid.UUID]:
@@ -38,12 +26,12 @@ def uuid7_many(n: int) -> list[uuid.UUID]:
     global _last
     if n <= 0:
         return []
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = ((ms & ((1 << 48) - 1)) << 80) | (0x7 << 76) | (((rand >> 62) & 0xFFF) << 64) | (0b10 << 62)
+    value |= rand & ((1 << 62) - 1)
     values = []
     with _lock:
-        ms = time.time_ns() // 1_000_000
-        rand = int.from_bytes(os.urandom(10), "big")
-        value = ((ms & ((1 << 48) - 1)) << 80) | (0x7 << 76) | (((rand >> 62) & 0xFFF) << 64) | (0b10 << 62)
-        value |= rand & ((1 << 62) - 1)
         if value >> 80 <= _last >> 80 and _last:
             value = _next_after(_last)
         for _ in range(n):

@@ -67,3 +67,29 @@ def test_start_and_complete_use_the_engines_connect_events(
     with schema_engine.connect() as conn:
         where = "SELECT schemaname FROM pg_catalog.pg_tables WHERE tablename = :t"
         assert conn.execute(sa.text(where), {"t": outbox.store.table.name}).scalar_one() != "public"
+
+
+def test_hot_start_and_complete_are_fenced(make_outbox: Callable[..., Outbox]) -> None:
+    """Guarantee 3 on the worker's hot path (database clock, psycopg): a duplicate start of the same attempt,
+    a start of a canceled command, a completion by an attempt that never held the row and a second completion
+    each change nothing; the one holding attempt records its output once."""
+    outbox = make_outbox()
+    store = outbox.store
+    assert store._hot is not None, "this outbox must use the hot path"
+
+    @outbox.command(target="hp-fence")
+    def job(n: int) -> int:
+        return n
+
+    held, canceled = job.push(outbox.engine, 1), job.push(outbox.engine, 2)
+    claimed = {d.id: d.attempt for d in store.claim(10, 60)}
+    assert outbox.cancel(canceled)
+    assert store.start(canceled, claimed[canceled], "job", "w", 60) is None
+    assert store.start(held, claimed[held], "job", "w1", 60) is not None
+    assert store.start(held, claimed[held], "job", "w2", 60) is None  # the same message delivered twice
+    assert not store.complete(held, claimed[held] + 1, 99, [])
+    assert store.complete(held, claimed[held], 1, [])
+    assert not store.complete(held, claimed[held], 2, [])
+    done = outbox.get(held)
+    assert (done.status, done.output, done.worker) == ("completed", 1, "w1")
+    assert outbox.get(canceled).status == "canceled"
