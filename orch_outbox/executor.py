@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import heapq
 import logging
@@ -29,7 +30,7 @@ from .canvas import Plan, next_in_chain
 from .context import CommandContext, _set
 from .errors import CommandCanceled, CommandTimeout, InvalidOption, LeaseLost, StoreUnavailable
 from .jsoncodec import check_size, decode_arguments, encode
-from .store import ErrorInfo, Started
+from .store import ErrorInfo, Started, StartRequest
 from .task import Outcome, handler_of
 
 if TYPE_CHECKING:
@@ -68,7 +69,8 @@ class _Deadlines:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="orch-outbox-timeouts", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if self._heap[0][1] == self._seq:  # the new deadline comes first: the thread must wake earlier
+                self._cond.notify()
             return self._seq
 
     def _run(self) -> None:
@@ -226,17 +228,32 @@ class Executor:
         self.settings = outbox.settings
         #: why messages were dropped without running (``duplicate``, ``malformed``...).
         self.dropped: Counter[str] = Counter()
-        #: set inside a worker: plain successes are written back in batches (see _WriteBehind).
-        self.write_behind: _WriteBehind | None = None
+        #: set in a worker: starts and plain successes share round trips (see _WriteBack).
+        self.write_back_enabled = False
+        self._write_back: _WriteBack | None = None
+        self._write_back_lock = threading.Lock()
 
-    def start_write_behind(self) -> None:
-        """Write plain successes back in batches from now on (a worker process calls this at start)."""
-        if self.write_behind is None or self.write_behind.pid != os.getpid():
-            self.write_behind = _WriteBehind(self)
+    def start_write_back(self) -> None:
+        """From now on, this process's starts and plain successes go through its write-back (a worker calls this)."""
+        self.write_back_enabled = True
+
+    @property
+    def write_back(self) -> _WriteBack | None:
+        """This process's write-back (made on first use, once per process), or None outside a worker."""
+        if not self.write_back_enabled:
+            return None
+        write_back = self._write_back
+        if write_back is None or write_back.pid != os.getpid():
+            with self._write_back_lock:
+                if self._write_back is None or self._write_back.pid != os.getpid():
+                    self._write_back = _WriteBack(self)
+                write_back = self._write_back
+        return write_back
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every success handed to the write-behind is written; False on timeout."""
-        return self.write_behind.flush(timeout) if self.write_behind is not None else True
+        """Wait until every success this process handed to its write-back is written; False on timeout."""
+        write_back = self._write_back
+        return write_back.flush(timeout) if write_back is not None and write_back.pid == os.getpid() else True
 
     # -- entry points -------------------------------------------------------------------
 
@@ -250,7 +267,12 @@ class Executor:
         command_id, attempt, timeout = fence
         lease = timeout + self.settings.lock_buffer
         worker = str(getattr(request, "hostname", None) or "unknown")
-        started = self._write(lambda: self.store.start(command_id, attempt, task.name, worker, lease))
+        start = StartRequest(command_id, attempt, task.name, worker, lease)
+        write_back = self.write_back
+        if write_back is not None:
+            started = self._write(lambda: write_back.start(start))
+        else:
+            started = self._write(lambda: self.store.start(command_id, attempt, task.name, worker, lease))
         if started is None and self._write(lambda: self.store.hold_back(command_id, attempt)):
             self.dropped["paused"] += 1
             log.info("%s %s attempt %s: paused before it started; back to pending", task.name, command_id, attempt)
@@ -364,8 +386,9 @@ class Executor:
                 children.extend(next_in_chain(started.chain, output, started.id, started.tenant))
         except Exception as exc:  # a bad output or a failing hook fails the attempt: no parent without children
             return self._failed(task, started, "failure", error_of(exc))
-        if not children and started.batch_id is None and self.write_behind is not None:
-            self.write_behind.submit(started, output)
+        write_back = self.write_back
+        if not children and started.batch_id is None and write_back is not None:
+            write_back.submit(started, output)
             return output
         recorded = self._write(lambda: self.store.complete(started.id, started.attempt, output, children))
         self._log_fenced(recorded, started, "completed")
@@ -424,58 +447,138 @@ class Executor:
         return write()
 
 
-#: Most successes one write-behind statement records.
-WRITE_BEHIND_BATCH = 500
+#: Most starts, and most successes, one write-back transaction carries.
+WRITE_BACK_BATCH = 500
+#: Longest the interpreter's exit waits for the write-back to write what it holds.
+WRITE_BACK_EXIT_SECONDS = 5.0
 
 
-class _WriteBehind:
-    """Successes without chained commands, written back in batches by one thread per worker process.
+class _Slot:
+    """An attempt start waiting in the write-back for its round trip."""
 
-    The handler's thread hands over (attempt, output) and takes the next message at once;
-    this thread records everything handed over meanwhile in one fenced statement and one
-    commit, so under load many commands share one WAL flush. Until it is written a
-    success is only in this process: if the process dies first, the attempt's lease
-    lapses and the rescuer retries it, as for a worker that died during the handler (at
-    least once, as before). A warm shutdown flushes first.
+    __slots__ = ("done", "error", "request", "result")
+
+    def __init__(self, request: StartRequest) -> None:
+        self.request = request
+        self.result: Started | None = None
+        self.error: BaseException | None = None
+        self.done = False
+
+
+class _WriteBack:
+    """A worker process's attempt starts and plain successes, batched by whatever arrives meanwhile.
+
+    Starts: one round trip at a time per process. A thread that finds none under way
+    sends its own start, with every start the other threads asked for meanwhile, in one
+    relaxed transaction (:meth:`Store.start_many`) and hands each its answer.
+
+    Successes without chained commands or a batch: the handler's thread hands its
+    success over and takes its next message at once; a thread of its own writes every
+    success handed over meanwhile in one durable transaction (:meth:`Store.complete_many`),
+    so a prefork or solo process does not wait for the WAL flush of one command before
+    it starts the next, and many commands share a flush. Until it is written a success is
+    only in this process: if the process dies first, the attempt's lease lapses and the
+    rescuer retries it, as for a worker that died during the handler (at least once). A
+    warm shutdown, and the interpreter's exit, write what is held first.
     """
 
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
+        self.store = executor.store
         self.pid = os.getpid()
-        self._cond = threading.Condition()
-        self._queue: list[tuple[Started, Any]] = []
-        self._busy = False
-        self._thread = threading.Thread(target=self._run, name="orch-outbox-write-behind", daemon=True)
+        self._lock = threading.Lock()
+        self._started = threading.Condition(self._lock)  # a start round trip ended
+        self._written = threading.Condition(self._lock)  # successes arrived, or a write ended
+        self._starts: list[_Slot] = []
+        self._starting = False
+        self._held: list[tuple[Started, Any]] = []
+        self._writing = False
+        self._thread = threading.Thread(target=self._run, name="orch-outbox-write-back", daemon=True)
         self._thread.start()
+        # A cold shutdown sends no worker_shutdown: the interpreter's exit still writes what is held.
+        atexit.register(self._flush_at_exit)
+
+    def start(self, request: StartRequest) -> Started | None:
+        """Start an attempt (with the starts other threads ask for meanwhile); raises as :meth:`Store.start`."""
+        slot = _Slot(request)
+        with self._lock:
+            self._starts.append(slot)
+        while True:
+            with self._lock:
+                while self._starting and not slot.done:
+                    self._started.wait()
+                if slot.done:
+                    break
+                self._starting = True
+                batch, self._starts = self._starts[:WRITE_BACK_BATCH], self._starts[WRITE_BACK_BATCH:]
+            try:
+                self._send(batch)
+            finally:
+                with self._lock:
+                    for each in batch:
+                        each.done = True
+                    self._starting = False
+                    self._started.notify_all()
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
+
+    def _send(self, batch: list[_Slot]) -> None:
+        try:
+            results = self.store.start_many([slot.request for slot in batch])
+        except StoreUnavailable as exc:  # each caller retries its own start (Executor._write)
+            for slot in batch:
+                slot.error = exc
+            return
+        except Exception as exc:  # one failing statement aborted the transaction: the others on their own
+            if len(batch) == 1:
+                batch[0].error = exc
+                return
+            log.exception("a batch of %d attempt starts failed; starting each on its own", len(batch))
+            for slot in batch:
+                r = slot.request
+                try:
+                    slot.result = self.store.start(r.id, r.attempt, r.name, r.worker, r.lease)
+                except Exception as each:
+                    slot.error = each
+            return
+        for slot, started in zip(batch, results, strict=True):
+            slot.result = started
 
     def submit(self, started: Started, output: Any) -> None:
-        with self._cond:
-            self._queue.append((started, output))
-            self._cond.notify_all()
+        """Hand over a success; the write-back thread records it (fenced) as soon as it can."""
+        with self._lock:
+            self._held.append((started, output))
+            self._written.notify_all()
 
     def flush(self, timeout: float) -> bool:
+        """Wait until every success handed over is written; False on timeout."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._busy:
+        with self._lock:
+            while self._held or self._writing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._cond.wait(left)
+                self._written.wait(left)
         return True
+
+    def _flush_at_exit(self) -> None:
+        if os.getpid() == self.pid:
+            self.flush(WRITE_BACK_EXIT_SECONDS)
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._queue:
-                    self._cond.wait()
-                batch, self._queue = self._queue[:WRITE_BEHIND_BATCH], self._queue[WRITE_BEHIND_BATCH:]
-                self._busy = True
+            with self._lock:
+                while not self._held:
+                    self._written.wait()
+                batch, self._held = self._held[:WRITE_BACK_BATCH], self._held[WRITE_BACK_BATCH:]
+                self._writing = True
             try:
                 self._record(batch)
             finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                with self._lock:
+                    self._writing = False
+                    self._written.notify_all()
 
     def _record(self, batch: list[tuple[Started, Any]]) -> None:
         executor = self.executor

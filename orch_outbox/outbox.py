@@ -76,7 +76,7 @@ PUSH_OPTIONS = frozenset(
 CANCEL_CONTROL = "orch_outbox_cancel"
 MAX_UNIQUE_KEY = 200
 #: Longest wait, at worker exit, for the write-behind to record the successes it holds.
-WRITE_BEHIND_FLUSH_SECONDS = 10.0
+WRITE_BACK_FLUSH_SECONDS = 10.0
 MAX_NAME = 200
 MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_RETRIES = 1000
@@ -262,9 +262,9 @@ class Outbox:
         signals.worker_process_init.connect(self._after_fork, weak=False)
         signals.worker_init.connect(self._check_at_start, weak=False)
         signals.worker_init.connect(self._adopt_plain_tasks, weak=False)
-        signals.worker_init.connect(self._start_write_behind, weak=False)
-        signals.worker_shutdown.connect(self._flush_write_behind, weak=False)
-        signals.worker_process_shutdown.connect(self._flush_write_behind, weak=False)
+        signals.worker_init.connect(self._start_write_back, weak=False)
+        signals.worker_shutdown.connect(self._flush_write_back, weak=False)
+        signals.worker_process_shutdown.connect(self._flush_write_back, weak=False)
         signals.beat_init.connect(self._check_at_start, weak=False)
 
     # -- configuration ------------------------------------------------------------------
@@ -974,23 +974,19 @@ class Outbox:
             adopted += adopt(task, lambda t, request: self.executor.execute(t, request))
         return adopted
 
-    def _start_write_behind(self, sender: Any = None, **_: Any) -> None:
-        """In a threads (or green) pool worker of this app: successes are written back in batches.
+    def _start_write_back(self, sender: Any = None, **_: Any) -> None:
+        """In a worker of this app: attempt starts and plain successes share round trips (see ``_WriteBack``).
 
-        Many handlers of one process then share a statement and a WAL flush. A prefork or
-        solo process runs one handler at a time, so it gains nothing from it (measured:
-        slower), and records each success before it takes the next message.
+        Every pool gains: a prefork or solo process sends its last success with its next
+        start; the threads of a threads pool send their starts and successes together.
         """
-        if getattr(sender, "app", None) is not self.app:
-            return
-        pool = str(getattr(sender, "pool_cls", "")).lower()
-        if any(kind in pool for kind in ("thread", "gevent", "eventlet")):
-            self.executor.start_write_behind()
+        if getattr(sender, "app", None) is self.app:
+            self.executor.start_write_back()
 
-    def _flush_write_behind(self, sender: Any = None, **_: Any) -> None:
+    def _flush_write_back(self, sender: Any = None, **_: Any) -> None:
         """Before a worker (or a prefork child) exits: write back the successes still held."""
         executor = self.__dict__.get("executor")
-        if executor is not None and not executor.flush(WRITE_BEHIND_FLUSH_SECONDS):
+        if executor is not None and not executor.flush(WRITE_BACK_FLUSH_SECONDS):
             log.warning("exiting with completions not yet written; their attempts will be retried")
 
     def _after_fork(self, **_: Any) -> None:

@@ -20,10 +20,11 @@ import logging
 import os
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -80,6 +81,17 @@ class Started:
     tenant: str | None = None
     batch_id: uuid.UUID | None = None
     chain: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """An attempt a worker asks to start: the fence a message carries, and who runs it for how long."""
+
+    id: uuid.UUID
+    attempt: int
+    name: str
+    worker: str
+    lease: float
 
 
 @dataclass(frozen=True)
@@ -170,27 +182,29 @@ class _HotPath:
         compiled = stmt.compile(dialect=engine.dialect)
         return compiled.string, {k: v for k, v in compiled.params.items() if not k.startswith("p_")}
 
-    def execute(self, relaxed: bool, sql: str, params: dict[str, Any]) -> Any:
-        """Run one statement in autocommit on this thread's connection; its first row or None."""
-        return self._run(relaxed, sql, params)[0]
-
     def execute_all(self, relaxed: bool, sql: str, params: dict[str, Any]) -> list[Any]:
         """Run one statement in autocommit on this thread's connection; all its rows."""
         return self._run(relaxed, sql, params)[1]
 
     def execute_each(self, relaxed: bool, sql: str, params: Sequence[dict[str, Any]]) -> list[Any]:
-        """Run one statement per parameter set in ONE transaction, pipelined; each one's first row or None."""
+        """Run one statement per parameter set in ONE transaction and one round trip; each one's first row or None.
+
+        A pipeline with a single sync at its end: PostgreSQL runs everything before a sync
+        as one (implicit) transaction, so a failing statement rolls the others back.
+        """
         import psycopg
 
+        if len(params) == 1:
+            return [self._run(relaxed, sql, params[0])[0]]
         cursor = self._cursor(relaxed)
         firsts: list[Any] = []
         try:
-            with cursor.connection.transaction():
+            with cursor.connection.pipeline():
                 cursor.executemany(sql, params, returning=True)
-                while True:
-                    firsts.append(cursor.fetchone())
-                    if not cursor.nextset():
-                        break
+            while True:
+                firsts.append(cursor.fetchone())
+                if not cursor.nextset():
+                    break
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._drop(relaxed, cursor.connection)
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
@@ -330,6 +344,22 @@ class _CopyText:
         return str(value).translate(_COPY_ESCAPES)
 
 
+def _raise_driver_error(exc: Exception, statement: str) -> NoReturn:
+    """Raise a psycopg error of a statement sent on the caller's connection as SQLAlchemy would have.
+
+    A lost connection is :class:`StoreUnavailable`, as everywhere in the store; any other
+    database error becomes SQLAlchemy's exception of its kind (``IntegrityError``...),
+    the one the caller's own statements raise.
+    """
+    import psycopg
+
+    if isinstance(exc, psycopg.OperationalError):
+        raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+    if isinstance(exc, psycopg.Error):
+        raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
+    raise exc
+
+
 def _driver(conn: sa.Connection) -> Any:
     """The caller's psycopg connection, inside the caller's SQLAlchemy transaction.
 
@@ -341,6 +371,68 @@ def _driver(conn: sa.Connection) -> Any:
     if not conn.in_transaction():
         conn.begin()
     return conn.connection.driver_connection
+
+
+class _PendingPushes:
+    """Pushed rows written when their transaction runs its next statement, or commits.
+
+    A push inside the caller's transaction costs the caller validation and encoding
+    only; its INSERT goes with the transaction's next statement of any kind (so the
+    transaction's own queries see the row, in the order things were done), before a
+    savepoint is set, released or rolled back to, or at commit. The pushes made in
+    between share one round trip. A rollback drops them with the rest of the
+    transaction. Rows reach the database as they would have at push time: only the
+    moment differs, and a database error (not bad input, which push refuses at once)
+    is raised by that next statement or by the commit.
+
+    One per process (``PENDING``), listening once to each engine that pushed: SQLAlchemy
+    must see the transaction's statements, so SQL sent on the raw DBAPI connection
+    (``conn.connection.cursor()``) after a push does not write it first.
+    """
+
+    _BEFORE = ("before_execute", "commit", "savepoint", "rollback_savepoint", "release_savepoint", "prepare_twophase")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: weakref.WeakKeyDictionary[sa.Connection, list[tuple[_RowWriter, list[Row]]]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+
+    def add(self, conn: sa.Connection, rows: Sequence[Row], write: _RowWriter) -> None:
+        """Hold ``rows`` for the caller's transaction on ``conn`` (begun now if it was not); ``write`` writes them."""
+        self._listen(conn.engine)
+        _driver(conn)
+        with self._lock:
+            held = self._held.setdefault(conn, [])
+            if held and held[-1][0] == write:
+                held[-1][1].extend(rows)
+            else:
+                held.append((write, list(rows)))
+
+    def flush(self, conn: sa.Connection, *_: Any) -> None:
+        """Write what ``conn``'s transaction holds, in push order (an event listener too: other arguments ignored)."""
+        with self._lock:
+            held = self._held.pop(conn, None)
+        for write, rows in held or ():
+            write(conn, rows)
+
+    def _drop(self, conn: sa.Connection) -> None:
+        with self._lock:
+            self._held.pop(conn, None)
+
+    def _listen(self, engine: sa.Engine) -> None:
+        with self._lock:
+            if engine in self._engines:
+                return
+            self._engines.add(engine)
+        for name in self._BEFORE:
+            event.listen(engine, name, self.flush)
+        event.listen(engine, "rollback", self._drop)
+
+
+_RowWriter = Callable[[sa.Connection, Sequence[Row]], None]
+PENDING = _PendingPushes()
 
 
 class Store:
@@ -555,8 +647,8 @@ class Store:
         plain = [r for r in stamped if r.get("unique_key") is None]
         if len(plain) >= COPY_MIN_ROWS and conn.dialect.name == "postgresql":
             self._copy(conn, plain)
-        elif len(plain) == 1 and conn.dialect.driver == "psycopg":
-            self._insert_one(conn, plain[0])
+        elif plain and conn.dialect.driver == "psycopg":
+            PENDING.add(conn, plain, self._write_rows)
         elif plain:
             conn.execute(sa.insert(self.table), plain)
         ids: list[uuid.UUID] = [r["id"] for r in stamped]
@@ -599,6 +691,7 @@ class Store:
         Much cheaper per row than an INSERT; COPY fires the statement-level insert
         trigger too, so the relay is notified on commit as for an INSERT.
         """
+        PENDING.flush(conn)  # earlier pushes of this transaction go first, as they were made
         text = _CopyText(columns, self._json_columns)
         raw = _driver(conn)
         statement = _insert_sql("COPY {} ({}) FROM STDIN", self.table.name, text.columns, raw)
@@ -607,34 +700,47 @@ class Store:
             with raw.cursor() as cursor, cursor.copy(statement) as copy:
                 for start in range(0, len(rows), COPY_CHUNK_ROWS):
                     copy.write("".join([line(*row) for row in rows[start : start + COPY_CHUNK_ROWS]]))
-        except Exception as exc:  # the driver's error, as SQLAlchemy would have raised it
-            import psycopg
+        except Exception as exc:
+            _raise_driver_error(exc, statement)
 
-            if isinstance(exc, psycopg.OperationalError):
-                raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
-            raise
+    def _write_rows(self, conn: sa.Connection, rows: Sequence[Row]) -> None:
+        """Rows on the caller's psycopg connection, in the caller's transaction: prepared INSERTs, one round trip.
 
-    def _insert_one(self, conn: sa.Connection, row: Row) -> None:
-        """One row on the caller's psycopg connection, in the caller's transaction, as a prepared INSERT.
-
-        A push is one row most of the time; SQLAlchemy's execution layer would cost the
-        caller more than the INSERT itself. The statement is built once per column set.
+        The pushes of a transaction, written when it runs its next statement or commits
+        (see :class:`_PendingPushes`). SQLAlchemy's execution layer would cost the caller
+        more than the INSERT itself; the statement is built once per column set, and
+        several rows of one set go as one pipelined ``executemany``.
         """
-        import psycopg
         from psycopg.types.json import Jsonb
 
         raw = _driver(conn)
-        columns = tuple(sorted(row))
-        statement = self._insert_sql.get(columns)
-        if statement is None:
-            statement = _insert_sql("INSERT INTO {} ({}) VALUES ({})", self.table.name, columns, raw)
-            if len(self._insert_sql) < 64:
-                self._insert_sql[columns] = statement
-        values = [Jsonb(row[c]) if row[c] is not None and c in self._json_columns else row[c] for c in columns]
+        statement = ""
+        shapes: dict[tuple[str, ...], list[Row]] = {}
+        for row in rows:
+            shapes.setdefault(tuple(sorted(row)), []).append(row)
+        json_columns = self._json_columns
         try:
-            raw.execute(statement, values, prepare=True)
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+            for columns, same in shapes.items():
+                if len(same) >= COPY_MIN_ROWS:
+                    self._copy_lines(conn, set(columns), [(row, row["id"], row.get("input")) for row in same])
+                    continue
+                known = self._insert_sql.get(columns)
+                if known is None:
+                    known = _insert_sql("INSERT INTO {} ({}) VALUES ({})", self.table.name, columns, raw)
+                    if len(self._insert_sql) < 64:
+                        self._insert_sql[columns] = known
+                statement = known
+                values = [
+                    [Jsonb(row[c]) if row[c] is not None and c in json_columns else row[c] for c in columns]
+                    for row in same
+                ]
+                with raw.cursor() as cursor:
+                    if len(values) == 1:
+                        cursor.execute(statement, values[0], prepare=True)
+                    else:
+                        cursor.executemany(statement, values)
+        except Exception as exc:
+            _raise_driver_error(exc, statement)
 
     @functools.cached_property
     def _json_columns(self) -> frozenset[str]:
@@ -882,16 +988,34 @@ class Store:
 
     def start(self, command_id: uuid.UUID, attempt: int, name: str, worker: str, lease: float) -> Started | None:
         """Claim one attempt for a worker (dispatched → running); None if it is not this attempt's to run."""
-        params = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker}
         if self._hot is not None:
-            sql, constants = self._hot_start
-            hot_row = self._hot.execute(
-                self._relaxed is not None, sql, {**constants, **params, "p_lease": timedelta(seconds=lease)}
-            )
-            return Started(*hot_row) if hot_row else None
+            return self.start_many([StartRequest(command_id, attempt, name, worker, lease)])[0]
+        params = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker}
         with self._one(relaxed=True) as conn:
             row = conn.execute(self._start_stmt, {**params, **self._p_times(p_lease=lease)}).first()
         return Started(**row._mapping) if row else None
+
+    def start_many(self, requests: Sequence[StartRequest]) -> list[Started | None]:
+        """Claim many attempts, each fenced as in :meth:`start`, in one transaction; each one's Started or None.
+
+        A worker process sends the starts its threads asked for while its previous start
+        was on its way together: one round trip and one commit for all of them. Rows are
+        updated in id order, so two such transactions never wait on each other in a cycle.
+        """
+        if self._hot is None:
+            return [self.start(r.id, r.attempt, r.name, r.worker, r.lease) for r in requests]
+        sql, constants = self._hot_start
+        order = sorted(range(len(requests)), key=lambda i: requests[i].id)
+        params = []
+        for i in order:
+            r = requests[i]
+            fence = {"p_id": r.id, "p_attempt": r.attempt, "p_name": r.name, "p_worker": r.worker}
+            params.append({**constants, **fence, "p_lease": timedelta(seconds=r.lease)})
+        firsts = self._hot.execute_each(self._relaxed is not None, sql, params)
+        started: list[Started | None] = [None] * len(requests)
+        for i, first in zip(order, firsts, strict=True):
+            started[i] = Started(*first) if first is not None else None
+        return started
 
     @functools.cached_property
     def _hot_start(self) -> tuple[str, dict[str, Any]]:
@@ -940,13 +1064,7 @@ class Store:
             values = {"status": "completed", "outcome": "success", "output": output, **_NO_ERROR}
             return self._finish(command_id, attempt, values, children)
         if self._hot is not None:
-            sql, constants, to_json = self._hot_complete
-            params = {**constants, "p_id": command_id, "p_attempt": attempt, "p_output": to_json(output)}
-            hot_row = self._hot.execute(False, sql, params)
-            if hot_row is None:
-                return False
-            self.settle_batches([hot_row[0]])
-            return True
+            return command_id in self.complete_many([(command_id, attempt, output)])
         params = {"p_id": command_id, "p_attempt": attempt, "p_output": output, **self._p_times()}
         with self._one() as conn:
             row = conn.execute(self._complete_stmt, params).first()
@@ -967,19 +1085,18 @@ class Store:
             # One fenced primary-key UPDATE per success, pipelined in one transaction: one
             # round trip and one WAL flush, and no join for the planner to get wrong.
             sql, constants, to_json = self._hot_complete
+            ordered = sorted(items, key=lambda item: item[0])
             firsts = self._hot.execute_each(
                 False,
                 sql,
                 [
                     {**constants, "p_id": cid, "p_attempt": attempt, "p_output": to_json(output)}
-                    for cid, attempt, output in sorted(items, key=lambda item: item[0])
+                    for cid, attempt, output in ordered
                 ],
             )
-            recorded = [
-                (cid, first) for (cid, _, _), first in zip(sorted(items, key=lambda item: item[0]), firsts, strict=True)
-            ]
-            self.settle_batches(first[0] for _, first in recorded if first is not None)
-            return {cid for cid, first in recorded if first is not None}
+            recorded = [(cid, first) for (cid, _, _), first in zip(ordered, firsts, strict=True) if first is not None]
+            self.settle_batches(first[0] for _, first in recorded)
+            return {cid for cid, _ in recorded}
         t = self.table
         if self.engine.dialect.name != "postgresql":
             done = {cid for cid, attempt, output in items if self.complete(cid, attempt, output, [])}

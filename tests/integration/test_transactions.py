@@ -209,3 +209,103 @@ def test_push_on_a_commit_as_you_go_connection_follows_its_commit(
         elif ending == "rollback":
             conn.rollback()
     assert count_rows(pg_engine, pg_outbox.store.table) == (count if ending == "commit" else 0)
+
+
+def _counting_writes(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the writes of held pushes, as they reach the database."""
+    writes: list[int] = []
+    real = outbox.store._write_rows
+
+    def counting(conn: sa.Connection, rows: Any) -> None:
+        writes.append(len(rows))
+        real(conn, rows)
+
+    monkeypatch.setattr(outbox.store, "_write_rows", counting)
+    return writes
+
+
+def test_pushes_of_a_transaction_are_written_together_before_its_next_statement(
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any, orders: sa.Table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five pushes cost no round trip of their own: they reach the database in one write, right before the
+    transaction's next statement (which sees them, as it would have), and the pushes after it in one more
+    write at commit. Fails if a push wrote on its own, or if a statement could run before the pushes made
+    ahead of it were written."""
+    writes = _counting_writes(pg_outbox, monkeypatch)
+    with Session(pg_engine) as session, session.begin():
+        for i in range(5):
+            send_email.push(session, f"{i}@example.com")
+        assert writes == []
+        seen = session.execute(sa.select(sa.func.count()).select_from(pg_outbox.store.table)).scalar_one()
+        assert (seen, writes) == (5, [5])
+        session.execute(sa.insert(orders).values(id=1, email="x@example.com"))
+        send_email.push(session, "5@example.com")
+        send_email.options(delay=60).push(session, "6@example.com")
+        assert writes == [5]
+    assert writes == [5, 2]
+    assert count_rows(pg_engine, pg_outbox.store.table) == 7
+
+
+def test_a_savepoint_writes_the_pushes_made_before_it_and_a_released_one_keeps_its_own(
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any
+) -> None:
+    """Held pushes are written before a savepoint is set, released or rolled back to: a push made before a
+    savepoint survives rolling back to it, a push inside a released savepoint is committed, a push inside a
+    rolled-back one is gone."""
+    with Session(pg_engine) as session, session.begin():
+        before = send_email.push(session, "before@example.com")
+        with session.begin_nested():
+            released = send_email.push(session, "released@example.com")
+        nested = session.begin_nested()
+        dropped = send_email.push(session, "dropped@example.com")
+        nested.rollback()
+    assert pg_outbox.get(before).status == pg_outbox.get(released).status == "pending"
+    assert pg_outbox.store.get(dropped) is None
+
+
+def test_pushes_keep_their_order_with_bulk_and_unique_pushes(
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A held push is written before a later ``push_many`` (COPY, on the driver connection) and before a push
+    with a unique key (which must ask the database at once): every command is there after commit, and the
+    unique key resolves against rows pushed earlier in the same transaction."""
+    writes = _counting_writes(pg_outbox, monkeypatch)
+    with pg_engine.begin() as conn:
+        first = send_email.push(conn, "first@example.com")
+        bulk = pg_outbox.push_many(conn, [send_email.s(f"{i}@example.com") for i in range(60)])
+        assert writes == [1]
+        keyed = send_email.options(unique_key="k1").push(conn, "keyed@example.com")
+        again = send_email.options(unique_key="k1").push(conn, "keyed@example.com")
+        last = send_email.push(conn, "last@example.com")
+    assert again == keyed
+    assert writes == [1, 1]
+    assert {pg_outbox.get(i).status for i in [first, *bulk, keyed, last]} == {"pending"}
+    assert count_rows(pg_engine, pg_outbox.store.table) == 63
+
+
+def test_a_write_that_fails_at_commit_raises_there_and_leaves_nothing(
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any, orders: sa.Table
+) -> None:
+    """Bad input is refused at push time; a database error on the held INSERT (here: the outbox table is
+    gone) can only come with the write, so the commit raises it: the transaction is rolled back (the business
+    row is not there either) and the session is usable again. Fails if the commit went through without the
+    command, which would break guarantee 1."""
+    table = pg_outbox.store.table.name
+    session = Session(pg_engine)
+    try:
+        session.execute(sa.insert(orders).values(id=3, email="c@example.com"))
+        send_email.push(session, "c@example.com")
+        with pg_engine.begin() as other:
+            other.execute(sa.text(f"ALTER TABLE {table} RENAME TO {table}_away"))
+        try:
+            with pytest.raises(Exception, match="does not exist"):
+                session.commit()
+            session.rollback()
+            assert session.execute(sa.text("SELECT 1")).scalar_one() == 1
+        finally:
+            with pg_engine.begin() as other:
+                other.execute(sa.text(f"ALTER TABLE {table}_away RENAME TO {table}"))
+    finally:
+        session.close()
+    assert count_rows(pg_engine, orders) == 0
+    assert count_rows(pg_engine, pg_outbox.store.table) == 0
