@@ -30,7 +30,7 @@ from .canvas import Plan, next_in_chain
 from .context import CommandContext, _set
 from .errors import CommandCanceled, CommandTimeout, InvalidOption, LeaseLost, StoreUnavailable
 from .jsoncodec import check_size, decode_arguments, encode
-from .store import ErrorInfo, Started, StartRequest
+from .store import ErrorInfo, Started
 from .task import Outcome, handler_of
 
 if TYPE_CHECKING:
@@ -228,13 +228,13 @@ class Executor:
         self.settings = outbox.settings
         #: why messages were dropped without running (``duplicate``, ``malformed``...).
         self.dropped: Counter[str] = Counter()
-        #: set in a worker: starts and plain successes share round trips (see _WriteBack).
+        #: set in a worker: plain successes are written behind the handlers, in batches (see _WriteBack).
         self.write_back_enabled = False
         self._write_back: _WriteBack | None = None
         self._write_back_lock = threading.Lock()
 
     def start_write_back(self) -> None:
-        """From now on, this process's starts and plain successes go through its write-back (a worker calls this)."""
+        """From now on, this process's plain successes go through its write-back (a worker calls this at start)."""
         self.write_back_enabled = True
 
     @property
@@ -267,12 +267,7 @@ class Executor:
         command_id, attempt, timeout = fence
         lease = timeout + self.settings.lock_buffer
         worker = str(getattr(request, "hostname", None) or "unknown")
-        start = StartRequest(command_id, attempt, task.name, worker, lease)
-        write_back = self.write_back
-        if write_back is not None:
-            started = self._write(lambda: write_back.start(start))
-        else:
-            started = self._write(lambda: self.store.start(command_id, attempt, task.name, worker, lease))
+        started = self._write(lambda: self.store.start(command_id, attempt, task.name, worker, lease))
         if started is None and self._write(lambda: self.store.hold_back(command_id, attempt)):
             self.dropped["paused"] += 1
             log.info("%s %s attempt %s: paused before it started; back to pending", task.name, command_id, attempt)
@@ -447,39 +442,23 @@ class Executor:
         return write()
 
 
-#: Most starts, and most successes, one write-back transaction carries.
+#: Most successes one write-back transaction records.
 WRITE_BACK_BATCH = 500
 #: Longest the interpreter's exit waits for the write-back to write what it holds.
 WRITE_BACK_EXIT_SECONDS = 5.0
 
 
-class _Slot:
-    """An attempt start waiting in the write-back for its round trip."""
-
-    __slots__ = ("done", "error", "request", "result")
-
-    def __init__(self, request: StartRequest) -> None:
-        self.request = request
-        self.result: Started | None = None
-        self.error: BaseException | None = None
-        self.done = False
-
-
 class _WriteBack:
-    """A worker process's attempt starts and plain successes, batched by whatever arrives meanwhile.
+    """A worker process's successes without chained commands or a batch, written behind its handlers.
 
-    Starts: one round trip at a time per process. A thread that finds none under way
-    sends its own start, with every start the other threads asked for meanwhile, in one
-    relaxed transaction (:meth:`Store.start_many`) and hands each its answer.
-
-    Successes without chained commands or a batch: the handler's thread hands its
-    success over and takes its next message at once; a thread of its own writes every
-    success handed over meanwhile in one durable transaction (:meth:`Store.complete_many`),
-    so a prefork or solo process does not wait for the WAL flush of one command before
-    it starts the next, and many commands share a flush. Until it is written a success is
-    only in this process: if the process dies first, the attempt's lease lapses and the
-    rescuer retries it, as for a worker that died during the handler (at least once). A
-    warm shutdown, and the interpreter's exit, write what is held first.
+    The handler's thread hands its success over and takes its next message at once; a
+    thread of its own writes every success handed over meanwhile in one durable
+    transaction and one round trip (:meth:`Store.complete_many`). So a prefork or solo
+    process does not wait for one command's WAL flush before it starts the next, and
+    under load many commands share a flush. Until it is written a success is only in
+    this process: if the process dies first, the attempt's lease lapses and the rescuer
+    retries it, as for a worker that died during the handler (at least once). A warm
+    shutdown, and the interpreter's exit, write what is held first.
     """
 
     def __init__(self, executor: Executor) -> None:
@@ -487,63 +466,13 @@ class _WriteBack:
         self.store = executor.store
         self.pid = os.getpid()
         self._lock = threading.Lock()
-        self._started = threading.Condition(self._lock)  # a start round trip ended
         self._written = threading.Condition(self._lock)  # successes arrived, or a write ended
-        self._starts: list[_Slot] = []
-        self._starting = False
         self._held: list[tuple[Started, Any]] = []
         self._writing = False
         self._thread = threading.Thread(target=self._run, name="orch-outbox-write-back", daemon=True)
         self._thread.start()
         # A cold shutdown sends no worker_shutdown: the interpreter's exit still writes what is held.
         atexit.register(self._flush_at_exit)
-
-    def start(self, request: StartRequest) -> Started | None:
-        """Start an attempt (with the starts other threads ask for meanwhile); raises as :meth:`Store.start`."""
-        slot = _Slot(request)
-        with self._lock:
-            self._starts.append(slot)
-        while True:
-            with self._lock:
-                while self._starting and not slot.done:
-                    self._started.wait()
-                if slot.done:
-                    break
-                self._starting = True
-                batch, self._starts = self._starts[:WRITE_BACK_BATCH], self._starts[WRITE_BACK_BATCH:]
-            try:
-                self._send(batch)
-            finally:
-                with self._lock:
-                    for each in batch:
-                        each.done = True
-                    self._starting = False
-                    self._started.notify_all()
-        if slot.error is not None:
-            raise slot.error
-        return slot.result
-
-    def _send(self, batch: list[_Slot]) -> None:
-        try:
-            results = self.store.start_many([slot.request for slot in batch])
-        except StoreUnavailable as exc:  # each caller retries its own start (Executor._write)
-            for slot in batch:
-                slot.error = exc
-            return
-        except Exception as exc:  # one failing statement aborted the transaction: the others on their own
-            if len(batch) == 1:
-                batch[0].error = exc
-                return
-            log.exception("a batch of %d attempt starts failed; starting each on its own", len(batch))
-            for slot in batch:
-                r = slot.request
-                try:
-                    slot.result = self.store.start(r.id, r.attempt, r.name, r.worker, r.lease)
-                except Exception as each:
-                    slot.error = each
-            return
-        for slot, started in zip(batch, results, strict=True):
-            slot.result = started
 
     def submit(self, started: Started, output: Any) -> None:
         """Hand over a success; the write-back thread records it (fenced) as soon as it can."""

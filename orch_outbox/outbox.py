@@ -975,10 +975,10 @@ class Outbox:
         return adopted
 
     def _start_write_back(self, sender: Any = None, **_: Any) -> None:
-        """In a worker of this app: attempt starts and plain successes share round trips (see ``_WriteBack``).
+        """In a worker of this app: plain successes are written behind the handlers (see ``_WriteBack``).
 
-        Every pool gains: a prefork or solo process sends its last success with its next
-        start; the threads of a threads pool send their starts and successes together.
+        Every pool gains: a prefork or solo process takes its next message without waiting
+        for the last one's WAL flush; the threads of a threads pool share flushes.
         """
         if getattr(sender, "app", None) is self.app:
             self.executor.start_write_back()

@@ -84,17 +84,6 @@ class Started:
 
 
 @dataclass(frozen=True)
-class StartRequest:
-    """An attempt a worker asks to start: the fence a message carries, and who runs it for how long."""
-
-    id: uuid.UUID
-    attempt: int
-    name: str
-    worker: str
-    lease: float
-
-
-@dataclass(frozen=True)
 class ErrorInfo:
     """Why an attempt did not succeed."""
 
@@ -181,6 +170,10 @@ class _HotPath:
         """The statement's SQL for psycopg and the values of its constant parameters."""
         compiled = stmt.compile(dialect=engine.dialect)
         return compiled.string, {k: v for k, v in compiled.params.items() if not k.startswith("p_")}
+
+    def execute(self, relaxed: bool, sql: str, params: dict[str, Any]) -> Any:
+        """Run one statement in autocommit on this thread's connection; its first row or None."""
+        return self._run(relaxed, sql, params)[0]
 
     def execute_all(self, relaxed: bool, sql: str, params: dict[str, Any]) -> list[Any]:
         """Run one statement in autocommit on this thread's connection; all its rows."""
@@ -988,34 +981,16 @@ class Store:
 
     def start(self, command_id: uuid.UUID, attempt: int, name: str, worker: str, lease: float) -> Started | None:
         """Claim one attempt for a worker (dispatched → running); None if it is not this attempt's to run."""
-        if self._hot is not None:
-            return self.start_many([StartRequest(command_id, attempt, name, worker, lease)])[0]
         params = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker}
+        if self._hot is not None:
+            sql, constants = self._hot_start
+            hot_row = self._hot.execute(
+                self._relaxed is not None, sql, {**constants, **params, "p_lease": timedelta(seconds=lease)}
+            )
+            return Started(*hot_row) if hot_row else None
         with self._one(relaxed=True) as conn:
             row = conn.execute(self._start_stmt, {**params, **self._p_times(p_lease=lease)}).first()
         return Started(**row._mapping) if row else None
-
-    def start_many(self, requests: Sequence[StartRequest]) -> list[Started | None]:
-        """Claim many attempts, each fenced as in :meth:`start`, in one transaction; each one's Started or None.
-
-        A worker process sends the starts its threads asked for while its previous start
-        was on its way together: one round trip and one commit for all of them. Rows are
-        updated in id order, so two such transactions never wait on each other in a cycle.
-        """
-        if self._hot is None:
-            return [self.start(r.id, r.attempt, r.name, r.worker, r.lease) for r in requests]
-        sql, constants = self._hot_start
-        order = sorted(range(len(requests)), key=lambda i: requests[i].id)
-        params = []
-        for i in order:
-            r = requests[i]
-            fence = {"p_id": r.id, "p_attempt": r.attempt, "p_name": r.name, "p_worker": r.worker}
-            params.append({**constants, **fence, "p_lease": timedelta(seconds=r.lease)})
-        firsts = self._hot.execute_each(self._relaxed is not None, sql, params)
-        started: list[Started | None] = [None] * len(requests)
-        for i, first in zip(order, firsts, strict=True):
-            started[i] = Started(*first) if first is not None else None
-        return started
 
     @functools.cached_property
     def _hot_start(self) -> tuple[str, dict[str, Any]]:
