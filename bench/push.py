@@ -1,6 +1,9 @@
 """Section ``push``: what a push costs the caller, vs one ``apply_async`` (RabbitMQ).
 
-- one push per transaction: open a Session, push, commit — N times; mean µs per push;
+- one push per transaction: open a Session, push, commit — N times; mean µs per push; beside
+  it the floor of any transactional write: a Session that INSERTs one row of the
+  application's own table and commits (a commit waits for the WAL flush, which an
+  ``apply_async`` has no equivalent of);
 - N pushes inside one transaction (one Session, one commit); mean µs per push;
 - Celery: ``plain_noop.apply_async`` N times (the usual call: a producer from the pool each time);
 - bulk: ``push_many`` of 10 000 commands per call, each call its own transaction.
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from bench import common
@@ -30,6 +34,15 @@ def push_each_in_own_tx(bench: BenchApp, queue: str, key: str, n: int) -> float:
     for _ in range(n):
         with Session(engine) as session, session.begin():
             bench.noop.options(target=queue).push(session, key)
+    return (time.perf_counter() - t0) / n
+
+
+def app_insert_each_in_own_tx(table: sa.Table, engine: sa.Engine, n: int) -> float:
+    """Mean seconds of: Session, INSERT one row of the application's own table, commit."""
+    t0 = time.perf_counter()
+    for i in range(n):
+        with Session(engine) as session, session.begin():
+            session.execute(sa.insert(table).values(id=i, email="a@example.com"))
     return (time.perf_counter() - t0) / n
 
 
@@ -75,6 +88,13 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
     n = sizes.push_n
     bench = build(BROKERS["rabbitmq"], run.prefix("push"))
     bench.outbox.create_tables()
+    app_table = sa.Table(
+        f"{run.prefix('push')}orders",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.String(100), nullable=False),
+    )
+    app_table.create(bench.outbox.engine)
     queue = run.queue("push")
     key = run.key("push")
     try:
@@ -85,6 +105,7 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
         truncate(bench)
         own_tx = push_each_in_own_tx(bench, queue, key, n)
         truncate(bench)
+        app_tx = app_insert_each_in_own_tx(app_table, bench.outbox.engine, n)
         one_tx = push_all_in_one_tx(bench, queue, key, n)
         truncate(bench)
         apply = apply_async_each(bench, queue, key, n)
@@ -94,11 +115,20 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
         loop = celery_loop_rate(bench, queue, key, min(n * 5, 10_000))
         common.purge_queue(bench.app, queue, delete=True)
     finally:
+        app_table.drop(bench.outbox.engine, checkfirst=True)
         common.drop_outbox(bench.outbox)
     section.setup.update(pushes=n, bulk=f"{sizes.bulk_calls} x push_many({BULK_SIZE})", broker="rabbitmq")
     half = Target("ratio_max", 0.5, "≤ 0.5x")
     section.metrics += [
         common.Metric("push in its own transaction", own_tx * 1e6, apply * 1e6, "µs", "apply_async", half),
+        common.Metric(
+            "push in its own transaction vs the app's own INSERT + COMMIT",
+            own_tx * 1e6,
+            app_tx * 1e6,
+            "µs",
+            "INSERT + COMMIT",
+            None,
+        ),
         common.Metric("push, N in one transaction", one_tx * 1e6, apply * 1e6, "µs", "apply_async", half),
         common.Metric(
             "bulk push_many(10 000)",
