@@ -463,7 +463,6 @@ class _WriteBack:
 
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
-        self.store = executor.store
         self.pid = os.getpid()
         self._lock = threading.Lock()
         self._written = threading.Condition(self._lock)  # successes arrived, or a write ended

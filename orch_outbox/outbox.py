@@ -75,7 +75,7 @@ PUSH_OPTIONS = frozenset(
 #: The worker remote-control command that interrupts a running attempt (see executor.py).
 CANCEL_CONTROL = "orch_outbox_cancel"
 MAX_UNIQUE_KEY = 200
-#: Longest wait, at worker exit, for the write-behind to record the successes it holds.
+#: Longest wait, at worker exit, for the write-back to record the successes it holds.
 WRITE_BACK_FLUSH_SECONDS = 10.0
 MAX_NAME = 200
 MAX_TIMEOUT = 7 * 24 * 3600.0

@@ -405,14 +405,17 @@ class _PendingPushes:
 
     def flush(self, conn: sa.Connection, *_: Any) -> None:
         """Write what ``conn``'s transaction holds, in push order (an event listener too: other arguments ignored)."""
+        if not self._held:  # every statement of the app comes here: the usual case takes no lock
+            return
         with self._lock:
             held = self._held.pop(conn, None)
         for write, rows in held or ():
             write(conn, rows)
 
     def _drop(self, conn: sa.Connection) -> None:
-        with self._lock:
-            self._held.pop(conn, None)
+        if self._held:
+            with self._lock:
+                self._held.pop(conn, None)
 
     def _listen(self, engine: sa.Engine) -> None:
         with self._lock:
@@ -620,7 +623,9 @@ class Store:
     ) -> list[uuid.UUID]:
         """Insert new command rows (and batches) on the caller's connection, inside the caller's transaction.
 
-        Returns each row's command id. A row with a ``unique_key`` that an unfinished
+        On psycopg, fewer than ``COPY_MIN_ROWS`` plain rows are held and written with the
+        transaction's next statement or its commit (:class:`_PendingPushes`); from that
+        many, COPY writes at once. Returns each row's command id. A row with a ``unique_key`` that an unfinished
         command already holds is not inserted: its id is that command's (``strict``:
         only if name and input are the same, else :class:`UniqueConflict`).
         """
