@@ -16,6 +16,7 @@ import pytest
 from celery.contrib.testing.worker import start_worker
 
 from orch_outbox import Outbox
+from orch_outbox import executor as executor_mod
 from orch_outbox.errors import StoreUnavailable
 from orch_outbox.testing import wait_until
 
@@ -111,6 +112,43 @@ def test_successes_survive_a_database_outage_and_a_stale_one_changes_nothing(
     assert executor.flush(10)
     assert (outbox.get(done.id).status, outbox.get(done.id).output) == ("completed", 10)
     assert (outbox.get(other.id).status, executor.dropped["fenced"]) == ("running", 1)
+
+
+def test_successes_within_the_hold_share_one_write_and_flush_does_not_wait_for_it(
+    make_outbox: Callable[..., Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Successes handed over within ``WRITE_BACK_HOLD`` of the first go in one ``complete_many`` (one commit);
+    a flush (a warm shutdown) writes them at once instead of waiting out the hold; with no flush, a success
+    is written once the hold has passed."""
+    monkeypatch.setattr(executor_mod, "WRITE_BACK_HOLD", 30.0)
+    outbox = make_outbox()
+
+    @outbox.command(target=unique_target("wb-hold"))
+    def job(n: int) -> int:
+        return n
+
+    started = [_started(outbox, job, n) for n in range(4)]
+    batches: list[int] = []
+    real = outbox.store.complete_many
+
+    def counting(items: Any) -> Any:
+        batches.append(len(items))
+        return real(items)
+
+    outbox.store.complete_many = counting  # type: ignore[method-assign]
+    executor = outbox.executor
+    executor.start_write_back()
+    write_back = executor.write_back
+    assert write_back is not None
+    for each in started[:3]:
+        write_back.submit(each, each.input["n"])
+    assert executor.flush(10)  # True within 10 s: it did not wait out the 30 s hold
+    assert batches == [3]
+    monkeypatch.setattr(executor_mod, "WRITE_BACK_HOLD", 0.05)
+    write_back.submit(started[3], 3)
+    wait_until(lambda: outbox.get(started[3].id).status == "completed", 10, what="the held success to be written")
+    assert batches == [3, 1]
+    assert [outbox.get(s.id).output for s in started] == [0, 1, 2, 3]
 
 
 def test_complete_many_records_only_the_attempts_that_still_hold_their_rows(make_outbox: Callable[..., Outbox]) -> None:
