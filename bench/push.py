@@ -109,6 +109,8 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
         one_tx = push_all_in_one_tx(bench, queue, key, n)
         truncate(bench)
         apply = apply_async_each(bench, queue, key, n)
+        bulk_rate(bench, queue, key, 1)  # warm-up: the COPY path's statement and caches
+        truncate(bench)
         bulk = bulk_rate(bench, queue, key, sizes.bulk_calls)
         truncate(bench)
         common.purge_queue(bench.app, queue)
