@@ -16,7 +16,7 @@ import math
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -390,36 +390,56 @@ class Outbox:
         return plan.batches[0]["id"] if plan.batches else ids[0]
 
     def push_many(self, conn: Connectable, calls: Iterable[Signature]) -> list[uuid.UUID]:
-        """Insert many commands at once in the caller's transaction (COPY on PostgreSQL from 50 rows)."""
-        items = self._templated_rows(calls)
-        return self._with_connection(conn, lambda c: self.store.insert_templated(c, items))
+        """Insert many commands at once in the caller's transaction (COPY on PostgreSQL from 50 rows).
 
-    def _templated_rows(self, calls: Iterable[Signature]) -> list[tuple[dict[str, Any], uuid.UUID, Any]]:
-        """(template row, id, input) per call, validated: each row is its template but for its id and input.
+        A call that cannot be pushed raises :class:`InvalidInput` (or the like) and
+        nothing of the push stays written: the calls are checked before anything is
+        written or, in a COPY large enough to be written while the calls are checked,
+        what it wrote is undone (a savepoint). Either way the caller's transaction stays
+        usable.
+        """
+        calls = list(calls)
+        templates, items = self._templated_rows(calls)
+        return self._with_connection(conn, lambda c: self.store.insert_templated(c, items, len(calls), templates))
 
-        Calls of one command with the same options share its target, timeout, retries,
-        priority and times: only the arguments are bound and encoded per call, and the
-        rows themselves are never built for a COPY.
+    def _templated_rows(
+        self, calls: list[Signature]
+    ) -> tuple[list[dict[str, Any]], Iterator[tuple[dict[str, Any], uuid.UUID, Any]]]:
+        """The distinct template rows of a bulk push, and (template row, id, input) per call, lazily.
+
+        Calls of one command with the same options share a template (target, timeout,
+        retries, priority, times): the first call of each is validated in full here; the
+        others' arguments are bound, encoded and size-checked as the items are taken, so a
+        COPY can write while they are (the rows themselves are never built for a COPY).
         """
         done: dict[Any, tuple[dict[str, Any], Any]] = {}
-        rows: list[tuple[dict[str, Any], uuid.UUID, Any]] = []
-        calls = list(calls)
-        limit = self.settings.max_input_bytes
-        for call, command_id in zip(calls, uuid7_many(len(calls)), strict=True):
+        templates: list[dict[str, Any]] = []
+        plan: list[tuple[dict[str, Any], Any]] = []  # (template, its encoder; None: the row is the call's own)
+        ids = uuid7_many(len(calls))  # ids in push order, drawn for the whole push at once
+        for call, command_id in zip(calls, ids, strict=True):
             key = _template_key(call)
             known = done.get(key) if key is not None else None
             if known is None:
                 row = self.row_for(call)
-                row["id"] = command_id  # ids in push order, drawn for the whole push at once
+                row["id"] = command_id
+                templates.append(row)
                 if key is not None:
                     done[key] = (row, argument_encoder(handler_of(self.runnable(call.task)).signature))
-                rows.append((row, command_id, row["input"]))
+                known = (row, None)
+            plan.append(known)
+        return templates, self._encoded(calls, ids, plan)
+
+    def _encoded(
+        self, calls: list[Signature], ids: list[uuid.UUID], plan: list[tuple[dict[str, Any], Any]]
+    ) -> Iterator[tuple[dict[str, Any], uuid.UUID, Any]]:
+        limit = self.settings.max_input_bytes
+        for call, command_id, (template, encode_call) in zip(calls, ids, plan, strict=True):
+            if encode_call is None:
+                yield template, command_id, template["input"]
                 continue
-            template, encode_call = known
             data = encode_call(tuple(call["args"]), call["kwargs"])
             data.text = check_size(data, limit, f"input of {template['name']}")
-            rows.append((template, command_id, data))
-        return rows
+            yield template, command_id, data
 
     def push_batch(
         self,

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import itertools
 import json
 import logging
 import os
@@ -353,6 +354,20 @@ def _raise_driver_error(exc: Exception, statement: str) -> NoReturn:
     raise exc
 
 
+@contextlib.contextmanager
+def _savepoint(raw: Any) -> Iterator[None]:
+    """A savepoint on the caller's psycopg connection, unseen by SQLAlchemy: an error inside rolls back to it."""
+    raw.execute("SAVEPOINT orch_outbox_push")
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # a lost connection: the transaction is gone anyway
+            raw.execute("ROLLBACK TO SAVEPOINT orch_outbox_push")
+            raw.execute("RELEASE SAVEPOINT orch_outbox_push")
+        raise
+    raw.execute("RELEASE SAVEPOINT orch_outbox_push")
+
+
 def _driver(conn: sa.Connection) -> Any:
     """The caller's psycopg connection, inside the caller's SQLAlchemy transaction.
 
@@ -655,49 +670,68 @@ class Store:
                 ids[i] = self._insert_unique(conn, row, strict)
         return ids
 
-    def insert_templated(self, conn: sa.Connection, items: Sequence[tuple[Row, uuid.UUID, Any]]) -> list[uuid.UUID]:
-        """A bulk push given as (template row, id, input): rows equal to their template but for id and input.
+    def insert_templated(
+        self, conn: sa.Connection, items: Iterable[tuple[Row, uuid.UUID, Any]], count: int, templates: Sequence[Row]
+    ) -> list[uuid.UUID]:
+        """A bulk push given as ``count`` (template row, id, input): rows equal to their template but for id and input.
 
-        From ``COPY_MIN_ROWS`` on PostgreSQL the rows go through COPY without being built
-        one by one: each template is stamped and rendered once. Otherwise (and for rows
-        with a unique key) this is :meth:`insert`.
+        ``templates``: the distinct template rows. From ``COPY_MIN_ROWS`` on PostgreSQL the
+        rows go through COPY without being built one by one: each template is stamped and
+        rendered once. Beyond one COPY chunk, the items are taken (and checked, see
+        ``Outbox._templated_rows``) while the COPY writes, inside a savepoint that undoes
+        the rows written if one is refused. Otherwise (and for rows with a unique key) this
+        is :meth:`insert`.
         """
         if (
-            len(items) < COPY_MIN_ROWS
+            count < COPY_MIN_ROWS
             or conn.dialect.name != "postgresql"
-            or any(template.get("unique_key") is not None for template, _, _ in items)
+            or any(template.get("unique_key") is not None for template in templates)
         ):
             return self.insert(conn, [{**template, "id": cid, "input": data} for template, cid, data in items])
         now = self.now_for_insert()
-        stamped: dict[int, Row] = {}
-        rows: list[tuple[Row, uuid.UUID, Any]] = []
-        for template, cid, data in items:
-            stamp = stamped.get(id(template))
-            if stamp is None:
-                stamp = stamped[id(template)] = self._stamp([template], now)[0]
-            rows.append((stamp, cid, data))
-        self._copy_lines(conn, {c for stamp in stamped.values() for c in stamp}, rows)
-        return [cid for _, cid, _ in items]
+        stamped = {id(template): self._stamp([template], now)[0] for template in templates}
+        ids: list[uuid.UUID] = []
+
+        def rows() -> Iterator[tuple[Row, uuid.UUID, Any]]:
+            for template, cid, data in items:
+                ids.append(cid)
+                yield stamped[id(template)], cid, data
+
+        columns = {c for stamp in stamped.values() for c in stamp}
+        streamed = count > COPY_CHUNK_ROWS
+        self._copy_lines(conn, columns, rows() if streamed else list(rows()), undo_on_error=streamed)
+        return ids
 
     def _copy(self, conn: sa.Connection, rows: Sequence[Row]) -> None:
         """Many rows at once with PostgreSQL's COPY (rows of any shape)."""
         self._copy_lines(conn, {c for row in rows for c in row}, [(row, row["id"], row.get("input")) for row in rows])
 
-    def _copy_lines(self, conn: sa.Connection, columns: set[str], rows: Sequence[tuple[Row, uuid.UUID, Any]]) -> None:
+    def _copy_lines(
+        self,
+        conn: sa.Connection,
+        columns: set[str],
+        rows: Iterable[tuple[Row, uuid.UUID, Any]],
+        undo_on_error: bool = False,
+    ) -> None:
         """COPY rows given as (row to take the other columns from, id, input), on the caller's transaction.
 
         Much cheaper per row than an INSERT; COPY fires the statement-level insert
-        trigger too, so the relay is notified on commit as for an INSERT.
+        trigger too, so the relay is notified on commit as for an INSERT. The rows are
+        rendered and sent a chunk at a time, so PostgreSQL stores one chunk while the
+        next is made. ``undo_on_error``: inside a savepoint, so that an error while the
+        rows are made (bad input) undoes what was written and leaves the transaction usable.
         """
         PENDING.flush(conn)  # earlier pushes of this transaction go first, as they were made
         text = _CopyText(columns, self._json_columns)
         raw = _driver(conn)
         statement = _insert_sql("COPY {} ({}) FROM STDIN", self.table.name, text.columns, raw)
         line = text.line
+        rest = iter(rows)
         try:
-            with raw.cursor() as cursor, cursor.copy(statement) as copy:
-                for start in range(0, len(rows), COPY_CHUNK_ROWS):
-                    copy.write("".join([line(*row) for row in rows[start : start + COPY_CHUNK_ROWS]]))
+            undo = _savepoint(raw) if undo_on_error else contextlib.nullcontext()
+            with undo, raw.cursor() as cursor, cursor.copy(statement) as copy:
+                while chunk := list(itertools.islice(rest, COPY_CHUNK_ROWS)):
+                    copy.write("".join([line(*row) for row in chunk]))
         except Exception as exc:
             _raise_driver_error(exc, statement)
 

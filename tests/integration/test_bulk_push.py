@@ -14,9 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from orch_outbox import Outbox
+from orch_outbox.errors import InvalidInput
 
 from .support import unique_target
 
@@ -91,3 +93,33 @@ def test_batch_of_many_members_goes_through_copy_intact(echo: Any) -> None:
     assert [r.input["text"] for r in rows] == [TRICKY[i % len(TRICKY)] for i in range(70)]
     assert {r.tenant for r in rows} == {TENANT}
     assert outbox.batch(ref.id).total == 70
+
+
+def test_a_bad_call_deep_in_a_streamed_copy_leaves_nothing_and_the_transaction_usable(echo: Any) -> None:
+    """Guarantee 7 for a push large enough to be written while it is checked (5 000 calls, COPY in chunks):
+    call 4 500 cannot be encoded (NaN). The push raises InvalidInput naming it; none of the 4 499 rows COPY
+    had already sent stays; a command pushed before it in the same transaction, and the transaction itself,
+    are untouched - the caller can go on and commit."""
+    outbox = echo.outbox
+    calls = [echo.s(f"row {i}", {"i": i}) for i in range(5_000)]
+    calls[4_500] = echo.s("bad", {"x": float("nan")})
+    with Session(outbox.engine) as session, session.begin():
+        before = echo.push(session, "before", {})
+        with pytest.raises(InvalidInput, match="payload"):
+            outbox.push_many(session, calls)
+        after = outbox.push_many(session, calls[:100])
+    table = outbox.store.table
+    with outbox.engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one() == 101
+    assert outbox.get(before).status == "pending" and len(after) == 100
+
+
+def test_a_streamed_copy_stores_every_row_in_push_order(echo: Any) -> None:
+    """A push of 4 500 calls goes through COPY in several chunks: every row is stored with its own input, and
+    the returned ids are the calls' commands, in push order."""
+    outbox = echo.outbox
+    ids = outbox.push_many(outbox.engine, [echo.s(f"row {i}", {"i": i}) for i in range(4_500)])
+    assert len(ids) == len(set(ids)) == 4_500
+    assert [outbox.get(ids[i]).input for i in (0, 2_000, 4_499)] == [
+        {"text": f"row {i}", "payload": {"i": i}} for i in (0, 2_000, 4_499)
+    ]
