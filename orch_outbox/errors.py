@@ -78,3 +78,11 @@ class BatchNotFound(OutboxError, LookupError):
 
 class ScheduleNotFound(OutboxError, LookupError):
     """No schedule with that name exists in the outbox."""
+
+
+class LeaseExpired(OutboxError):
+    """The attempt stopped reporting: its worker died, hung, or was cut off from the database."""
+
+
+class ChainedPush(OutboxError):
+    """A chained canvas or a callback cannot be sent with ``apply_async``: push it with ``outbox.push``."""

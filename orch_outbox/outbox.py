@@ -26,8 +26,9 @@ from celery.canvas import Signature, _chain, _chord, group
 from sqlalchemy.orm import Session
 
 from . import backoff as backoff_mod
-from . import canvas
+from . import canvas, celery_meaning, control, request
 from .canvas import NOTHING, Plan, Step
+from .celery_meaning import MAX_RETRIES
 from .clock import Clock
 from .errors import (
     BatchNotFound,
@@ -39,9 +40,14 @@ from .errors import (
     ScheduleNotFound,
     UnknownCommand,
 )
+from .executor import Executor
 from .jsoncodec import argument_encoder, check_size, encode, encode_arguments, encode_arguments_with_result
+from .relay import Relay, Rescuer
+from .results import Results
+from .running import RUNNING
 from .schema import BATCH_STATUSES, FINAL_STATUSES, STATUSES
 from .settings import Settings, validate_target
+from .settle import Settler
 from .signals import command_failed
 from .store import ErrorInfo, Store, make_engine
 from .task import Hooks, OutboxTask, Outcome, adopt, handler_of
@@ -72,14 +78,11 @@ PUSH_OPTIONS = frozenset(
         "tenant",
     }
 )
-#: The worker remote-control command that interrupts a running attempt (see executor.py).
-CANCEL_CONTROL = "orch_outbox_cancel"
 MAX_UNIQUE_KEY = 200
 #: Longest wait, at worker exit, for the write-back to record the successes it holds.
 WRITE_BACK_FLUSH_SECONDS = 10.0
 MAX_NAME = 200
 MAX_TIMEOUT = 7 * 24 * 3600.0
-MAX_RETRIES = 1000
 
 _BY_APP: weakref.WeakKeyDictionary[Celery, Outbox] = weakref.WeakKeyDictionary()
 
@@ -236,11 +239,15 @@ class CommandInfo:
 class Outbox:
     """An outbox table attached to a Celery app.
 
+    ``push_options``: the options a push (or a command's ``apply_async``) takes.
+
     :param app: the Celery app whose workers run the commands.
     :param engine: a SQLAlchemy engine or URL; by default ``outbox_database_url``.
     :param clock: replaces the clock (tests); then the database clock is not used.
     :param settings: overrides of ``outbox_*`` settings, by name without the prefix.
     """
+
+    push_options = PUSH_OPTIONS
 
     def __init__(
         self, app: Celery, engine: sa.Engine | str | None = None, *, clock: Clock | None = None, **settings: Any
@@ -266,6 +273,8 @@ class Outbox:
         signals.worker_shutdown.connect(self._flush_write_back, weak=False)
         signals.worker_process_shutdown.connect(self._flush_write_back, weak=False)
         signals.beat_init.connect(self._check_at_start, weak=False)
+        control.REVOKERS[app] = self.revoke
+        request.WATCHDOG_READERS[app] = lambda header: self.executor.retried_by_watchdog(header)
 
     # -- configuration ------------------------------------------------------------------
 
@@ -292,24 +301,39 @@ class Outbox:
         return backoff_mod.resolve(self.settings)
 
     @functools.cached_property
-    def executor(self) -> Any:
-        """Runs commands on the worker."""
-        from .executor import Executor
-
-        return Executor(self)
+    def results(self) -> Results:
+        """Writes final states to the app's result backend when no worker request does."""
+        return Results(self.app)
 
     @functools.cached_property
-    def relay(self) -> Any:
-        """Publishes due commands."""
-        from .relay import Relay
+    def settler(self) -> Settler:
+        """The one way an attempt ends (retry, failure, cancellation), for the executor and the rescuer."""
+        return Settler(
+            self.store,
+            chained_rows=self.chained_rows,
+            report_failure=self.report_failure,
+            backoff_for=self.backoff_for,
+            backoff_max=self.settings.retry_backoff_max,
+            results=self.results,
+        )
 
+    def backoff_for(self, name: str) -> backoff_mod.Backoff:
+        """The retry backoff of the command ``name``: its own, else the outbox's."""
+        return getattr(self.app.tasks.get(name), "outbox_backoff", None) or self.backoff
+
+    @functools.cached_property
+    def executor(self) -> Executor:
+        """Runs commands on the worker."""
+        return Executor(self.store, self.settings, self.settler, self.chained_rows)
+
+    @functools.cached_property
+    def relay(self) -> Relay:
+        """Publishes due commands."""
         return Relay(self)
 
     @functools.cached_property
-    def rescuer(self) -> Any:
+    def rescuer(self) -> Rescuer:
         """Returns commands whose lease lapsed."""
-        from .relay import Rescuer
-
         return Rescuer(self)
 
     def create_tables(self) -> None:
@@ -563,15 +587,20 @@ class Outbox:
             data = encode_arguments(handler.signature, tuple(call.args), dict(call.kwargs))
         check_size(data, settings.max_input_bytes, f"input of {task.name}")
         target = options.get("target", options.get("queue"))
-        if target is None:
-            own = getattr(task, "queue", None) if plain else task.outbox_target
-            target = own or settings.default_target or self.app.conf.task_default_queue
+        if target is None and not plain:
+            target = task.outbox_target or settings.default_target or None
+        if target is None:  # as Celery routes it: task_routes, the task's queue, task_default_queue
+            target = celery_meaning.routed_queue(self.app, task, tuple(call.args), dict(call.kwargs))
         try:
             target = validate_target(target)
         except ConfigurationError as exc:
             raise InvalidOption(str(exc)) from None
-        timeout = _pick(options.get("timeout"), getattr(task, "outbox_timeout", None), settings.default_timeout)
-        retries = _pick(options.get("retries"), getattr(task, "outbox_retries", None), settings.default_retries)
+        if plain:  # a plain task keeps its Celery time limits and max_retries (see celery_meaning.py)
+            own_timeout, own_retries = celery_meaning.plain_timeout(self.app, task), celery_meaning.plain_retries(task)
+        else:
+            own_timeout, own_retries = task.outbox_timeout, task.outbox_retries
+        timeout = _pick(options.get("timeout"), own_timeout, settings.default_timeout)
+        retries = _pick(options.get("retries"), own_retries, settings.default_retries)
         priority = _pick(options.get("priority"), getattr(task, "outbox_priority", None), 0)
         _check_timeout(timeout)
         _check_retries(retries)
@@ -630,23 +659,54 @@ class Outbox:
         next ``current().heartbeat()``; its worker then records ``canceled`` and the
         on-cancel commands. A handler that returns before it learns it is ``completed``.
         """
-        cid = _as_uuid(command_id)
+        return self._cancel(_as_uuid(command_id)) is not None
+
+    def _cancel(self, cid: uuid.UUID) -> str | None:
+        """Cancel one command; the status it had, or None if it was final (or is unknown)."""
+        names: list[str] = []
 
         def children_for(name: str, data: dict[str, Any]) -> list[dict[str, Any]]:
-            return self.chained_rows(name, "if_canceled", Outcome(cid, name, data))
+            names.append(name)
+            try:
+                return self.chained_rows(name, "if_canceled", Outcome(cid, name, data))
+            except Exception:  # as in settle.py: a raising hook costs its commands, never the cancellation
+                log.exception("if_canceled hook of %s raised; canceling %s without its commands", name, cid)
+                return []
 
         was = self.store.cancel(cid, children_for)
         if was is None:
-            return False
+            return None
         status, attempt = was
         if status == "running":
             self.tell_workers_to_cancel(f"{cid}:{attempt}")
-        return True
+        else:  # final now, and no worker request will say so: the result backend learns it here
+            self.results.revoked(cid, names[0] if names else "", "canceled")
+        return status
+
+    def revoke(self, task_ids: Iterable[str]) -> tuple[set[str], set[str]]:
+        """Celery's revoke of these task ids, for the ones that are commands (see ``control.py``).
+
+        Returns (the ids that are commands of this outbox, the ones canceled before they ran).
+        """
+        commands: set[str] = set()
+        before_run: set[str] = set()
+        for task_id in task_ids:
+            try:
+                cid = uuid.UUID(str(task_id))
+            except ValueError:
+                continue
+            status = self._cancel(cid)
+            if status is None and self.store.get(cid) is None:
+                continue
+            commands.add(task_id)
+            if status in ("pending", "dispatched"):
+                before_run.add(task_id)
+        return commands, before_run
 
     def tell_workers_to_cancel(self, task_id: str) -> None:
         """Broadcast a cancel of one running attempt; a failure is logged (heartbeats still tell the handler)."""
         try:
-            self.app.control.broadcast(CANCEL_CONTROL, arguments={"task_id": task_id})
+            self.app.control.broadcast(control.CANCEL_CONTROL, arguments={"task_id": task_id})
         except Exception as exc:  # the request is in the database; the broadcast only makes it prompt
             log.warning("could not broadcast the cancellation of %s: %s", task_id, exc)
 
@@ -1010,7 +1070,8 @@ class Outbox:
             log.warning("exiting with completions not yet written; their attempts will be retried")
 
     def _after_fork(self, **_: Any) -> None:
-        """In a prefork child: never reuse database connections opened by the parent."""
+        """In a prefork child: never reuse database connections opened by the parent; arm the watchdog."""
+        RUNNING.in_pool_child = True
         engine = self.__dict__.get("engine")
         if engine is not None:  # the store's autocommit engine shares this pool
             engine.dispose(close=False)

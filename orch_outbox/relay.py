@@ -19,10 +19,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import backoff as backoff_mod
 from .errors import StoreUnavailable, UnknownCommand
-from .store import Dispatch, ErrorInfo
-from .task import Outcome
+from .settle import Attempt
+from .store import Dispatch, ErrorInfo, Lapsed
 
 if TYPE_CHECKING:
     from .outbox import Outbox
@@ -73,7 +72,10 @@ class Relay:
         while True:
             try:
                 batch = self.store.claim(
-                    self.settings.batch_size, self.settings.dispatch_timeout, self.settings.max_in_flight
+                    self.settings.batch_size,
+                    self.settings.dispatch_timeout,
+                    self.settings.max_in_flight,
+                    on_expired=self._expired,
                 )
             except StoreUnavailable as exc:
                 log.warning("relay: %s", exc)
@@ -136,6 +138,11 @@ class Relay:
             self.broker_failures = 0
         return done
 
+    def _expired(self, ids: list[Any]) -> None:
+        """Commands the claim found past their expiry: ``REVOKED`` (expired) in the result backend."""
+        for command_id in ids:
+            self.outbox.results.revoked(command_id, "", "expired")
+
     def _refusal(self, item: Dispatch) -> tuple[str, ErrorInfo] | None:
         """(outcome, error) of a claimed row that must not become a message, or None.
 
@@ -159,14 +166,17 @@ class Relay:
         outcome, error = refusal
         log.error("relay: refused command %s (%s): %s", item.id, item.name, error.message)
         try:
-            self.store.refuse(item.id, item.attempt, outcome, error)
+            if self.store.refuse(item.id, item.attempt, outcome, error):
+                self.outbox.results.failed(item.id, item.name, error)
         except StoreUnavailable:
             log.warning("relay: could not record the refusal of %s; its dispatch lease will return it", item.id)
 
     def _open_producer(self) -> Any:
         """The relay's own producer, kept open across runs; its channel in confirm mode on AMQP."""
         if self._producer is None:
-            conn = self.app.connection_for_write()
+            # The relay awaits confirms per batch (``_Confirms``); kombu's ``confirm_publish``
+            # would wait for each message on top of that.
+            conn = self.app.connection_for_write(transport_options={"confirm_publish": False})
             try:
                 conn.ensure_connection(max_retries=1)
                 producer = self.app.amqp.Producer(conn)
@@ -192,6 +202,8 @@ class Relay:
     def _send(self, producer: object, item: Dispatch, retry: bool = True) -> None:
         # The executor reads the input from the row; the message carries it only so that
         # logs and Flower show it, unless the command hides it.
+        # One Celery task id per command, its command id (as Celery's own retries keep one
+        # id); the attempt travels in the header, which fences the worker's start.
         hidden = getattr(self.app.tasks.get(item.name), "outbox_hide_input", False)
         self.app.send_task(
             item.name,
@@ -199,13 +211,14 @@ class Relay:
             argsrepr="()",
             kwargsrepr="<hidden>" if hidden else _kwargsrepr(item.input, self.app.amqp.kwargsrepr_maxsize),
             serializer="json",
-            task_id=f"{item.id}:{item.attempt}",
+            task_id=str(item.id),
             queue=item.target,
             headers={"outbox": [str(item.id), item.attempt, item.timeout]},
+            expires=item.expires_at,
+            retries=item.retries - item.retries_left,
             producer=producer,
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
-            ignore_result=True,
             # Celery declares the queue at every publish (kombu then finds it in its cache,
             # after copying and binding the queue object: a sixth of a publish). Once per
             # connection is what that cache amounts to; a new connection declares again.
@@ -231,9 +244,13 @@ CONFIRM_TIMEOUT = 10.0
 class _Confirms:
     """Publisher confirms of one AMQP channel, awaited per batch instead of per message.
 
-    In confirm mode the broker numbers the messages of a channel 1, 2, ... and acks (or
-    nacks) them, singly or up to a number. ``expect`` is called before each publish;
-    ``wait`` reads the broker's frames until every expected message is settled.
+    In confirm mode the broker numbers *every* message published on a channel 1, 2, ...
+    and acks (or nacks) them, singly or up to a number. A command may cost more than one
+    message on the relay's channel (Celery publishes its ``task-sent`` event there when
+    ``task_send_sent_event`` is on), so every publish on the channel is counted where it
+    happens: the channel's ``basic_publish`` is wrapped, and each number is booked to the
+    command being sent (``expect`` names it). A command is confirmed once all its
+    messages are; a nack of any of them returns it to pending.
     """
 
     def __init__(self, channel: Any) -> None:
@@ -241,13 +258,23 @@ class _Confirms:
         channel.confirm_select()
         self.last_tag = 0
         self.pending: dict[int, Dispatch] = {}
-        self.nacked: list[Dispatch] = []
+        self.nacked: dict[Any, Dispatch] = {}
+        self._current: Dispatch | None = None
         channel.events["basic_ack"].add(self._ack)
         channel.events["basic_nack"].add(self._nack)
+        publish = channel.basic_publish
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.last_tag += 1
+            if self._current is not None:
+                self.pending[self.last_tag] = self._current
+            return publish(*args, **kwargs)
+
+        channel.basic_publish = counted
 
     def expect(self, item: Dispatch) -> None:
-        self.last_tag += 1
-        self.pending[self.last_tag] = item
+        """The messages published from now on belong to ``item``."""
+        self._current = item
 
     def _settled(self, tag: int, multiple: bool) -> list[Dispatch]:
         tags = [t for t in self.pending if t <= tag] if multiple else [tag]
@@ -257,7 +284,8 @@ class _Confirms:
         self._settled(delivery_tag, multiple)
 
     def _nack(self, delivery_tag: int, multiple: bool) -> None:
-        self.nacked.extend(self._settled(delivery_tag, multiple))
+        for item in self._settled(delivery_tag, multiple):
+            self.nacked[item.id] = item
 
     def wait(self, timeout: float) -> list[Dispatch]:
         """Block until every expected message is acked or nacked; returns the nacked ones."""
@@ -267,55 +295,57 @@ class _Confirms:
             if left <= 0:
                 raise TimeoutError(f"the broker did not confirm {len(self.pending)} message(s) in {timeout:g}s")
             self.channel.connection.drain_events(timeout=left)
-        nacked, self.nacked = self.nacked, []
+        self._current = None
+        nacked, self.nacked = list(self.nacked.values()), {}
         return nacked
 
 
 class Rescuer:
-    """Settles dispatch and run leases that lapsed."""
+    """Settles dispatch and run leases that lapsed, and dispatched commands past their expiry."""
 
     def __init__(self, outbox: Outbox) -> None:
         self.outbox = outbox
         self.store = outbox.store
-        self.settings = outbox.settings
+        self.settler = outbox.settler
 
     def run_once(self, limit: int = 500) -> int:
-        """One pass over lapsed leases, then over batches left open; returns how many rows changed."""
+        """One pass over lapsed leases, expiries and batches left open; returns how many rows changed.
+
+        Each lapsed attempt is settled on its own (``settle.py``): a hook that raises, or a
+        row that cannot be settled, is logged and the pass goes on with the others.
+        """
         try:
             changed = self.store.release_lapsed_dispatches(limit)
+            for command_id in self.store.expire_dispatched(limit):
+                self.outbox.results.revoked(command_id, "", "expired")
+                changed += 1
             changed += self.store.settle_open_batches()
-            for lapsed in self.store.lapsed_runs(limit):
-                if lapsed.cancel_requested:  # canceled while running, and its worker never reported back
-                    children = self.outbox.chained_rows(
-                        lapsed.name, "if_canceled", Outcome(lapsed.id, lapsed.name, lapsed.input)
-                    )
-                    changed += int(self.store.canceled(lapsed.id, lapsed.attempt, children, lapsed_only=True))
-                    continue
-                error = ErrorInfo(
-                    "LeaseExpired",
-                    f"attempt {lapsed.attempt} stopped reporting: its worker died, hung, "
-                    "or ran past timeout + lock buffer",
-                )
-                if lapsed.retries_left > 0:
-                    task = self.outbox.app.tasks.get(lapsed.name)
-                    policy = getattr(task, "outbox_backoff", None) or self.outbox.backoff
-                    delay = backoff_mod.delay_for(policy, 1, error.type, self.settings.retry_backoff_max)
-                    done = self.store.retry(lapsed.id, lapsed.attempt, "lost", error, delay, lapsed_only=True)
-                else:
-                    children = self.outbox.chained_rows(
-                        lapsed.name, "if_failed", Outcome(lapsed.id, lapsed.name, lapsed.input, None, error)
-                    )
-                    done = self.store.fail(lapsed.id, lapsed.attempt, "lost", error, children, lapsed_only=True)
-                if done:
-                    final = lapsed.retries_left <= 0
-                    self.outbox.report_failure(lapsed.id, lapsed.name, lapsed.attempt, "lost", error, final=final)
-                changed += int(done)
+            lapsed_rows = self.store.lapsed_runs(limit)
         except StoreUnavailable as exc:
             log.warning("rescuer: %s", exc)
             return 0
+        for lapsed in lapsed_rows:
+            try:
+                changed += int(self._settle(lapsed))
+            except StoreUnavailable as exc:
+                log.warning("rescuer: %s", exc)
+                break
+            except Exception:
+                log.exception("rescuer: could not settle command %s attempt %s; going on", lapsed.id, lapsed.attempt)
         if changed:
             log.info("rescuer: settled %d lapsed lease(s)", changed)
         return changed
+
+    def _settle(self, lapsed: Lapsed) -> bool:
+        attempt = Attempt(lapsed.id, lapsed.name, lapsed.attempt, lapsed.input, lapsed.retries, lapsed.retries_left)
+        if lapsed.cancel_requested:  # canceled while running, and its worker never reported back
+            return self.settler.canceled(attempt, lapsed_only=True, report_result=True).status is not None
+        error = ErrorInfo(
+            "LeaseExpired",
+            f"attempt {lapsed.attempt} stopped reporting: its worker died, hung, or was cut off from the database",
+        )
+        ending = self.settler.failed(attempt, "lost", error, lapsed_only=True, report_result=True)
+        return ending.status is not None
 
 
 class ListeningRelay:

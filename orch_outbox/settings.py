@@ -47,6 +47,9 @@ class Settings:
     batch_size: int = _doc("most rows one relay claim takes", 200)
     max_in_flight: int = _doc("most messages per target published and not yet started (0: no limit)", 1000)
     lock_buffer: float = _doc("seconds added to the timeout to form a running lease", 10.0)
+    timeout_grace: float = _doc(
+        "seconds a handler may run past its timeout before a prefork worker ends its pool process", 5.0
+    )
     dispatch_timeout: float = _doc("seconds a published message may wait to start before redispatch", 60.0)
     rescue_interval: float = _doc("seconds between runs of the lease rescuer driven by beat", 5.0)
     max_input_bytes: int = _doc("largest encoded input or output accepted, in bytes", 1_000_000)
@@ -95,6 +98,7 @@ class Settings:
             "default_timeout",
             "poll_interval",
             "lock_buffer",
+            "timeout_grace",
             "dispatch_timeout",
             "rescue_interval",
             "schedule_interval",

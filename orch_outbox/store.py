@@ -65,6 +65,10 @@ class Dispatch:
     input: dict[str, Any]
     timeout: float
     priority: int
+    #: the command's expiry: the message carries it as Celery's ``expires``, so a worker drops it unopened
+    expires_at: datetime | None = None
+    retries: int = 0
+    retries_left: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +105,7 @@ class Lapsed:
     name: str
     attempt: int
     input: dict[str, Any]
+    retries: int
     retries_left: int
     cancel_requested: bool
 
@@ -140,7 +145,9 @@ def _tune_sqlite(engine: sa.Engine) -> None:
 
 
 #: A claimed row as the claim statement returns it (its RETURNING list is these fields).
-_CLAIMED = collections.namedtuple("_CLAIMED", "id name target attempt input timeout priority status batch_id")
+_CLAIMED = collections.namedtuple(
+    "_CLAIMED", "id name target attempt input timeout priority status batch_id expires_at retries retries_left"
+)
 
 #: Connections a forked child inherited from its parent's hot path: kept referenced, never
 #: closed or collected, because closing one would end the parent's session on the shared socket.
@@ -856,7 +863,13 @@ class Store:
 
     # -- relay --------------------------------------------------------------------------
 
-    def claim(self, limit: int, dispatch_timeout: float, max_in_flight: int = 0) -> list[Dispatch]:
+    def claim(
+        self,
+        limit: int,
+        dispatch_timeout: float,
+        max_in_flight: int = 0,
+        on_expired: Callable[[list[uuid.UUID]], None] | None = None,
+    ) -> list[Dispatch]:
         """Claim up to ``limit`` due pending rows: each becomes dispatched with a new attempt.
 
         Claim order is priority, then due time. A claimed row past its ``expires_at``
@@ -878,12 +891,18 @@ class Store:
                 stmt = self._claim_capped_stmt if max_in_flight else self._claim_stmt
                 rows = conn.execute(stmt, {**params, **self._p_times(p_lease=dispatch_timeout)}).all()
         claimed = [
-            Dispatch(r.id, r.name, r.target, r.attempt, r.input, r.timeout, r.priority)
+            Dispatch(
+                r.id, r.name, r.target, r.attempt, r.input, r.timeout, r.priority, r.expires_at, r.retries,
+                r.retries_left,
+            )
             for r in rows
             if r.status == "dispatched"
         ]
         claimed.sort(key=lambda d: (-d.priority, d.id))  # within a priority, oldest first (ids are time-ordered)
-        self.settle_batches(r.batch_id for r in rows if r.status == "expired")
+        if len(claimed) < len(rows):
+            self.settle_batches(r.batch_id for r in rows if r.status == "expired")
+            if on_expired is not None:
+                on_expired([r.id for r in rows if r.status == "expired"])
         return claimed
 
     def _paused(self) -> sa.ColumnElement[bool]:
@@ -1050,7 +1069,10 @@ class Store:
         return (
             sa.update(t)
             .where(
-                *self._p_fence("dispatched"), t.c.name == sa.bindparam("p_name", type_=t.c.name.type), ~self._paused()
+                *self._p_fence("dispatched"),
+                t.c.name == sa.bindparam("p_name", type_=t.c.name.type),
+                ~self._paused(),
+                sa.or_(t.c.expires_at.is_(None), t.c.expires_at > self._p_now()),
             )
             .values(
                 status="running",
@@ -1060,6 +1082,71 @@ class Store:
             )
             .returning(*(t.c[f.name] for f in dataclasses.fields(Started)))  # in Started's order
         )
+
+    def expire(self, command_id: uuid.UUID, attempt: int) -> bool:
+        """A dispatched attempt whose command expired before it started: ``expired``, nothing run or chained."""
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(
+                t.c.id == command_id,
+                t.c.status == "dispatched",
+                t.c.attempt == attempt,
+                t.c.expires_at.is_not(None),
+                t.c.expires_at <= self._now(),
+            )
+            .values(status="expired", outcome="expired", finished_at=self._now(), lease_expires_at=None)
+            .returning(t.c.batch_id)
+        )
+        with self._one() as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            return False
+        self.settle_batches([row.batch_id])
+        return True
+
+    def expire_dispatched(self, limit: int) -> list[uuid.UUID]:
+        """Dispatched rows past their expiry whose message no worker started: ``expired`` now, not at their lease."""
+        t = self.table
+        due = (
+            sa.select(t.c.id)
+            .where(t.c.status == "dispatched", t.c.expires_at.is_not(None), t.c.expires_at <= self._now())
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .cte("due")
+        )
+        stmt = (
+            sa.update(t)
+            .where(t.c.id.in_(sa.select(due.c.id)), t.c.status == "dispatched")
+            .values(status="expired", outcome="expired", finished_at=self._now(), lease_expires_at=None)
+            .returning(t.c.id, t.c.batch_id)
+        )
+        with self._one() as conn:
+            rows = conn.execute(stmt).all()
+        self.settle_batches(r.batch_id for r in rows)
+        return [r.id for r in rows]
+
+    def renew(self, attempts: Sequence[tuple[uuid.UUID, int]], lease: float) -> dict[tuple[uuid.UUID, int], bool]:
+        """Keep the leases of attempts still running in this process alive: at least now + ``lease``.
+
+        Returns, for each attempt that still holds its command, whether its cancellation
+        was requested; an attempt missing from the answer was fenced off (rescued,
+        canceled, or its command finished otherwise) and must stop. Called by each worker
+        process once a second for its attempts older than a second: no statement per command.
+        """
+        if not attempts:
+            return {}
+        t = self.table
+        later = self._later(lease)
+        stmt = (
+            sa.update(t)
+            .where(sa.tuple_(t.c.id, t.c.attempt).in_(list(attempts)), t.c.status == "running")
+            .values(lease_expires_at=sa.case((t.c.lease_expires_at < later, later), else_=t.c.lease_expires_at))
+            .returning(t.c.id, t.c.attempt, t.c.cancel_requested_at)
+        )
+        with self._one(relaxed=True) as conn:
+            rows = conn.execute(stmt).all()
+        return {(r.id, r.attempt): r.cancel_requested_at is not None for r in rows}
 
     def hold_back(self, command_id: uuid.UUID, attempt: int) -> bool:
         """A dispatched attempt whose command was paused before it started: back to pending, no retry used."""
@@ -1371,6 +1458,7 @@ class Store:
                 t.c.name,
                 t.c.attempt,
                 t.c.input,
+                t.c.retries,
                 t.c.retries_left,
                 t.c.cancel_requested_at.is_not(None).label("cancel_requested"),
             )

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Task
 
+from . import celery_meaning
+from .errors import ChainedPush
 from .store import ErrorInfo
 
 if TYPE_CHECKING:
@@ -51,10 +53,20 @@ class Hooks:
     if_canceled: list[Hook] = field(default_factory=list)
 
 
-class OutboxTask(Task):  # type: ignore[misc]
-    """Base class of outbox commands. Create them with ``@outbox.command`` or ``@orch_outbox.command``."""
+#: Celery builds each message's request from this class (see ``request.py``).
+REQUEST_CLASS = "orch_outbox.request:OutboxRequest"
 
-    ignore_result = True
+
+class OutboxTask(Task):  # type: ignore[misc]
+    """Base class of outbox commands. Create them with ``@outbox.command`` or ``@orch_outbox.command``.
+
+    ``delay()`` / ``apply_async()`` push the command through the outbox in a transaction
+    of their own on the outbox's engine (durable, routed to its target) and return an
+    ``AsyncResult`` of the command id; to push inside your own transaction use
+    ``cmd.push(session, ...)``.
+    """
+
+    Request = REQUEST_CLASS
     typing = False
     outbox_target: str | None = None
     outbox_timeout: float | None = None
@@ -126,6 +138,40 @@ class OutboxTask(Task):  # type: ignore[misc]
             return self.run(*args, **kwargs)
         return self.outbox.executor.execute(self, self.request)
 
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: str | None = None,
+        **options: Any,
+    ) -> Any:
+        """Push through the outbox in a transaction of its own; returns the ``AsyncResult`` of the command id.
+
+        Celery's ``queue``, ``countdown``, ``eta``, ``expires`` and ``priority`` map to the
+        push's options; transport options (``serializer``, ``retry``, ...) do not apply.
+        Callbacks, chains and a chosen ``task_id`` are refused: use ``outbox.push`` with a
+        canvas, or ``@cmd.then`` hooks.
+        """
+        if link or link_error or options.get("chain") or options.get("chord") or task_id is not None:
+            raise ChainedPush(
+                f"{self.name}.apply_async() cannot carry callbacks, a chain or a task_id: push the canvas with "
+                "outbox.push(session, ...) inside your transaction, or chain with @cmd.then"
+            )
+        known = self.outbox.push_options
+        call = self.signature(args, kwargs, **{k: v for k, v in options.items() if k in known})
+        command_id = self.outbox.push(self.outbox.engine, call)
+        return self.AsyncResult(str(command_id))
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        """Celery's ``self.retry()``; inside an attempt run from the outbox it asks the outbox to retry (no message)."""
+        if celery_meaning.from_outbox(self):
+            celery_meaning.retry(self, *args, **kwargs)
+        return super().retry(*args, **kwargs)
+
 
 @dataclass(frozen=True)
 class Handler:
@@ -171,8 +217,18 @@ def adopt(task: Any, execute: Callable[[Any, Any], Any]) -> bool:
             return original(*args, **kwargs)
         return execute(task, request)
 
+    celery_retry = task.retry
+
+    @functools.wraps(celery_retry)
+    def retry(*args: Any, **kwargs: Any) -> Any:
+        if celery_meaning.from_outbox(task):
+            celery_meaning.retry(task, *args, **kwargs)
+        return celery_retry(*args, **kwargs)
+
     setattr(task, ORIGINAL_RUN, original)
     task.run = run
+    task.retry = retry
+    task.Request = REQUEST_CLASS  # only changes how outbox messages report; others as before (see request.py)
     return True
 
 

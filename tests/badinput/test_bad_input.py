@@ -928,8 +928,9 @@ def test_pickle_message_is_refused_and_the_worker_keeps_serving(worker_outbox: C
 
 def test_messages_without_a_valid_outbox_header_run_nothing(worker_outbox: Callable[..., Outbox]) -> None:
     """Kind 18: messages for a registered command that did not come from the relay run nothing and change
-    nothing: ``cmd.apply_async`` (what ``cmd.delay`` does, routed to the worker's queue) and
-    ``app.send_task(name)`` carry no outbox header, another carries a garbage header - each is dropped and
+    nothing: ``app.send_task(name)`` with positional and with keyword arguments carry no outbox header
+    (``cmd.delay`` / ``cmd.apply_async`` push through the outbox instead: see
+    tests/integration/test_celery_fidelity.py), another carries a garbage header - each is dropped and
     counted ``malformed``; a forged header naming a real command that is still pending is dropped as
     ``stale`` (the fenced start needs a dispatched attempt) and that command later runs exactly once,
     through the relay. An eager ``cmd.apply()`` is dropped the same way (only a plain function call
@@ -946,7 +947,7 @@ def test_messages_without_a_valid_outbox_header_run_nothing(worker_outbox: Calla
     pending = work.push(outbox.engine, 100)
     dropped = outbox.executor.dropped
     with run_worker(outbox.app, [target]):
-        work.apply_async((1,), queue=target)
+        outbox.app.send_task("work", args=[1], queue=target)
         outbox.app.send_task("work", kwargs={"n": 2}, queue=target)
         outbox.app.send_task("work", kwargs={"n": 3}, queue=target, headers={"outbox": ["garbage", "x", None]})
         outbox.app.send_task("work", kwargs={"n": 4}, queue=target, headers={"outbox": [str(pending), 1, 5.0]})

@@ -121,9 +121,9 @@ def run_flow(project: Project, pool: str = "threads") -> None:
 
     # Each attempt travelled as a real, named Celery task on the worker.
     log = worker.output()
-    assert f"Task send_email[{ids['send_email']}:1] received" in log, log
-    for attempt in (1, 2, 3):
-        assert f"Task import_feed[{ids['import_feed']}:{attempt}] received" in log, log
+    # One Celery task id per command (its command id), as Celery's own retries keep one id.
+    assert log.count(f"Task send_email[{ids['send_email']}] received") == 1, log
+    assert log.count(f"Task import_feed[{ids['import_feed']}] received") == 3, log
 
 
 @pytest.mark.parametrize("broker", ["rabbitmq", "redis", "embedded"])

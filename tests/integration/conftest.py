@@ -27,14 +27,14 @@ def fake_clock() -> FakeClock:
 
 @pytest.fixture
 def make_outbox(pg_engine: sa.Engine) -> Iterator[Callable[..., Outbox]]:
-    """``make_outbox(clock=None, **settings)``: a fresh outbox on PostgreSQL, dropped after the test."""
+    """``make_outbox(clock=None, engine=None, app=None, **settings)``: a fresh outbox on PostgreSQL, dropped after."""
     made: list[Outbox] = []
 
-    def factory(clock: Any = None, engine: sa.Engine | None = None, **settings: Any) -> Outbox:
+    def factory(clock: Any = None, engine: sa.Engine | None = None, app: Any = None, **settings: Any) -> Outbox:
         options: dict[str, Any] = {"lock_buffer": 2.0, "retry_backoff": "fixed", "retry_backoff_base": 0.0}
         options.update(settings)
         options.setdefault("table_prefix", integration_prefix())
-        outbox = Outbox(new_app(), engine or pg_engine, clock=clock, **options)
+        outbox = Outbox(app or new_app(), engine or pg_engine, clock=clock, **options)
         outbox.create_tables()
         made.append(outbox)
         return outbox

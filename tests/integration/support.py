@@ -56,7 +56,7 @@ def new_app() -> Celery:
     return app
 
 
-def run_worker(app: Celery, queues: list[str]) -> Any:
+def run_worker(app: Celery, queues: list[str], pool: str = "solo", concurrency: int = 1) -> Any:
     """An in-process solo-pool Celery worker consuming ``queues`` (as ``tests/conftest.run_worker``).
 
     The in-memory transport polls its queues once a second by default; polling faster
@@ -65,5 +65,5 @@ def run_worker(app: Celery, queues: list[str]) -> Any:
     options = dict(app.conf.broker_transport_options or {})
     options.setdefault("polling_interval", 0.02)
     app.conf.broker_transport_options = options
-    return start_worker(app, pool="solo", concurrency=1, queues=queues, perform_ping_check=False,
+    return start_worker(app, pool=pool, concurrency=concurrency, queues=queues, perform_ping_check=False,
                         loglevel="WARNING", shutdown_timeout=10)

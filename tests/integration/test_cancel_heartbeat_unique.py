@@ -171,10 +171,10 @@ def test_heartbeat_after_rescue_raises_lease_lost(clocked_outbox: Outbox, fake_c
     assert outbox.rescue_once() == 1
     assert outbox.store.heartbeat(command_id, dispatch.attempt, 10) == (False, False)
 
-    from orch_outbox.executor import Executor, _Guard
+    from orch_outbox.running import Guard
 
     with pytest.raises(LeaseLost):
-        Executor(outbox)._heartbeat(started, _Guard(5), 10)
+        outbox.executor._heartbeat(started, Guard(5), 10)
 
 
 def test_rescuer_settles_lapsed_canceled_run_as_canceled(clocked_outbox: Outbox, fake_clock: FakeClock) -> None:

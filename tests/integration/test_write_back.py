@@ -16,7 +16,7 @@ import pytest
 from celery.contrib.testing.worker import start_worker
 
 from orch_outbox import Outbox
-from orch_outbox import executor as executor_mod
+from orch_outbox import writeback as writeback_mod
 from orch_outbox.errors import StoreUnavailable
 from orch_outbox.testing import wait_until
 
@@ -120,7 +120,7 @@ def test_successes_within_the_hold_share_one_write_and_flush_does_not_wait_for_i
     """Successes handed over within ``WRITE_BACK_HOLD`` of the first go in one ``complete_many`` (one commit);
     a flush (a warm shutdown) writes them at once instead of waiting out the hold; with no flush, a success
     is written once the hold has passed."""
-    monkeypatch.setattr(executor_mod, "WRITE_BACK_HOLD", 30.0)
+    monkeypatch.setattr(writeback_mod, "WRITE_BACK_HOLD", 30.0)
     outbox = make_outbox()
 
     @outbox.command(target=unique_target("wb-hold"))
@@ -144,7 +144,7 @@ def test_successes_within_the_hold_share_one_write_and_flush_does_not_wait_for_i
         write_back.submit(each, each.input["n"])
     assert executor.flush(10)  # True within 10 s: it did not wait out the 30 s hold
     assert batches == [3]
-    monkeypatch.setattr(executor_mod, "WRITE_BACK_HOLD", 0.05)
+    monkeypatch.setattr(writeback_mod, "WRITE_BACK_HOLD", 0.05)
     write_back.submit(started[3], 3)
     wait_until(lambda: outbox.get(started[3].id).status == "completed", 10, what="the held success to be written")
     assert batches == [3, 1]
