@@ -1445,9 +1445,10 @@ class Store:
             sa.update(t)
             .where(t.c.id.in_(sa.select(lapsed.c.id)), t.c.status == "dispatched")
             .values(status="pending", lease_expires_at=None)
+            .returning(t.c.id)  # SQLite reports no row count for an UPDATE with a CTE
         )
         with self._one(relaxed=True) as conn:
-            return conn.execute(stmt).rowcount
+            return len(conn.execute(stmt).all())
 
     def lapsed_runs(self, limit: int) -> list[Lapsed]:
         """Running rows whose lease ran out (read only; each is then settled by a fenced write)."""

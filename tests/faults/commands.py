@@ -102,6 +102,21 @@ def declare(command: Callable[..., Any], queue: str, effects_url: str, prefix: s
         effect("start")
         os._exit(3)
 
+    @command(target=queue, timeout=1.0, retries=1)
+    def stuck(n: int, seconds: float = 20.0) -> dict[str, int]:
+        """On its first attempt blocks in one C call (``time.sleep``) far past its 1 s timeout, which cannot
+        interrupt it; later attempts record whether a process of an earlier attempt is still alive."""
+        effect("start")
+        if current().attempt == 1:
+            try:
+                time.sleep(seconds)
+            finally:  # the timeout arrives once the sleep returns (threads); a killed process never gets here
+                effect("done")
+        else:
+            effect("overlap" if _earlier_alive(effects_url, prefix, current().id) else "alone")
+            effect("done")
+        return {"n": n, "attempt": current().attempt, "pid": os.getpid()}
+
     @command(target=queue, retries=0)
     def on_poison_failed(n: int) -> int:
         """Chained once ``poison`` has failed for good."""
@@ -131,4 +146,24 @@ def declare(command: Callable[..., Any], queue: str, effects_url: str, prefix: s
         "on_work_canceled": on_work_canceled,
         "poison": poison,
         "on_poison_failed": on_poison_failed,
+        "stuck": stuck,
     }
+
+
+def _earlier_alive(effects_url: str, prefix: str, command_id: Any) -> bool:
+    """Whether a process that started an earlier attempt of this command and never finished it still runs."""
+    with psycopg.connect(effects_url, autocommit=True) as conn:
+        rows = conn.execute(
+            f"SELECT pid FROM {prefix}effects WHERE command_id = %s AND attempt = 1 AND phase = 'start'"
+            f" AND NOT EXISTS (SELECT 1 FROM {prefix}effects d WHERE d.command_id = %s AND d.attempt = 1"
+            " AND d.phase = 'done')",
+            (command_id, command_id),
+        ).fetchall()
+    for (pid,) in rows:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    return True
+        except FileNotFoundError:
+            continue
+    return False

@@ -202,3 +202,36 @@ def test_handler_timeout_in_prefork_pool(lab) -> None:
     assert ledger.attempts(slow, "done") == []
     assert [c["name"] for c in ledger.children(slow)] == ["on_work_failed"]
     assert ledger.row(quick)["status"] == "completed"
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_handler_stuck_past_its_timeout_never_overlaps_its_next_attempt(lab, pool: str) -> None:
+    """Guarantee 9 (no overlapping attempts while workers live): a handler blocked in one C call
+    (``time.sleep``) far past its 1 s timeout - and past timeout + lock buffer, when a lease that nothing
+    renews would lapse - is never joined by a second attempt. Prefork: the watchdog records the timeout
+    ``outbox_timeout_grace`` after it and ends the pool process, and attempt 2 starts only once that
+    process is gone. Threads (a thread cannot be stopped): the worker keeps the lease while the thread is
+    still inside the handler, and records the timeout when it returns; attempt 2 starts after that. The
+    ledger of start/end times shows it; the parent worker survives."""
+    p = lab.project(outbox_lock_buffer=1.0, outbox_timeout_grace=2.0, outbox_retry_backoff="fixed",
+                    outbox_retry_backoff_base=0.0, **STEADY_DISPATCH)
+    worker = p.start_worker(pool=pool, concurrency=2)
+    p.start_beat()
+    [cid] = p.push([p.cmd.stuck.s(0, seconds=20.0 if pool == "prefork" else 6.0)])
+    done = p.wait_status(cid, "completed", timeout=45)
+    ledger = p.ledger(at_least_once=[cid])
+    effects = sorted((e for e in ledger.effects if e["command_id"] == done["id"]), key=lambda e: e["db_time"])
+    phases = [(e["attempt"], e["phase"]) for e in effects]
+    first_start = next(e for e in effects if (e["attempt"], e["phase"]) == (1, "start"))
+    second_start = next(e for e in effects if (e["attempt"], e["phase"]) == (2, "start"))
+    elapsed = (second_start["db_time"] - first_start["db_time"]).total_seconds()
+    print(f"\n{pool}: attempt 2 started {elapsed:.1f}s after attempt 1 (timeout 1 s)")
+    assert (2, "overlap") not in phases and (2, "alone") in phases, phases
+    assert done["attempt"] == 2 and done["retries_left"] == 0, done
+    if pool == "prefork":
+        assert (1, "done") not in phases, phases  # its process was ended mid-sleep
+        assert elapsed >= 1.0 + 2.0, elapsed  # not before timeout + grace
+    else:
+        first_done = next(e for e in effects if (e["attempt"], e["phase"]) == (1, "done"))
+        assert second_start["db_time"] > first_done["db_time"], phases
+    assert worker.alive()
