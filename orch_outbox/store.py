@@ -892,7 +892,15 @@ class Store:
                 rows = conn.execute(stmt, {**params, **self._p_times(p_lease=dispatch_timeout)}).all()
         claimed = [
             Dispatch(
-                r.id, r.name, r.target, r.attempt, r.input, r.timeout, r.priority, r.expires_at, r.retries,
+                r.id,
+                r.name,
+                r.target,
+                r.attempt,
+                r.input,
+                r.timeout,
+                r.priority,
+                r.expires_at,
+                r.retries,
                 r.retries_left,
             )
             for r in rows
