@@ -1,0 +1,50 @@
+"""The store: the only package that talks SQL.
+
+Every statement the outbox runs is a method of :class:`Store` with a one-line purpose,
+in a room of its own by concern (base, hotpath, push, claims, attempts, batches,
+schedules, admin, listen). Each state change names the state (and, for a worker's
+write-back, the attempt) it expects, so a late, duplicate or zombie writer changes
+nothing: it finds no row to update.
+
+Time: on PostgreSQL, due times and leases are computed from the database's ``now()``,
+so a host with a skewed clock changes nothing. On SQLite, which has no usable clock of
+the right precision, and in tests that pass ``clock=``, the Python clock is used.
+"""
+
+from __future__ import annotations
+
+from .admin import AdminStatements
+from .attempts import AttemptStatements
+from .base import Dispatch, ErrorInfo, Lapsed, Row, Started, StoreBase, make_engine
+from .batches import BatchStatements
+from .claims import ClaimStatements
+from .listen import ListenStatements
+from .push import COPY_CHUNK_ROWS, COPY_MIN_ROWS, PENDING, PushStatements
+from .schedules import ScheduleStatements
+
+
+class Store(
+    PushStatements,
+    ClaimStatements,
+    AttemptStatements,
+    BatchStatements,
+    ScheduleStatements,
+    AdminStatements,
+    ListenStatements,
+    StoreBase,
+):
+    """Named statements over the outbox tables (``{prefix}commands``, batches, schedules, pauses)."""
+
+
+__all__ = [
+    "COPY_CHUNK_ROWS",
+    "COPY_MIN_ROWS",
+    "PENDING",
+    "Dispatch",
+    "ErrorInfo",
+    "Lapsed",
+    "Row",
+    "Started",
+    "Store",
+    "make_engine",
+]

@@ -1,0 +1,390 @@
+"""An attempt's life on the worker: start, renew, heartbeat, and every fenced ending (complete, retry, fail, cancel)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from ..canvas import Plan
+from ..schema import (
+    UNFINISHED_STATUSES as UNFINISHED,
+)
+from .base import (
+    _NO_ERROR,
+    ErrorInfo,
+    Row,
+    Started,
+    StoreBase,
+    _error_values,
+)
+
+
+class AttemptStatements(StoreBase):
+    """An attempt's life on the worker: start, renew, heartbeat, every fenced ending."""
+
+    def start(self, command_id: uuid.UUID, attempt: int, name: str, worker: str, lease: float) -> Started | None:
+        """Claim one attempt for a worker (dispatched → running); None if it is not this attempt's to run."""
+        params = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker}
+        if self._hot is not None:
+            sql, constants = self._hot_start
+            hot_row = self._hot.execute(
+                self._relaxed is not None, sql, {**constants, **params, "p_lease": timedelta(seconds=lease)}
+            )
+            return Started(*hot_row) if hot_row else None
+        with self._one(relaxed=True) as conn:
+            row = conn.execute(self._start_stmt, {**params, **self._p_times(p_lease=lease)}).first()
+        return Started(**row._mapping) if row else None
+
+    @functools.cached_property
+    def _hot_start(self) -> tuple[str, dict[str, Any]]:
+        assert self._hot is not None
+        return self._hot.compile(self.engine, self._start_stmt)
+
+    @functools.cached_property
+    def _hot_complete(self) -> tuple[str, dict[str, Any], Callable[[Any], Any]]:
+        assert self._hot is not None
+        sql, constants = self._hot.compile(self.engine, self._complete_stmt)
+        dialect = self.engine.dialect
+        to_json = self.table.c.output.type.dialect_impl(dialect).bind_processor(dialect)
+        return sql, constants, to_json or (lambda value: value)
+
+    @functools.cached_property
+    def _start_stmt(self) -> sa.Update:
+        t = self.table
+        return (
+            sa.update(t)
+            .where(
+                *self._p_fence("dispatched"),
+                t.c.name == sa.bindparam("p_name", type_=t.c.name.type),
+                ~self._paused(),
+                sa.or_(t.c.expires_at.is_(None), t.c.expires_at > self._p_now()),
+            )
+            .values(
+                status="running",
+                started_at=self._p_now(),
+                lease_expires_at=self._p_later("p_lease"),
+                worker=sa.bindparam("p_worker", type_=t.c.worker.type),
+            )
+            .returning(*(t.c[f.name] for f in dataclasses.fields(Started)))  # in Started's order
+        )
+
+    def expire(self, command_id: uuid.UUID, attempt: int) -> bool:
+        """A dispatched attempt whose command expired before it started: ``expired``, nothing run or chained."""
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(
+                t.c.id == command_id,
+                t.c.status == "dispatched",
+                t.c.attempt == attempt,
+                t.c.expires_at.is_not(None),
+                t.c.expires_at <= self._now(),
+            )
+            .values(status="expired", outcome="expired", finished_at=self._now(), lease_expires_at=None)
+            .returning(t.c.batch_id)
+        )
+        with self._one() as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            return False
+        self.settle_batches([row.batch_id])
+        return True
+
+    def renew(self, attempts: Sequence[tuple[uuid.UUID, int]], lease: float) -> dict[tuple[uuid.UUID, int], bool]:
+        """Keep the leases of attempts still running in this process alive: at least now + ``lease``.
+
+        Returns, for each attempt that still holds its command, whether its cancellation
+        was requested; an attempt missing from the answer was fenced off (rescued,
+        canceled, or its command finished otherwise) and must stop. Called by each worker
+        process once a second for its attempts older than a second: no statement per command.
+        """
+        if not attempts:
+            return {}
+        t = self.table
+        later = self._later(lease)
+        stmt = (
+            sa.update(t)
+            .where(sa.tuple_(t.c.id, t.c.attempt).in_(list(attempts)), t.c.status == "running")
+            .values(lease_expires_at=sa.case((t.c.lease_expires_at < later, later), else_=t.c.lease_expires_at))
+            .returning(t.c.id, t.c.attempt, t.c.cancel_requested_at)
+        )
+        with self._one(relaxed=True) as conn:
+            rows = conn.execute(stmt).all()
+        return {(r.id, r.attempt): r.cancel_requested_at is not None for r in rows}
+
+    def hold_back(self, command_id: uuid.UUID, attempt: int) -> bool:
+        """A dispatched attempt whose command was paused before it started: back to pending, no retry used."""
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(t.c.id == command_id, t.c.status == "dispatched", t.c.attempt == attempt, self._paused())
+            .values(status="pending", lease_expires_at=None)
+        )
+        with self._one() as conn:
+            return bool(conn.execute(stmt).rowcount == 1)
+
+    def complete(self, command_id: uuid.UUID, attempt: int, output: Any, children: Sequence[Row] | Plan) -> bool:
+        """Record success and insert the on-success commands, in one transaction; False if fenced out."""
+        if children:
+            values = {"status": "completed", "outcome": "success", "output": output, **_NO_ERROR}
+            return self._finish(command_id, attempt, values, children)
+        if self._hot is not None:
+            return command_id in self.complete_many([(command_id, attempt, output)])
+        params = {"p_id": command_id, "p_attempt": attempt, "p_output": output, **self._p_times()}
+        with self._one() as conn:
+            row = conn.execute(self._complete_stmt, params).first()
+        if row is None:
+            return False
+        self.settle_batches([row.batch_id])
+        return True
+
+    def complete_many(self, items: Sequence[tuple[uuid.UUID, int, Any]]) -> set[uuid.UUID]:
+        """Record many successes without chained commands, in one statement and one commit.
+
+        ``items``: (command id, attempt, output). Each row is fenced as in :meth:`complete`;
+        returns the ids that were recorded (the others no longer belonged to their attempt).
+        """
+        if not items:
+            return set()
+        if self._hot is not None:
+            # One fenced primary-key UPDATE per success, pipelined in one transaction: one
+            # round trip and one WAL flush, and no join for the planner to get wrong.
+            sql, constants, to_json = self._hot_complete
+            ordered = sorted(items, key=lambda item: item[0])
+            firsts = self._hot.execute_each(
+                False,
+                sql,
+                [
+                    {**constants, "p_id": cid, "p_attempt": attempt, "p_output": to_json(output)}
+                    for cid, attempt, output in ordered
+                ],
+            )
+            recorded = [(cid, first) for (cid, _, _), first in zip(ordered, firsts, strict=True) if first is not None]
+            self.settle_batches(first[0] for _, first in recorded)
+            return {cid for cid, _ in recorded}
+        t = self.table
+        if self.engine.dialect.name != "postgresql":
+            done = {cid for cid, attempt, output in items if self.complete(cid, attempt, output, [])}
+            return done
+        values = sa.values(
+            sa.column("v_id", t.c.id.type),
+            sa.column("v_attempt", sa.Integer()),
+            sa.column("v_output", t.c.output.type),
+            name="done",
+        ).data(sorted(items, key=lambda item: item[0]))
+        stmt = (
+            sa.update(t)
+            .where(t.c.id == values.c.v_id, t.c.status == "running", t.c.attempt == values.c.v_attempt)
+            .values(
+                status="completed",
+                outcome="success",
+                output=values.c.v_output,
+                finished_at=self._now(),
+                lease_expires_at=None,
+                **_NO_ERROR,
+            )
+            .returning(t.c.id, t.c.batch_id)
+        )
+        with self._one() as conn:
+            rows = conn.execute(stmt).all()
+        self.settle_batches(r.batch_id for r in rows)
+        return {r.id for r in rows}
+
+    @functools.cached_property
+    def _complete_stmt(self) -> sa.Update:
+        t = self.table
+        return (
+            sa.update(t)
+            .where(*self._p_fence("running"))
+            .values(
+                status="completed",
+                outcome="success",
+                output=sa.bindparam("p_output", type_=t.c.output.type),
+                finished_at=self._p_now(),
+                lease_expires_at=None,
+                **_NO_ERROR,
+            )
+            .returning(t.c.batch_id)
+        )
+
+    def fail(
+        self,
+        command_id: uuid.UUID,
+        attempt: int,
+        outcome: str,
+        error: ErrorInfo,
+        children: Sequence[Row] | Plan,
+        lapsed_only: bool = False,
+    ) -> bool:
+        """Record a final failure and insert the on-failure commands, in one transaction; False if fenced out."""
+        values = {"status": "failed", "outcome": outcome, **_error_values(error)}
+        return self._finish(command_id, attempt, values, children, lapsed_only)
+
+    def retry(
+        self,
+        command_id: uuid.UUID,
+        attempt: int,
+        outcome: str,
+        error: ErrorInfo,
+        delay: float,
+        lapsed_only: bool = False,
+    ) -> bool:
+        """Put a failed attempt back to pending, due after ``delay`` seconds, one retry fewer; False if fenced out.
+
+        ``lapsed_only``: the rescuer's form, which also requires the lease to have run out.
+        """
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(*self._fence(command_id, attempt, lapsed_only), t.c.retries_left > 0)
+            .values(
+                status="pending",
+                outcome=outcome,
+                retries_left=t.c.retries_left - 1,
+                scheduled_at=self._later(delay),
+                lease_expires_at=None,
+                **_error_values(error),
+            )
+        )
+        with self._one() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def not_found(self, command_id: uuid.UUID, attempt: int, error: ErrorInfo, delay: float) -> str | None:
+        """Record a dispatched attempt that no worker knows how to run: retry, or fail when none are left.
+
+        Returns the new status, or None if the attempt was no longer dispatched.
+        """
+        t = self.table
+        fence = (t.c.id == command_id, t.c.status == "dispatched", t.c.attempt == attempt)
+        common = {"outcome": "not_found", "lease_expires_at": None, **_error_values(error)}
+        with self._tx() as conn:
+            retried = conn.execute(
+                sa.update(t)
+                .where(*fence, t.c.retries_left > 0)
+                .values(status="pending", retries_left=t.c.retries_left - 1, scheduled_at=self._later(delay), **common)
+            ).rowcount
+            if retried:
+                return "pending"
+            failed = conn.execute(
+                sa.update(t)
+                .where(*fence)
+                .values(status="failed", finished_at=self._now(), **common)
+                .returning(t.c.batch_id)
+            ).first()
+        if failed is None:
+            return None
+        self.settle_batches([failed.batch_id])
+        return "failed"
+
+    def heartbeat(self, command_id: uuid.UUID, attempt: int, lease: float) -> tuple[bool, bool]:
+        """Extend a running attempt's lease to now + ``lease``: (still held, cancellation requested)."""
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(*self._fence(command_id, attempt))
+            .values(lease_expires_at=self._later(lease))
+            .returning(t.c.cancel_requested_at)
+        )
+        with self._one(relaxed=True) as conn:
+            row = conn.execute(stmt).first()
+        return (False, False) if row is None else (True, row.cancel_requested_at is not None)
+
+    def cancel_requested(self, command_id: uuid.UUID, attempt: int) -> bool:
+        """Whether a cancellation was requested for this running attempt."""
+        t = self.table
+        stmt = sa.select(t.c.cancel_requested_at).where(*self._fence(command_id, attempt))
+        with self._one() as conn:
+            return conn.execute(stmt).scalar_one_or_none() is not None
+
+    def cancel_requests(self, attempts: Sequence[tuple[uuid.UUID, int]]) -> set[tuple[uuid.UUID, int]]:
+        """Of these running attempts, the ones whose cancellation was requested."""
+        if not attempts:
+            return set()
+        t = self.table
+        stmt = sa.select(t.c.id, t.c.attempt).where(
+            t.c.id.in_([a[0] for a in attempts]), t.c.status == "running", t.c.cancel_requested_at.is_not(None)
+        )
+        with self._one() as conn:
+            found = {(r.id, r.attempt) for r in conn.execute(stmt)}
+        return found & set(attempts)
+
+    def canceled(
+        self, command_id: uuid.UUID, attempt: int, children: Sequence[Row] | Plan, lapsed_only: bool = False
+    ) -> bool:
+        """Record a running attempt as canceled and insert the on-cancel commands, in one transaction."""
+        values = {"status": "canceled", "outcome": "canceled", "output": None, **_NO_ERROR}
+        return self._finish(command_id, attempt, values, children, lapsed_only)
+
+    def _finish(
+        self,
+        command_id: uuid.UUID,
+        attempt: int,
+        values: dict[str, Any],
+        children: Sequence[Row] | Plan,
+        lapsed_only: bool = False,
+    ) -> bool:
+        """One fenced move to a final state with its chained commands; then the command's batch is settled.
+
+        The batch is settled after the commit, in a transaction of its own: whichever
+        member commits last sees every member final (see :meth:`settle_batches`).
+        """
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(*self._fence(command_id, attempt, lapsed_only))
+            .values(finished_at=self._now(), lease_expires_at=None, **values)
+            .returning(t.c.batch_id)
+        )
+        if not children:
+            with self._one() as conn:
+                row = conn.execute(stmt).first()
+        else:
+            with self._tx() as conn:
+                row = conn.execute(stmt).first()
+                if row is None:
+                    conn.rollback()
+                    return False
+                self.insert(conn, children, strict=False, now=self._tx_now(conn))
+        if row is None:
+            return False
+        self.settle_batches([row.batch_id])
+        return True
+
+    def cancel(self, command_id: uuid.UUID, children_for: Any) -> tuple[str, int] | None:
+        """Cancel a command, in one transaction; returns (the status it had, its attempt), or None if final.
+
+        Pending or dispatched: ``canceled`` now, with its on-cancel commands
+        (``children_for(name, input)`` gives their rows). Running: the cancellation is
+        requested (``cancel_requested_at``); the attempt's worker records ``canceled``.
+        """
+        t = self.table
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(t.c.status, t.c.name, t.c.input, t.c.attempt)
+                .where(t.c.id == command_id, t.c.status.in_(UNFINISHED))
+                .with_for_update()
+            ).first()
+            if row is None:
+                return None
+            if row.status == "running":
+                conn.execute(
+                    sa.update(t)
+                    .where(t.c.id == command_id, t.c.status == "running", t.c.cancel_requested_at.is_(None))
+                    .values(cancel_requested_at=self._now())
+                )
+                return "running", int(row.attempt)
+            batch_id = conn.execute(
+                sa.update(t)
+                .where(t.c.id == command_id, t.c.status == row.status)
+                .values(status="canceled", outcome="canceled", finished_at=self._now(), lease_expires_at=None)
+                .returning(t.c.batch_id)
+            ).scalar_one()
+            self.insert(conn, children_for(row.name, row.input), strict=False, now=self._tx_now(conn))
+        self.settle_batches([batch_id])
+        return str(row.status), int(row.attempt)
