@@ -18,8 +18,9 @@ from typing import Any
 
 from celery.beat import PersistentScheduler, ScheduleEntry
 
-from .outbox import LOCAL_TASKS, RELAY_TASK, RESCUE_TASK, outbox_of
+from .registry import outbox_of
 from .relay import ListeningRelay
+from .wiring import LOCAL_TASKS, RELAY_TASK, RESCUE_TASK
 
 log = logging.getLogger("orch_outbox.beat")
 

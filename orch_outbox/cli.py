@@ -19,9 +19,11 @@ from typing import Any, TypeVar
 import click
 from kombu.utils.imports import symbol_by_name
 
+from . import demo as demo_mod
 from .errors import OutboxError
 from .jsoncodec import encode
 from .outbox import BatchInfo, CommandInfo, Outbox, ScheduleInfo, outbox_of
+from .render import table
 from .schema import BATCH_STATUSES, FINAL_STATUSES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -228,9 +230,7 @@ def settings(ctx: click.Context) -> None:
 @click.option("--home", default=None, help="Folder for the demo's SQLite file and broker (default: a temp folder).")
 def demo(home: str | None) -> None:
     """Run the whole loop on the embedded default and print the final states."""
-    from .demo import run
-
-    sys.exit(run(home))
+    sys.exit(demo_mod.run(home))
 
 
 # -- batches and tenants ------------------------------------------------------------------
@@ -687,17 +687,6 @@ def scope_of(target: str | None, tenant: str | None) -> tuple[str, str]:
 def scope_text(scope: str, value: str) -> str:
     """What a pause covers, in words."""
     return "everything" if scope == "all" else f"{scope} {value!r}"
-
-
-def table(header: tuple[str, ...], rows: Sequence[Sequence[Any]], empty: str | None = None) -> str:
-    """A plain-text table; ``empty`` instead, when given and there are no rows."""
-    if not rows and empty is not None:
-        return empty
-    cells = [tuple(str(c) for c in header)] + [tuple(str(c) for c in row) for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    out = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from .context import current
 from .default import base_config, embedded_broker
 from .outbox import Outbox
+from .render import table
 from .task import Outcome
 from .testing import drain
 
@@ -148,17 +149,10 @@ def run(home: str | None = None, out: Any = print) -> int:
 
 
 def _all(outbox: Outbox) -> list[Any]:
-    import sqlalchemy as sa
-
-    t = outbox.store.table
-    with outbox.engine.connect() as conn:
-        ids = [r.id for r in conn.execute(sa.select(t.c.id).order_by(t.c.created_at, t.c.id))]
-    return [outbox.get(i) for i in ids]
+    return sorted(outbox.find(limit=1000), key=lambda i: (i.created_at, i.id))
 
 
 def _table(infos: list[Any]) -> str:
-    from .cli import table
-
     by_id = {i.id: i for i in infos}
     rows = []
     for info in infos:

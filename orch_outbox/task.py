@@ -19,6 +19,7 @@ from celery import Task
 
 from . import celery_meaning
 from .errors import ChainedPush
+from .registry import outbox_of
 from .store import ErrorInfo
 
 if TYPE_CHECKING:
@@ -116,8 +117,6 @@ class OutboxTask(Task):  # type: ignore[misc]
     @property
     def outbox(self) -> Outbox:
         """The outbox this command belongs to."""
-        from .outbox import outbox_of
-
         return outbox_of(self.app)
 
     @functools.cached_property

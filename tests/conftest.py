@@ -109,7 +109,7 @@ def run_worker(app: Celery, queues: list[str], pool: str = "solo", concurrency: 
 @pytest.fixture(autouse=True)
 def _close_outboxes() -> Iterator[None]:
     """Every Outbox a test made gives back its own connections afterwards (the server allows 100)."""
-    from orch_outbox import outbox as outbox_module
+    from orch_outbox import registry as outbox_module
 
     before = set(map(id, outbox_module._BY_APP.values()))
     yield

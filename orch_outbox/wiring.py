@@ -1,0 +1,136 @@
+"""The outbox in a Celery app: its service tasks, beat entries and the worker signals it answers."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+
+from .errors import (
+    ConfigurationError,
+)
+from .parts import OutboxParts
+from .running import RUNNING
+from .task import adopt
+
+log = logging.getLogger("orch_outbox")
+
+
+RELAY_TASK = "orch_outbox.relay"
+
+
+RESCUE_TASK = "orch_outbox.rescue"
+
+
+SCHEDULE_TASK = "orch_outbox.schedules"
+
+
+CLEANUP_TASK = "orch_outbox.cleanup"
+
+
+LOCAL_TASKS = frozenset({RELAY_TASK, RESCUE_TASK, SCHEDULE_TASK, CLEANUP_TASK})
+
+
+#: Longest wait, at worker exit, for the write-back to record the successes it holds.
+WRITE_BACK_FLUSH_SECONDS = 10.0
+
+
+class Wiring(OutboxParts):
+    """The outbox in a Celery app: its service tasks, beat entries and the worker signals it answers."""
+
+    def _register_service_tasks(self) -> None:
+        outbox = self
+
+        @self.app.task(name=RELAY_TASK, ignore_result=True, shared=False)
+        def relay() -> int:
+            return outbox.relay_once()
+
+        @self.app.task(name=RESCUE_TASK, ignore_result=True, shared=False)
+        def rescue() -> int:
+            return outbox.rescue_once()
+
+        @self.app.task(name=SCHEDULE_TASK, ignore_result=True, shared=False)
+        def schedules() -> int:
+            return len(outbox.tick_schedules())
+
+        @self.app.task(name=CLEANUP_TASK, ignore_result=True, shared=False)
+        def cleanup() -> int:
+            return outbox.cleanup_once()
+
+    def _add_beat_entries(self, sender: Celery | None = None, **_: Any) -> None:
+        settings = self.settings
+        schedule = self.app.conf.beat_schedule
+        schedule.setdefault("orch-outbox-relay", {"task": RELAY_TASK, "schedule": settings.poll_interval})
+        schedule.setdefault("orch-outbox-rescue", {"task": RESCUE_TASK, "schedule": settings.rescue_interval})
+        schedule.setdefault("orch-outbox-schedules", {"task": SCHEDULE_TASK, "schedule": settings.schedule_interval})
+        schedule.setdefault("orch-outbox-cleanup", {"task": CLEANUP_TASK, "schedule": settings.cleanup_interval})
+        accepted = {str(c) for c in (self.app.conf.accept_content or ())}
+        unsafe = sorted(accepted - {"json", "application/json"})
+        if unsafe:
+            # Commands are always published as JSON; a worker that also accepts pickle can be
+            # made to run code by anyone able to write to the broker.
+            log.warning(
+                "app %r accepts %s besides JSON; set accept_content = ['json'] so workers refuse other payloads",
+                self.app.main,
+                unsafe,
+            )
+
+    def _check_at_start(self, sender: Any = None, **_: Any) -> None:
+        """A worker or beat of this app refuses to start on invalid settings.
+
+        SystemExit, because Celery logs and swallows ordinary exceptions of signal handlers.
+        """
+        if getattr(sender, "app", None) is not self.app:
+            return
+        try:
+            self.settings  # noqa: B018 - reading validates
+        except ConfigurationError as exc:
+            raise SystemExit(f"orch_outbox: invalid settings: {exc}") from None
+
+    def _adopt_plain_tasks(self, sender: Any = None, **_: Any) -> None:
+        """At worker start: let this app's plain Celery tasks run outbox rows (see ``task.adopt``)."""
+        if getattr(sender, "app", None) is not self.app or not self.settings.plain_tasks:
+            return
+        self.adopt_plain_tasks()
+
+    def adopt_plain_tasks(self) -> int:
+        """Wrap the plain Celery tasks of this app so that rows naming them run fenced; returns how many."""
+        adopted = 0
+        for name, task in list(self.app.tasks.items()):
+            if name.startswith(("celery.", "orch_outbox.")):
+                continue
+            adopted += adopt(task, lambda t, request: self.executor.execute(t, request))
+        return adopted
+
+    def _start_write_back(self, sender: Any = None, **_: Any) -> None:
+        """In a worker of this app: plain successes are written behind the handlers (see ``_WriteBack``).
+
+        Every pool gains: a prefork or solo process takes its next message without waiting
+        for the last one's WAL flush; the threads of a threads pool share flushes.
+        """
+        if getattr(sender, "app", None) is self.app:
+            self.executor.start_write_back()
+
+    def _flush_write_back(self, sender: Any = None, **_: Any) -> None:
+        """Before a worker (or a prefork child) exits: write back the successes still held."""
+        executor = self.__dict__.get("executor")
+        if executor is not None and not executor.flush(WRITE_BACK_FLUSH_SECONDS):
+            log.warning("exiting with completions not yet written; their attempts will be retried")
+
+    def _after_fork(self, **_: Any) -> None:
+        """In a prefork child: never reuse database connections opened by the parent; arm the watchdog."""
+        RUNNING.in_pool_child = True
+        engine = self.__dict__.get("engine")
+        if engine is not None:  # the store's autocommit engine shares this pool
+            engine.dispose(close=False)
+        store = self.__dict__.get("store")
+        if store is not None:
+            store.after_fork()
+
+    def _on_task_unknown(self, sender: Any = None, message: Any = None, name: str = "", id: str = "", **_: Any) -> None:
+        header = (getattr(message, "headers", None) or {}).get("outbox")
+        if sender is not None and getattr(sender, "app", None) is not self.app:
+            return
+        if header:
+            self.executor.record_not_found(header, name)
