@@ -223,8 +223,9 @@ class PushStatements(StoreBase):
             self._copy(conn, plain)
         elif plain and conn.dialect.driver == "psycopg":
             PENDING.add(conn, plain, self._write_rows)
-        elif plain:
-            conn.execute(sa.insert(self.table), plain)
+        elif plain:  # one executemany per set of columns: rows of a chain step may lack some keys
+            for _, group in itertools.groupby(plain, key=lambda r: tuple(sorted(r))):
+                conn.execute(sa.insert(self.table), list(group))
         ids: list[uuid.UUID] = [r["id"] for r in stamped]
         for i, row in enumerate(stamped):
             if row.get("unique_key") is not None:
