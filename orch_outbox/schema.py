@@ -19,11 +19,12 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql
 
 from .settings import validate_prefix
+from .states import FINAL, UNFINISHED, AttemptOutcome, BatchStatus, Status
 
-STATUSES = ("pending", "dispatched", "running", "completed", "failed", "canceled", "expired")
-FINAL_STATUSES = ("completed", "failed", "canceled", "expired")
-UNFINISHED_STATUSES = ("pending", "dispatched", "running")
-OUTCOMES = ("success", "failure", "timeout", "canceled", "not_found", "lost", "expired")
+STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
+FINAL_STATUSES: tuple[str, ...] = tuple(s.value for s in Status if s in FINAL)
+UNFINISHED_STATUSES: tuple[str, ...] = tuple(s.value for s in Status if s in UNFINISHED)
+OUTCOMES: tuple[str, ...] = tuple(o.value for o in AttemptOutcome)
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -135,7 +136,7 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
     return metadata
 
 
-BATCH_STATUSES = ("open", "finished", "canceled")
+BATCH_STATUSES: tuple[str, ...] = tuple(b.value for b in BatchStatus)
 
 
 def _add_support_tables(metadata: sa.MetaData, prefix: str) -> None:

@@ -14,6 +14,7 @@ from ..schema import (
     notify_channel,
     unique_scope,
 )
+from ..states import BatchStatus, Status
 from .base import (
     _NO_ERROR,
     Row,
@@ -94,9 +95,9 @@ class AdminStatements(StoreBase):
         )
         stmt = (
             sa.update(t)
-            .where(t.c.status == "failed", key_free, *self._filters(**filters))
+            .where(t.c.status == Status.FAILED, key_free, *self._filters(**filters))
             .values(
-                status="pending",
+                status=Status.PENDING,
                 retries_left=t.c.retries,
                 scheduled_at=self._now(),
                 outcome=None,
@@ -118,7 +119,7 @@ class AdminStatements(StoreBase):
     def purge(self, **filters: Any) -> int:
         """Delete final commands matching the filters (status defaults to ``failed``); members of open batches stay."""
         t = self.table
-        status = filters.pop("status", None) or "failed"
+        status = filters.pop("status", None) or Status.FAILED
         statuses = [status] if isinstance(status, str) else list(status)
         if not set(statuses) <= set(FINAL_STATUSES):
             raise OutboxError(f"only final commands can be purged, not {sorted(set(statuses) - set(FINAL_STATUSES))}")
@@ -130,7 +131,8 @@ class AdminStatements(StoreBase):
         """Rows a deletion may take: not members of a batch still open (its continuation will read them)."""
         t, b = self.table, self.batches
         return sa.or_(
-            t.c.batch_id.is_(None), ~sa.exists(sa.select(b.c.id).where(b.c.id == t.c.batch_id, b.c.status == "open"))
+            t.c.batch_id.is_(None),
+            ~sa.exists(sa.select(b.c.id).where(b.c.id == t.c.batch_id, b.c.status == BatchStatus.OPEN)),
         )
 
     def delete_finished(self, statuses: Sequence[str], older_than: float, limit: int) -> int:
@@ -157,7 +159,7 @@ class AdminStatements(StoreBase):
             old_batches = (
                 sa.select(b.c.id)
                 .where(
-                    b.c.status != "open",
+                    b.c.status != BatchStatus.OPEN,
                     b.c.finished_at < cutoff,
                     ~sa.exists(sa.select(t.c.id).where(t.c.batch_id == b.c.id)),
                 )
@@ -199,6 +201,6 @@ class AdminStatements(StoreBase):
         """
         t, b = self.table, self.batches
         commands = sa.select(sa.func.count()).where(t.c.status.not_in(FINAL_STATUSES)).scalar_subquery()
-        batches = sa.select(sa.func.count()).where(b.c.status == "open").scalar_subquery()
+        batches = sa.select(sa.func.count()).where(b.c.status == BatchStatus.OPEN).scalar_subquery()
         with self._one() as conn:
             return int(conn.execute(sa.select(commands + batches)).scalar_one())

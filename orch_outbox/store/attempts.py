@@ -15,6 +15,7 @@ from ..canvas import Plan
 from ..schema import (
     UNFINISHED_STATUSES as UNFINISHED,
 )
+from ..states import AttemptOutcome, Status
 from .base import (
     _NO_ERROR,
     ErrorInfo,
@@ -60,13 +61,13 @@ class AttemptStatements(StoreBase):
         return (
             sa.update(t)
             .where(
-                *self._p_fence("dispatched"),
+                *self._p_fence(Status.DISPATCHED),
                 t.c.name == sa.bindparam("p_name", type_=t.c.name.type),
                 ~self._paused(),
                 sa.or_(t.c.expires_at.is_(None), t.c.expires_at > self._p_now()),
             )
             .values(
-                status="running",
+                status=Status.RUNNING,
                 started_at=self._p_now(),
                 lease_expires_at=self._p_later("p_lease"),
                 worker=sa.bindparam("p_worker", type_=t.c.worker.type),
@@ -81,12 +82,14 @@ class AttemptStatements(StoreBase):
             sa.update(t)
             .where(
                 t.c.id == command_id,
-                t.c.status == "dispatched",
+                t.c.status == Status.DISPATCHED,
                 t.c.attempt == attempt,
                 t.c.expires_at.is_not(None),
                 t.c.expires_at <= self._now(),
             )
-            .values(status="expired", outcome="expired", finished_at=self._now(), lease_expires_at=None)
+            .values(
+                status=Status.EXPIRED, outcome=AttemptOutcome.EXPIRED, finished_at=self._now(), lease_expires_at=None
+            )
             .returning(t.c.batch_id)
         )
         with self._one() as conn:
@@ -110,7 +113,7 @@ class AttemptStatements(StoreBase):
         later = self._later(lease)
         stmt = (
             sa.update(t)
-            .where(sa.tuple_(t.c.id, t.c.attempt).in_(list(attempts)), t.c.status == "running")
+            .where(sa.tuple_(t.c.id, t.c.attempt).in_(list(attempts)), t.c.status == Status.RUNNING)
             .values(lease_expires_at=sa.case((t.c.lease_expires_at < later, later), else_=t.c.lease_expires_at))
             .returning(t.c.id, t.c.attempt, t.c.cancel_requested_at)
         )
@@ -123,8 +126,8 @@ class AttemptStatements(StoreBase):
         t = self.table
         stmt = (
             sa.update(t)
-            .where(t.c.id == command_id, t.c.status == "dispatched", t.c.attempt == attempt, self._paused())
-            .values(status="pending", lease_expires_at=None)
+            .where(t.c.id == command_id, t.c.status == Status.DISPATCHED, t.c.attempt == attempt, self._paused())
+            .values(status=Status.PENDING, lease_expires_at=None)
         )
         with self._one() as conn:
             return bool(conn.execute(stmt).rowcount == 1)
@@ -132,7 +135,7 @@ class AttemptStatements(StoreBase):
     def complete(self, command_id: uuid.UUID, attempt: int, output: Any, children: Sequence[Row] | Plan) -> bool:
         """Record success and insert the on-success commands, in one transaction; False if fenced out."""
         if children:
-            values = {"status": "completed", "outcome": "success", "output": output, **_NO_ERROR}
+            values = {"status": Status.COMPLETED, "outcome": AttemptOutcome.SUCCESS, "output": output, **_NO_ERROR}
             return self._finish(command_id, attempt, values, children)
         if self._hot is not None:
             return command_id in self.complete_many([(command_id, attempt, output)])
@@ -180,10 +183,10 @@ class AttemptStatements(StoreBase):
         ).data(sorted(items, key=lambda item: item[0]))
         stmt = (
             sa.update(t)
-            .where(t.c.id == values.c.v_id, t.c.status == "running", t.c.attempt == values.c.v_attempt)
+            .where(t.c.id == values.c.v_id, t.c.status == Status.RUNNING, t.c.attempt == values.c.v_attempt)
             .values(
-                status="completed",
-                outcome="success",
+                status=Status.COMPLETED,
+                outcome=AttemptOutcome.SUCCESS,
                 output=values.c.v_output,
                 finished_at=self._now(),
                 lease_expires_at=None,
@@ -201,10 +204,10 @@ class AttemptStatements(StoreBase):
         t = self.table
         return (
             sa.update(t)
-            .where(*self._p_fence("running"))
+            .where(*self._p_fence(Status.RUNNING))
             .values(
-                status="completed",
-                outcome="success",
+                status=Status.COMPLETED,
+                outcome=AttemptOutcome.SUCCESS,
                 output=sa.bindparam("p_output", type_=t.c.output.type),
                 finished_at=self._p_now(),
                 lease_expires_at=None,
@@ -223,7 +226,7 @@ class AttemptStatements(StoreBase):
         lapsed_only: bool = False,
     ) -> bool:
         """Record a final failure and insert the on-failure commands, in one transaction; False if fenced out."""
-        values = {"status": "failed", "outcome": outcome, **_error_values(error)}
+        values = {"status": Status.FAILED, "outcome": outcome, **_error_values(error)}
         return self._finish(command_id, attempt, values, children, lapsed_only)
 
     def retry(
@@ -244,7 +247,7 @@ class AttemptStatements(StoreBase):
             sa.update(t)
             .where(*self._fence(command_id, attempt, lapsed_only), t.c.retries_left > 0)
             .values(
-                status="pending",
+                status=Status.PENDING,
                 outcome=outcome,
                 retries_left=t.c.retries_left - 1,
                 scheduled_at=self._later(delay),
@@ -261,26 +264,28 @@ class AttemptStatements(StoreBase):
         Returns the new status, or None if the attempt was no longer dispatched.
         """
         t = self.table
-        fence = (t.c.id == command_id, t.c.status == "dispatched", t.c.attempt == attempt)
-        common = {"outcome": "not_found", "lease_expires_at": None, **_error_values(error)}
+        fence = (t.c.id == command_id, t.c.status == Status.DISPATCHED, t.c.attempt == attempt)
+        common = {"outcome": AttemptOutcome.NOT_FOUND, "lease_expires_at": None, **_error_values(error)}
         with self._tx() as conn:
             retried = conn.execute(
                 sa.update(t)
                 .where(*fence, t.c.retries_left > 0)
-                .values(status="pending", retries_left=t.c.retries_left - 1, scheduled_at=self._later(delay), **common)
+                .values(
+                    status=Status.PENDING, retries_left=t.c.retries_left - 1, scheduled_at=self._later(delay), **common
+                )
             ).rowcount
             if retried:
-                return "pending"
+                return Status.PENDING
             failed = conn.execute(
                 sa.update(t)
                 .where(*fence)
-                .values(status="failed", finished_at=self._now(), **common)
+                .values(status=Status.FAILED, finished_at=self._now(), **common)
                 .returning(t.c.batch_id)
             ).first()
         if failed is None:
             return None
         self.settle_batches([failed.batch_id])
-        return "failed"
+        return Status.FAILED
 
     def heartbeat(self, command_id: uuid.UUID, attempt: int, lease: float) -> tuple[bool, bool]:
         """Extend a running attempt's lease to now + ``lease``: (still held, cancellation requested)."""
@@ -308,7 +313,7 @@ class AttemptStatements(StoreBase):
             return set()
         t = self.table
         stmt = sa.select(t.c.id, t.c.attempt).where(
-            t.c.id.in_([a[0] for a in attempts]), t.c.status == "running", t.c.cancel_requested_at.is_not(None)
+            t.c.id.in_([a[0] for a in attempts]), t.c.status == Status.RUNNING, t.c.cancel_requested_at.is_not(None)
         )
         with self._one() as conn:
             found = {(r.id, r.attempt) for r in conn.execute(stmt)}
@@ -318,7 +323,7 @@ class AttemptStatements(StoreBase):
         self, command_id: uuid.UUID, attempt: int, children: Sequence[Row] | Plan, lapsed_only: bool = False
     ) -> bool:
         """Record a running attempt as canceled and insert the on-cancel commands, in one transaction."""
-        values = {"status": "canceled", "outcome": "canceled", "output": None, **_NO_ERROR}
+        values = {"status": Status.CANCELED, "outcome": AttemptOutcome.CANCELED, "output": None, **_NO_ERROR}
         return self._finish(command_id, attempt, values, children, lapsed_only)
 
     def _finish(
@@ -372,17 +377,26 @@ class AttemptStatements(StoreBase):
             ).first()
             if row is None:
                 return None
-            if row.status == "running":
+            if row.status == Status.RUNNING:
                 conn.execute(
                     sa.update(t)
-                    .where(t.c.id == command_id, t.c.status == "running", t.c.cancel_requested_at.is_(None))
+                    .where(t.c.id == command_id, t.c.status == Status.RUNNING, t.c.cancel_requested_at.is_(None))
                     .values(cancel_requested_at=self._now())
                 )
-                return "running", int(row.attempt)
+                return Status.RUNNING, int(row.attempt)
             batch_id = conn.execute(
                 sa.update(t)
-                .where(t.c.id == command_id, t.c.status == row.status)
-                .values(status="canceled", outcome="canceled", finished_at=self._now(), lease_expires_at=None)
+                .where(
+                    t.c.id == command_id,
+                    t.c.status == row.status,
+                    t.c.status.in_((Status.PENDING, Status.DISPATCHED)),
+                )
+                .values(
+                    status=Status.CANCELED,
+                    outcome=AttemptOutcome.CANCELED,
+                    finished_at=self._now(),
+                    lease_expires_at=None,
+                )
                 .returning(t.c.batch_id)
             ).scalar_one()
             self.insert(conn, children_for(row.name, row.input), strict=False, now=self._tx_now(conn))

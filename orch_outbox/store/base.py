@@ -25,6 +25,7 @@ from ..schema import (
     pauses_table,
     schedules_table,
 )
+from ..states import Status
 from .hotpath import _HotPath
 
 Row = Mapping[str, Any]
@@ -305,7 +306,7 @@ class StoreBase:
     def _fence(self, command_id: uuid.UUID, attempt: int, lapsed_only: bool = False) -> list[sa.ColumnElement[bool]]:
         """The guard of every write-back: this command, running, under this attempt."""
         t = self.table
-        fence = [t.c.id == command_id, t.c.status == "running", t.c.attempt == attempt]
+        fence = [t.c.id == command_id, t.c.status == Status.RUNNING, t.c.attempt == attempt]
         if lapsed_only:
             fence.append(t.c.lease_expires_at < self._now())
         return fence

@@ -13,6 +13,7 @@ from ..errors import BatchClosed, BatchNotFound, StoreUnavailable
 from ..schema import (
     UNFINISHED_STATUSES as UNFINISHED,
 )
+from ..states import AttemptOutcome, BatchStatus, Status
 from .base import (
     Row,
     StoreBase,
@@ -44,7 +45,9 @@ class BatchStatements(StoreBase):
 
     def _settle(self, conn: sa.Connection, batch_id: uuid.UUID) -> int:
         b, t = self.batches, self.table
-        batch = conn.execute(sa.select(b).where(b.c.id == batch_id, b.c.status == "open").with_for_update()).first()
+        batch = conn.execute(
+            sa.select(b).where(b.c.id == batch_id, b.c.status == BatchStatus.OPEN).with_for_update()
+        ).first()
         if batch is None:
             return 0
         unfinished = conn.execute(
@@ -53,7 +56,7 @@ class BatchStatements(StoreBase):
         if unfinished is not None:
             return 0
         now = self._tx_now(conn) or self.clock()
-        conn.execute(sa.update(b).where(b.c.id == batch_id).values(status="finished", finished_at=now))
+        conn.execute(sa.update(b).where(b.c.id == batch_id).values(status=BatchStatus.FINISHED, finished_at=now))
         if batch.continuation is None:
             return 1
         members = conn.execute(
@@ -64,15 +67,15 @@ class BatchStatements(StoreBase):
         broken = []
         if batch.kind == "chord":
             value: Any = [m.output for m in members]
-            broken = [m for m in members if m.status != "completed"]
+            broken = [m for m in members if m.status != Status.COMPLETED]
         else:
             value = [canvas.outcome_of(m) for m in members]
         row = canvas.row_from_step(batch.continuation, value, batch.parent_id, batch.tenant)
         row["id"] = batch.continuation_id
         if broken:  # as in Celery, a chord whose header did not complete never calls its body
             row.update(
-                status="failed",
-                outcome="failure",
+                status=Status.FAILED,
+                outcome=AttemptOutcome.FAILURE,
                 finished_at=now,
                 chain=None,
                 error_type="ChordError",
@@ -88,7 +91,7 @@ class BatchStatements(StoreBase):
         stmt = (
             sa.select(b.c.id)
             .where(
-                b.c.status == "open",
+                b.c.status == BatchStatus.OPEN,
                 ~sa.exists(sa.select(t.c.id).where(t.c.batch_id == b.c.id, t.c.status.in_(UNFINISHED))),
             )
             .order_by(b.c.created_at)
@@ -106,7 +109,10 @@ class BatchStatements(StoreBase):
         """
         b = self.batches
         batch = conn.execute(
-            sa.update(b).where(b.c.id == batch_id, b.c.status == "open").values(status="open").returning(b.c.tenant)
+            sa.update(b)
+            .where(b.c.id == batch_id, b.c.status == BatchStatus.OPEN)
+            .values(status=BatchStatus.OPEN)
+            .returning(b.c.tenant)
         ).first()
         if batch is None:
             status = conn.execute(sa.select(b.c.status).where(b.c.id == batch_id)).scalar_one_or_none()
@@ -129,13 +135,13 @@ class BatchStatements(StoreBase):
             batch = conn.execute(sa.select(b.c.status).where(b.c.id == batch_id).with_for_update()).first()
             if batch is None:
                 raise BatchNotFound(f"no batch with id {batch_id}")
-            if batch.status != "open":
+            if batch.status != BatchStatus.OPEN:
                 return str(batch.status), 0, []
             now = self._tx_now(conn) or self.clock()
             canceled = conn.execute(
                 sa.update(t)
-                .where(t.c.batch_id == batch_id, t.c.status.in_(("pending", "dispatched")))
-                .values(status="canceled", outcome="canceled", finished_at=now, lease_expires_at=None)
+                .where(t.c.batch_id == batch_id, t.c.status.in_((Status.PENDING, Status.DISPATCHED)))
+                .values(status=Status.CANCELED, outcome=AttemptOutcome.CANCELED, finished_at=now, lease_expires_at=None)
                 .returning(t.c.id, t.c.name, t.c.input)
             ).all()
             children: list[Row] = []
@@ -144,12 +150,12 @@ class BatchStatements(StoreBase):
             self.insert(conn, children, strict=False, now=now)
             running = conn.execute(
                 sa.update(t)
-                .where(t.c.batch_id == batch_id, t.c.status == "running", t.c.cancel_requested_at.is_(None))
+                .where(t.c.batch_id == batch_id, t.c.status == Status.RUNNING, t.c.cancel_requested_at.is_(None))
                 .values(cancel_requested_at=now)
                 .returning(t.c.id, t.c.attempt)
             ).all()
-            conn.execute(sa.update(b).where(b.c.id == batch_id).values(status="canceled", finished_at=now))
-        return "open", len(canceled), [(r.id, int(r.attempt)) for r in running]
+            conn.execute(sa.update(b).where(b.c.id == batch_id).values(status=BatchStatus.CANCELED, finished_at=now))
+        return BatchStatus.OPEN, len(canceled), [(r.id, int(r.attempt)) for r in running]
 
     def batch_stats(self, batch_id: uuid.UUID) -> Row | None:
         """A batch row with its members' counts by status and their first start and last finish."""
@@ -197,7 +203,7 @@ class BatchStatements(StoreBase):
             ).all()
             mean = conn.execute(
                 sa.select(sa.func.avg(run_seconds)).where(
-                    t.c.tenant == tenant, t.c.status == "completed", t.c.started_at.is_not(None)
+                    t.c.tenant == tenant, t.c.status == Status.COMPLETED, t.c.started_at.is_not(None)
                 )
             ).scalar_one()
         return {

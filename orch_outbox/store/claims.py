@@ -10,6 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ..states import AttemptOutcome, Status
 from .base import (
     Dispatch,
     ErrorInfo,
@@ -64,13 +65,13 @@ class ClaimStatements(StoreBase):
                 r.retries_left,
             )
             for r in rows
-            if r.status == "dispatched"
+            if r.status == Status.DISPATCHED
         ]
         claimed.sort(key=lambda d: (-d.priority, d.id))  # within a priority, oldest first (ids are time-ordered)
         if len(claimed) < len(rows):
-            self.settle_batches(r.batch_id for r in rows if r.status == "expired")
+            self.settle_batches(r.batch_id for r in rows if r.status == Status.EXPIRED)
             if on_expired is not None:
-                on_expired([r.id for r in rows if r.status == "expired"])
+                on_expired([r.id for r in rows if r.status == Status.EXPIRED])
         return claimed
 
     @functools.cached_property
@@ -89,7 +90,7 @@ class ClaimStatements(StoreBase):
         t = self.table
         locked = (
             sa.select(t.c.id)
-            .where(t.c.status == "pending", t.c.scheduled_at <= self._p_now(), ~self._paused())
+            .where(t.c.status == Status.PENDING, t.c.scheduled_at <= self._p_now(), ~self._paused())
             .order_by(t.c.priority.desc(), t.c.scheduled_at)
             .limit(sa.bindparam("p_limit", type_=sa.Integer()))
             .with_for_update(skip_locked=True)
@@ -105,14 +106,14 @@ class ClaimStatements(StoreBase):
         cap = sa.bindparam("p_cap", type_=sa.Integer())
         in_flight = (
             sa.select(t.c.target, sa.func.count().label("n"))
-            .where(t.c.status == "dispatched")
+            .where(t.c.status == Status.DISPATCHED)
             .group_by(t.c.target)
             .cte("in_flight")
         )
         locked = (
             sa.select(t.c.id, t.c.target, t.c.priority, t.c.scheduled_at)
             .where(
-                t.c.status == "pending",
+                t.c.status == Status.PENDING,
                 t.c.scheduled_at <= now,
                 t.c.target.not_in(sa.select(in_flight.c.target).where(in_flight.c.n >= cap)),
                 ~self._paused(),
@@ -143,10 +144,10 @@ class ClaimStatements(StoreBase):
         expired = sa.and_(t.c.expires_at.is_not(None), t.c.expires_at <= now)
         return (
             sa.update(t)
-            .where(t.c.id.in_(ids))
+            .where(t.c.id.in_(ids), t.c.status == Status.PENDING)  # the locked rows are pending: said here too
             .values(
-                status=sa.case((expired, "expired"), else_="dispatched"),
-                outcome=sa.case((expired, "expired"), else_=t.c.outcome),
+                status=sa.case((expired, Status.EXPIRED), else_=Status.DISPATCHED),
+                outcome=sa.case((expired, AttemptOutcome.EXPIRED), else_=t.c.outcome),
                 finished_at=sa.case((expired, now), else_=None),
                 attempt=sa.case((expired, t.c.attempt), else_=t.c.attempt + 1),
                 dispatched_at=sa.case((expired, t.c.dispatched_at), else_=now),
@@ -162,8 +163,12 @@ class ClaimStatements(StoreBase):
         t = self.table
         stmt = (
             sa.update(t)
-            .where(t.c.id == sa.bindparam("b_id"), t.c.status == "dispatched", t.c.attempt == sa.bindparam("b_attempt"))
-            .values(status="pending", lease_expires_at=None)
+            .where(
+                t.c.id == sa.bindparam("b_id"),
+                t.c.status == Status.DISPATCHED,
+                t.c.attempt == sa.bindparam("b_attempt"),
+            )
+            .values(status=Status.PENDING, lease_expires_at=None)
         )
         with self._one(relaxed=True) as conn:
             result = conn.execute(stmt, [{"b_id": d.id, "b_attempt": d.attempt} for d in items])
@@ -174,9 +179,9 @@ class ClaimStatements(StoreBase):
         t = self.table
         stmt = (
             sa.update(t)
-            .where(t.c.id == command_id, t.c.status == "dispatched", t.c.attempt == attempt)
+            .where(t.c.id == command_id, t.c.status == Status.DISPATCHED, t.c.attempt == attempt)
             .values(
-                status="failed",
+                status=Status.FAILED,
                 outcome=outcome,
                 finished_at=self._now(),
                 lease_expires_at=None,
@@ -195,15 +200,15 @@ class ClaimStatements(StoreBase):
         t = self.table
         lapsed = (
             sa.select(t.c.id)
-            .where(t.c.status == "dispatched", t.c.lease_expires_at < self._now())
+            .where(t.c.status == Status.DISPATCHED, t.c.lease_expires_at < self._now())
             .limit(limit)
             .with_for_update(skip_locked=True)
             .cte("lapsed")
         )
         stmt = (
             sa.update(t)
-            .where(t.c.id.in_(sa.select(lapsed.c.id)), t.c.status == "dispatched")
-            .values(status="pending", lease_expires_at=None)
+            .where(t.c.id.in_(sa.select(lapsed.c.id)), t.c.status == Status.DISPATCHED)
+            .values(status=Status.PENDING, lease_expires_at=None)
             .returning(t.c.id)  # SQLite reports no row count for an UPDATE with a CTE
         )
         with self._one(relaxed=True) as conn:
@@ -214,15 +219,17 @@ class ClaimStatements(StoreBase):
         t = self.table
         due = (
             sa.select(t.c.id)
-            .where(t.c.status == "dispatched", t.c.expires_at.is_not(None), t.c.expires_at <= self._now())
+            .where(t.c.status == Status.DISPATCHED, t.c.expires_at.is_not(None), t.c.expires_at <= self._now())
             .limit(limit)
             .with_for_update(skip_locked=True)
             .cte("due")
         )
         stmt = (
             sa.update(t)
-            .where(t.c.id.in_(sa.select(due.c.id)), t.c.status == "dispatched")
-            .values(status="expired", outcome="expired", finished_at=self._now(), lease_expires_at=None)
+            .where(t.c.id.in_(sa.select(due.c.id)), t.c.status == Status.DISPATCHED)
+            .values(
+                status=Status.EXPIRED, outcome=AttemptOutcome.EXPIRED, finished_at=self._now(), lease_expires_at=None
+            )
             .returning(t.c.id, t.c.batch_id)
         )
         with self._one() as conn:
@@ -243,7 +250,7 @@ class ClaimStatements(StoreBase):
                 t.c.retries_left,
                 t.c.cancel_requested_at.is_not(None).label("cancel_requested"),
             )
-            .where(t.c.status == "running", t.c.lease_expires_at < self._now())
+            .where(t.c.status == Status.RUNNING, t.c.lease_expires_at < self._now())
             .order_by(t.c.lease_expires_at)
             .limit(limit)
         )
