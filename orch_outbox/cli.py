@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import click
 from kombu.utils.imports import symbol_by_name
+from kombu.utils.url import maybe_sanitize_url
 
 from . import demo as demo_mod
 from .errors import OutboxError
@@ -77,6 +78,11 @@ def _outbox(ctx: click.Context) -> Outbox:
 
 
 # -- shared options -----------------------------------------------------------------------
+
+
+def _masked(value: Any) -> Any:
+    """A URL's password hidden, as ``celery report`` shows URLs; other values as they are."""
+    return maybe_sanitize_url(value) if isinstance(value, str) and "://" in value else value
 
 
 def json_option(func: F) -> F:
@@ -195,6 +201,9 @@ def relay(ctx: click.Context) -> None:
     from .relay import ListeningRelay
 
     outbox = _outbox(ctx)
+    problem = outbox.database_problem()
+    if problem:
+        raise click.ClickException(problem)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -220,7 +229,7 @@ def settings(ctx: click.Context) -> None:
 
     outbox = _outbox(ctx)
     rows = [
-        (key, env, repr(getattr(outbox.settings, key[len("outbox_") :])))
+        (key, env, repr(_masked(getattr(outbox.settings, key[len("outbox_") :]))))
         for key, env, _default, _meaning in describe_settings()
     ]
     click.echo(table(("setting", "environment variable", "value"), rows))

@@ -91,9 +91,14 @@ class Settings:
 
     def validate(self) -> None:
         """Raise :class:`ConfigurationError` for the first invalid value."""
-        validate_prefix(self.table_prefix)
-        if self.default_target:
-            validate_target(self.default_target)
+        for key, check, value in (
+            ("outbox_table_prefix", validate_prefix, self.table_prefix),
+            ("outbox_default_target", validate_target, self.default_target or "celery"),
+        ):
+            try:
+                check(value)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{key}: {exc}") from None
         positive = (
             "default_timeout",
             "poll_interval",

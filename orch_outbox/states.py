@@ -57,9 +57,7 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     # a worker starts it; the publish failed or the message was lost, or it was paused (back to
     # pending, no retry used); an unknown name at the worker (retried or failed); a row the relay
     # refuses (failed); expired before it started; canceled
-    Status.DISPATCHED: frozenset(
-        {Status.RUNNING, Status.PENDING, Status.FAILED, Status.EXPIRED, Status.CANCELED}
-    ),
+    Status.DISPATCHED: frozenset({Status.RUNNING, Status.PENDING, Status.FAILED, Status.EXPIRED, Status.CANCELED}),
     # the attempt's ending: success, retry (pending), failure, cancellation
     Status.RUNNING: frozenset({Status.COMPLETED, Status.PENDING, Status.FAILED, Status.CANCELED}),
     # an operator re-queues a dead letter; a chord body whose members did not all complete fails

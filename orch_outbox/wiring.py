@@ -7,9 +7,7 @@ from typing import Any
 
 from celery import Celery
 
-from .errors import (
-    ConfigurationError,
-)
+from .errors import ConfigurationError, StoreUnavailable
 from .parts import OutboxParts
 from .running import RUNNING
 from .task import adopt
@@ -87,6 +85,20 @@ class Wiring(OutboxParts):
             self.settings  # noqa: B018 - reading validates
         except ConfigurationError as exc:
             raise SystemExit(f"orch_outbox: invalid settings: {exc}") from None
+        problem = self.database_problem()
+        if problem:
+            raise SystemExit(f"orch_outbox: {problem}")
+
+    def database_problem(self) -> str | None:
+        """One line saying why the outbox database cannot serve (unreachable, tables missing), or None."""
+        url = self.engine.url.render_as_string(hide_password=True)
+        try:
+            missing = self.store.missing_tables()
+        except StoreUnavailable as exc:
+            return f"cannot reach the outbox database {url}: {exc}"
+        if missing:
+            return f"the outbox tables are missing in {url} ({', '.join(missing)}): run `orch-outbox migrate`"
+        return None
 
     def _adopt_plain_tasks(self, sender: Any = None, **_: Any) -> None:
         """At worker start: let this app's plain Celery tasks run outbox rows (see ``task.adopt``)."""
@@ -134,3 +146,30 @@ class Wiring(OutboxParts):
             return
         if header:
             self.executor.record_not_found(header, name)
+
+
+class QuietServices(logging.Filter):
+    """Demotes to DEBUG the INFO lines Celery writes for the outbox's own service tasks.
+
+    Beat sends the relay, rescuer, schedules and cleanup entries every second or so, and
+    a worker that runs them logs each receipt and success: lines that would bury the
+    user's own. Every other task's lines pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not _names_a_service(record.args):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def _names_a_service(args: Any) -> bool:
+    values = args.values() if isinstance(args, dict) else args if isinstance(args, tuple) else ()
+    return any(isinstance(v, str) and v.startswith(("orch_outbox.", "orch-outbox-")) for v in values)
+
+
+#: Celery's loggers of "Sending due task", "Task ... received" and "Task ... succeeded".
+SERVICE_LOGGERS = ("celery.beat", "celery.worker.strategy", "celery.app.trace")
+_QUIET = QuietServices()
+for _name in SERVICE_LOGGERS:
+    logging.getLogger(_name).addFilter(_QUIET)

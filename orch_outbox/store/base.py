@@ -298,6 +298,15 @@ class StoreBase:
         with self._tx() as conn:
             self.metadata.create_all(conn)
 
+    def missing_tables(self) -> list[str]:
+        """The outbox tables the database lacks (run ``orch-outbox migrate``); StoreUnavailable if unreachable."""
+        try:
+            with self.engine.connect() as conn:
+                inspector = sa.inspect(conn)
+                return [name for name in self.metadata.tables if not inspector.has_table(name)]
+        except sa.exc.DBAPIError as exc:
+            raise StoreUnavailable(str(exc.orig or exc).strip().splitlines()[0]) from exc
+
     def drop_all(self) -> None:
         """Drop the outbox tables (tests)."""
         with self._tx() as conn:
