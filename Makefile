@@ -18,6 +18,7 @@ demo: $(BIN)/orch-outbox
 
 lint: $(BIN)/orch-outbox
 	$(BIN)/ruff check orch_outbox tests bench scripts
+	$(BIN)/ruff format --check orch_outbox tests bench scripts
 	$(BIN)/mypy
 
 test: lint

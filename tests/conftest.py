@@ -75,8 +75,14 @@ def celery_app() -> Celery:
 @pytest.fixture
 def pg_outbox(pg_engine: sa.Engine, celery_app: Celery) -> Iterator[Outbox]:
     """An outbox on PostgreSQL with a table of its own, dropped afterwards."""
-    outbox = Outbox(celery_app, pg_engine, table_prefix=unique_prefix(), lock_buffer=2.0,
-                    retry_backoff="fixed", retry_backoff_base=0.0)
+    outbox = Outbox(
+        celery_app,
+        pg_engine,
+        table_prefix=unique_prefix(),
+        lock_buffer=2.0,
+        retry_backoff="fixed",
+        retry_backoff_base=0.0,
+    )
     outbox.create_tables()
     yield outbox
     outbox.store.drop_all()
@@ -86,8 +92,13 @@ def pg_outbox(pg_engine: sa.Engine, celery_app: Celery) -> Iterator[Outbox]:
 @pytest.fixture
 def sqlite_outbox(tmp_path: object, celery_app: Celery) -> Iterator[Outbox]:
     """An outbox on a SQLite file of its own."""
-    outbox = Outbox(celery_app, f"sqlite:///{tmp_path}/outbox.sqlite3", lock_buffer=2.0,
-                    retry_backoff="fixed", retry_backoff_base=0.0)
+    outbox = Outbox(
+        celery_app,
+        f"sqlite:///{tmp_path}/outbox.sqlite3",
+        lock_buffer=2.0,
+        retry_backoff="fixed",
+        retry_backoff_base=0.0,
+    )
     outbox.create_tables()
     yield outbox
     outbox.close()
@@ -102,8 +113,15 @@ def outbox(request: pytest.FixtureRequest) -> Outbox:
 
 def run_worker(app: Celery, queues: list[str], pool: str = "solo", concurrency: int = 1):  # type: ignore[no-untyped-def]
     """An in-process Celery worker consuming ``queues``."""
-    return start_worker(app, pool=pool, concurrency=concurrency, queues=queues, perform_ping_check=False,
-                        loglevel="WARNING", shutdown_timeout=10)
+    return start_worker(
+        app,
+        pool=pool,
+        concurrency=concurrency,
+        queues=queues,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=10,
+    )
 
 
 @pytest.fixture(autouse=True)

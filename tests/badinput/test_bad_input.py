@@ -164,8 +164,13 @@ def table_rows(outbox: Outbox) -> dict[uuid.UUID, tuple[str, Any]]:
         return {r.id: (r.name, r.input) for r in conn.execute(sa.select(t.c.id, t.c.name, t.c.input))}
 
 
-def refused(outbox: Outbox, cmds: types.SimpleNamespace, bad: Callable[[Session], Any],
-            exc: type[BaseException] = OutboxError, *fragments: str) -> str:
+def refused(
+    outbox: Outbox,
+    cmds: types.SimpleNamespace,
+    bad: Callable[[Session], Any],
+    exc: type[BaseException] = OutboxError,
+    *fragments: str,
+) -> str:
     """Run ``bad(session)`` between two good pushes of ONE transaction; returns the error message.
 
     Proves: ``bad`` raises ``exc`` whose message holds every fragment; the push before it
@@ -276,8 +281,15 @@ def test_input_over_max_bytes_is_refused_and_input_at_the_limit_is_accepted(outb
     limit = outbox.settings.max_input_bytes
     overhead = len(json.dumps({"data": ""}, separators=(",", ":")))
     at_limit = "x" * (limit - overhead)
-    refused(outbox, cmds, lambda s: cmds.take.push(s, at_limit + "x"), InvalidInput,
-            "input of take", "outbox_max_input_bytes", str(limit + 1))
+    refused(
+        outbox,
+        cmds,
+        lambda s: cmds.take.push(s, at_limit + "x"),
+        InvalidInput,
+        "input of take",
+        "outbox_max_input_bytes",
+        str(limit + 1),
+    )
     with Session(outbox.engine) as session, session.begin():
         big = cmds.take.push(session, at_limit)
     assert outbox.get(big).input == {"data": at_limit}
@@ -329,14 +341,19 @@ def test_naive_datetimes_are_refused(outbox: Outbox, cmds: Any, call: Any, where
         ("priority", "5"),
     ],
 )
-def test_bad_timeout_retries_priority_are_refused_at_push(outbox: Outbox, cmds: Any, option: str,
-                                                          value: Any) -> None:
+def test_bad_timeout_retries_priority_are_refused_at_push(outbox: Outbox, cmds: Any, option: str, value: Any) -> None:
     """Kinds 7, 8, 10: a negative, zero, NaN, infinite, bool, absurd (> 1 week) or textual timeout; a
     negative, bool, float, absurd (> 1000) or textual retry count; a priority outside 0..255, a bool, a
     float or text - each raises InvalidOption naming the option and the value; the transaction stays
     usable."""
-    refused(outbox, cmds, lambda s: cmds.send.options(**{option: value}).push(s, "x@example.com"),
-            InvalidOption, option, repr(value))
+    refused(
+        outbox,
+        cmds,
+        lambda s: cmds.send.options(**{option: value}).push(s, "x@example.com"),
+        InvalidOption,
+        option,
+        repr(value),
+    )
 
 
 @pytest.mark.parametrize(
@@ -384,8 +401,11 @@ def test_bad_options_are_refused_at_decoration_and_nothing_is_registered(
     [
         pytest.param(lambda c, s: c.send.options(bogus=1).push(s, "x"), "'bogus'", id="options-bogus"),
         pytest.param(lambda c, s: c.send.options(Target="q").push(s, "x"), "'Target'", id="options-case"),
-        pytest.param(lambda c, s: c.send.outbox.push(s, c.send.s("x").set(routing_key="rk")), "'routing_key'",
-                     id="signature-celery-only-option"),
+        pytest.param(
+            lambda c, s: c.send.outbox.push(s, c.send.s("x").set(routing_key="rk")),
+            "'routing_key'",
+            id="signature-celery-only-option",
+        ),
     ],
 )
 def test_unknown_push_option_is_refused(outbox: Outbox, cmds: Any, bad: Any, fragment: str) -> None:
@@ -404,12 +424,12 @@ def test_unknown_push_option_is_refused(outbox: Outbox, cmds: Any, bad: Any, fra
         pytest.param(lambda c: c.send.s("a", to="b"), "multiple values for argument 'to'", id="duplicate"),
     ],
 )
-def test_arguments_not_matching_the_handler_are_refused(outbox: Outbox, cmds: Any, call: Any,
-                                                         fragment: str) -> None:
+def test_arguments_not_matching_the_handler_are_refused(outbox: Outbox, cmds: Any, call: Any, fragment: str) -> None:
     """Kind 9b: too many arguments, a missing one, an unknown keyword or a duplicate raise InvalidInput
     at push naming the mismatch (not a TypeError on the worker later); the transaction stays usable."""
-    refused(outbox, cmds, lambda s: outbox.push(s, call(cmds)), InvalidInput,
-            "arguments do not match the handler", fragment)
+    refused(
+        outbox, cmds, lambda s: outbox.push(s, call(cmds)), InvalidInput, "arguments do not match the handler", fragment
+    )
 
 
 # -- 11. delay, schedule, expiry ---------------------------------------------------------------------
@@ -436,8 +456,9 @@ def test_arguments_not_matching_the_handler_are_refused(outbox: Outbox, cmds: An
         pytest.param({"expires": 1e12}, InvalidOption, ("expires",), id="expires-huge"),
     ],
 )
-def test_bad_delay_schedule_and_expiry_are_refused(outbox: Outbox, cmds: Any, options: dict[str, Any],
-                                                   exc: type[Exception], fragments: tuple[str, ...]) -> None:
+def test_bad_delay_schedule_and_expiry_are_refused(
+    outbox: Outbox, cmds: Any, options: dict[str, Any], exc: type[Exception], fragments: tuple[str, ...]
+) -> None:
     """Kind 11: a delay / countdown that is negative, NaN, infinite, a bool, text or absurdly large; a
     scheduled_at / eta / expires_at that is naive or not a datetime; an expires that is negative or text
     - each raises InvalidOption / InvalidInput naming the option (Celery's ``countdown`` / ``eta`` are
@@ -494,8 +515,13 @@ def test_push_many_with_one_bad_signature_writes_nothing(outbox: Outbox, cmds: A
     INSERT); the same transaction then pushes the good ones and commits exactly those."""
     existing = table_rows(outbox)
     good = [cmds.send.s("a@example.com"), cmds.send.s("b@example.com")]
-    refused(outbox, cmds, lambda s: outbox.push_many(s, [good[0], cmds.take.s({1, 2}), good[1]]),
-            InvalidInput, "data: a set")
+    refused(
+        outbox,
+        cmds,
+        lambda s: outbox.push_many(s, [good[0], cmds.take.s({1, 2}), good[1]]),
+        InvalidInput,
+        "data: a set",
+    )
     with Session(outbox.engine) as session, session.begin():
         ids = outbox.push_many(session, good)
     assert [outbox.get(i).input["to"] for i in ids] == ["a@example.com", "b@example.com"]
@@ -512,8 +538,9 @@ def _tables(engine: sa.Engine) -> set[str]:
 
 
 @pytest.mark.parametrize("prefix", HOSTILE_PREFIXES)
-def test_hostile_table_prefix_is_refused_and_nothing_is_created(pg_outbox: Outbox, pg_engine: sa.Engine,
-                                                                prefix: str) -> None:
+def test_hostile_table_prefix_is_refused_and_nothing_is_created(
+    pg_outbox: Outbox, pg_engine: sa.Engine, prefix: str
+) -> None:
     """Kind 13: a prefix that is not a plain lowercase identifier (SQL injection, uppercase, 31 characters,
     trailing newline, leading digit, empty, dash) given to ``Outbox(...)`` raises ConfigurationError naming
     it at once, as do ``Store(...)`` and ``metadata_for(...)``; the app stays free for a correct Outbox; no
@@ -600,10 +627,20 @@ def test_hostile_target_is_refused_at_push(outbox: Outbox, cmds: Any, option: st
     """Kind 14 at push: a target (or Celery ``queue``) with spaces, a semicolon, a newline, 201 characters,
     a leading dash, a non-string or empty raises InvalidOption naming the value, through both
     ``cmd.options(...)`` and a signature's ``.set(...)``; the transaction stays usable."""
-    refused(outbox, cmds, lambda s: cmds.send.options(**{option: target}).push(s, "x@example.com"),
-            InvalidOption, f"invalid target {target!r}")
-    refused(outbox, cmds, lambda s: outbox.push(s, cmds.send.s("y@example.com").set(**{option: target})),
-            InvalidOption, f"invalid target {target!r}")
+    refused(
+        outbox,
+        cmds,
+        lambda s: cmds.send.options(**{option: target}).push(s, "x@example.com"),
+        InvalidOption,
+        f"invalid target {target!r}",
+    )
+    refused(
+        outbox,
+        cmds,
+        lambda s: outbox.push(s, cmds.send.s("y@example.com").set(**{option: target})),
+        InvalidOption,
+        f"invalid target {target!r}",
+    )
 
 
 @pytest.mark.parametrize(
@@ -619,12 +656,19 @@ def test_hostile_target_is_refused_at_push(outbox: Outbox, cmds: Any, option: st
 def test_hostile_unique_key_is_refused(outbox: Outbox, cmds: Any, key: Any) -> None:
     """Kind 14b: a unique_key that is empty, over 200 characters, holds a NUL, is not a string or is not
     valid Unicode raises InvalidOption naming ``unique_key``; the transaction stays usable."""
-    refused(outbox, cmds, lambda s: cmds.send.options(unique_key=key).push(s, "x@example.com"),
-            InvalidOption, "unique_key")
+    refused(
+        outbox, cmds, lambda s: cmds.send.options(unique_key=key).push(s, "x@example.com"), InvalidOption, "unique_key"
+    )
 
 
-@pytest.mark.parametrize("name", [pytest.param("n" * 201, id="201-chars"), pytest.param("a\x00b", id="nul"),
-                                  pytest.param("a\ud800b", id="surrogate")])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("n" * 201, id="201-chars"),
+        pytest.param("a\x00b", id="nul"),
+        pytest.param("a\ud800b", id="surrogate"),
+    ],
+)
 def test_hostile_command_name_is_refused(outbox: Outbox, cmds: Any, name: str) -> None:
     """Kind 14c: a command name the table cannot hold is refused at decoration (an OutboxError), or else its
     push raises an OutboxError and leaves the caller's transaction usable."""
@@ -658,8 +702,15 @@ def worker_outbox(pg_engine: sa.Engine) -> Iterator[Callable[..., Outbox]]:
             require("127.0.0.1", 6379, "Redis")
         app = make_app(broker)
         app.conf.broker_transport_options = {"polling_interval": 0.02}  # the memory transport polls
-        outbox = Outbox(app, pg_engine, table_prefix=unique_prefix(), lock_buffer=2.0, retry_backoff="fixed",
-                        retry_backoff_base=0.0, **settings)
+        outbox = Outbox(
+            app,
+            pg_engine,
+            table_prefix=unique_prefix(),
+            lock_buffer=2.0,
+            retry_backoff="fixed",
+            retry_backoff_base=0.0,
+            **settings,
+        )
         outbox.create_tables()
         made.append(outbox)
         return outbox
@@ -677,16 +728,27 @@ def worker_outbox(pg_engine: sa.Engine) -> Iterator[Callable[..., Outbox]]:
             client.close()
 
 
-def insert_row(outbox: Outbox, name: str, target: str, data: Any, *, retries: int = 0, priority: int = 0
-               ) -> uuid.UUID:
+def insert_row(outbox: Outbox, name: str, target: str, data: Any, *, retries: int = 0, priority: int = 0) -> uuid.UUID:
     """A row written by hand through the store's table object (any JSON as input), due now."""
     command_id = uuid7()
     now = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
     with outbox.engine.begin() as conn:
-        conn.execute(sa.insert(outbox.store.table).values(
-            id=command_id, name=name, target=target, status="pending", priority=priority, input=data, attempt=0,
-            retries=retries, retries_left=retries, timeout=5.0, scheduled_at=now, created_at=now,
-        ))
+        conn.execute(
+            sa.insert(outbox.store.table).values(
+                id=command_id,
+                name=name,
+                target=target,
+                status="pending",
+                priority=priority,
+                input=data,
+                attempt=0,
+                retries=retries,
+                retries_left=retries,
+                timeout=5.0,
+                scheduled_at=now,
+                created_at=now,
+            )
+        )
     return command_id
 
 
@@ -887,8 +949,9 @@ def queued(channel: Any, queue: Queue) -> int:
 
 
 @pytest.mark.parametrize("broker", ["memory://", REDIS_DB11])
-def test_pickle_message_is_refused_and_the_worker_keeps_serving(worker_outbox: Callable[..., Outbox],
-                                                                 broker: str) -> None:
+def test_pickle_message_is_refused_and_the_worker_keeps_serving(
+    worker_outbox: Callable[..., Outbox], broker: str
+) -> None:
     """Kind 17 (guarantee 6, never pickle): a pickle-serialised message injected into a command queue (in
     memory and on Redis) carrying the task name and outbox header of a real dispatched attempt is refused
     before decoding: the object inside is never unpickled, the message is consumed (not redelivered), the
@@ -913,8 +976,13 @@ def test_pickle_message_is_refused_and_the_worker_keeps_serving(worker_outbox: C
             exchange=queue.exchange,
             routing_key=target,
             declare=[queue],
-            headers={"lang": "py", "task": "work", "id": f"{victim}:1", "root_id": f"{victim}:1",
-                     "outbox": [str(victim), claimed.attempt, 5.0]},
+            headers={
+                "lang": "py",
+                "task": "work",
+                "id": f"{victim}:1",
+                "root_id": f"{victim}:1",
+                "outbox": [str(victim), claimed.attempt, 5.0],
+            },
         )
         good = work.push(outbox.engine, 2)
         assert outbox.relay_once() == 1
@@ -951,8 +1019,11 @@ def test_messages_without_a_valid_outbox_header_run_nothing(worker_outbox: Calla
         outbox.app.send_task("work", kwargs={"n": 2}, queue=target)
         outbox.app.send_task("work", kwargs={"n": 3}, queue=target, headers={"outbox": ["garbage", "x", None]})
         outbox.app.send_task("work", kwargs={"n": 4}, queue=target, headers={"outbox": [str(pending), 1, 5.0]})
-        wait_until(lambda: dropped["malformed"] >= 3 and dropped["stale"] >= 1, WAIT,
-                   what="the worker to drop the four foreign messages")
+        wait_until(
+            lambda: dropped["malformed"] >= 3 and dropped["stale"] >= 1,
+            WAIT,
+            what="the worker to drop the four foreign messages",
+        )
         assert ran == []
         info = outbox.get(pending)
         assert (info.status, info.attempt, info.started_at) == ("pending", 0, None)

@@ -145,6 +145,14 @@ def _page(outcome: Outcome) -> list[object]:
     return [alert_ops.s(f"import_feed failed: {{outcome.error.type}}")]
 
 
+@command(target=QUEUE, retries=1)
+def flaky(label: str) -> str:
+    """Fails its first attempt, succeeds on the retry."""
+    if current().attempt == 1:
+        raise ConnectionError(f"{{label}}: the first attempt fails")
+    return f"{{label}} done on attempt {{current().attempt}}"
+
+
 @command(target=QUEUE, timeout=30, retries=0)
 def slow(seconds: float) -> float:
     """Runs for a while (cooperatively), then succeeds."""
@@ -229,8 +237,9 @@ class Project:
     @classmethod
     def create(cls, root: Path, broker: Broker, pg_url: str, prefix: str) -> Project:
         token = uuid.uuid4().hex[:10]
-        project = cls(root=root, broker=broker, pg_url=pg_url, prefix=prefix,
-                      queue=f"email-worker-{token}", node=f"w1-{token}")
+        project = cls(
+            root=root, broker=broker, pg_url=pg_url, prefix=prefix, queue=f"email-worker-{token}", node=f"w1-{token}"
+        )
         project.write_files()
         return project
 
@@ -279,8 +288,9 @@ class Project:
     ) -> subprocess.CompletedProcess[str]:
         """Run a command to completion in the project folder; its output is kept for the failure report."""
         try:
-            done = subprocess.run(argv, cwd=self.root, env=clean_env(), capture_output=True, text=True,
-                                  timeout=timeout, check=False)
+            done = subprocess.run(
+                argv, cwd=self.root, env=clean_env(), capture_output=True, text=True, timeout=timeout, check=False
+            )
         except subprocess.TimeoutExpired as exc:
             self.cli_log.append(f"$ {' '.join(argv)}\nTIMED OUT after {timeout}s\n{exc.stdout or ''}{exc.stderr or ''}")
             raise AssertionError(f"{argv} did not finish within {timeout}s{self.report()}") from None
@@ -320,8 +330,15 @@ class Project:
         log = self.root / f"{role}-{len(self.procs)}.log"
         handle = log.open("wb")
         try:
-            popen = subprocess.Popen(argv, cwd=self.root, env=clean_env(), stdout=handle, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+            popen = subprocess.Popen(
+                argv,
+                cwd=self.root,
+                env=clean_env(),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             handle.close()
         proc = Proc(role, argv, log, popen)
@@ -329,9 +346,26 @@ class Project:
         return proc
 
     def worker_argv(self, pool: str = "threads", concurrency: int = 2) -> list[str]:
-        return [python(), "-m", "celery", "-A", "orch_outbox", "worker", "-Q", self.queue,
-                "--pool", pool, "-c", str(concurrency), "--without-mingle", "--without-gossip",
-                "-n", f"{self.node}@%h", "--loglevel", "INFO"]
+        return [
+            python(),
+            "-m",
+            "celery",
+            "-A",
+            "orch_outbox",
+            "worker",
+            "-Q",
+            self.queue,
+            "--pool",
+            pool,
+            "-c",
+            str(concurrency),
+            "--without-mingle",
+            "--without-gossip",
+            "-n",
+            f"{self.node}@%h",
+            "--loglevel",
+            "INFO",
+        ]
 
     def start_worker(self, pool: str = "threads", concurrency: int = 2) -> Proc:
         """``celery -A orch_outbox worker -Q <queue>`` on the command queue only; waits until ready."""
@@ -367,8 +401,9 @@ class Project:
         with self.store.engine.connect() as conn:
             return [dict(r._mapping) for r in conn.execute(sa.select(table).order_by(table.c.created_at))]
 
-    def wait_for(self, predicate: Callable[[], Any], what: str, timeout: float = WAIT,
-                 procs: list[Proc] | None = None) -> Any:
+    def wait_for(
+        self, predicate: Callable[[], Any], what: str, timeout: float = WAIT, procs: list[Proc] | None = None
+    ) -> Any:
         """Poll ``predicate`` (bounded); fail early if a process died, with the logs in the message."""
         watched = self.procs if procs is None else procs
 
@@ -412,8 +447,10 @@ class Project:
         parts = []
         try:
             for r in self.rows():
-                parts.append(f"  {r['id']} {r['name']} {r['status']} attempt={r['attempt']} "
-                             f"outcome={r['outcome']} error={r['error_type']}: {r['error_message']}")
+                parts.append(
+                    f"  {r['id']} {r['name']} {r['status']} attempt={r['attempt']} "
+                    f"outcome={r['outcome']} error={r['error_type']}: {r['error_message']}"
+                )
         except Exception as exc:  # the report must never hide the original failure
             parts.append(f"  (could not read the table: {exc})")
         out = ["", "--- outbox rows ---", *parts]
@@ -460,3 +497,10 @@ def delete_queue(url: str, queue: str) -> None:
 def tail(text: str, lines: int = 120) -> str:
     parts = text.splitlines()
     return "\n".join(parts[-lines:]) if len(parts) > lines else text
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -155,12 +155,22 @@ def test_worker_registers_commands(make_project: Callable[[str], Project], broke
 
 def test_demo_command(tmp_path: Path) -> None:
     home = tmp_path / "demo-home"
-    done = subprocess.run([*orch_outbox_cli(), "demo", "--home", str(home)], cwd=tmp_path, env=clean_env(),
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT * 2, check=False)
+    done = subprocess.run(
+        [*orch_outbox_cli(), "demo", "--home", str(home)],
+        cwd=tmp_path,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT * 2,
+        check=False,
+    )
     print(done.stdout, done.stderr, file=sys.stderr)
     assert done.returncode == 0, (done.stdout, done.stderr)
-    rows = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()
-            if line and line.split()[0].isidentifier() and len(line.split()) > 1}
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in done.stdout.splitlines()
+        if line and line.split()[0].isidentifier() and len(line.split()) > 1
+    }
     assert rows["charge_card"] == "completed", done.stdout
     assert rows["send_receipt"] == "completed", done.stdout
     assert rows["import_feed"] == "failed", done.stdout

@@ -403,13 +403,21 @@ class FaultProject:
 
     # -- processes ------------------------------------------------------------------------
 
-    def spawn(self, role: str, argv: list[str], env: Mapping[str, str] | None = None,
-              ready_text: str | None = None) -> Proc:
+    def spawn(
+        self, role: str, argv: list[str], env: Mapping[str, str] | None = None, ready_text: str | None = None
+    ) -> Proc:
         log = self.root / f"{role}-{len(self.procs)}.log"
         handle = log.open("wb")
         try:
-            popen = subprocess.Popen(argv, cwd=self.root, env=clean_env(env), stdout=handle, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+            popen = subprocess.Popen(
+                argv,
+                cwd=self.root,
+                env=clean_env(env),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             handle.close()
         proc = Proc(role, argv, log, popen, ready_text=ready_text)
@@ -432,9 +440,26 @@ class FaultProject:
         """``celery -A orch_outbox worker -Q <queue>``; its PostgreSQL application_name is its node name."""
         index = sum(p.role.startswith("worker") for p in self.procs)
         node = self.node(index)
-        argv = [python(), "-m", "celery", "-A", "orch_outbox", "worker", "-Q", self.queue, "--pool", pool,
-                "-c", str(concurrency), "--without-mingle", "--without-gossip", "-n", f"{node}@%h",
-                "--loglevel", "INFO"]
+        argv = [
+            python(),
+            "-m",
+            "celery",
+            "-A",
+            "orch_outbox",
+            "worker",
+            "-Q",
+            self.queue,
+            "--pool",
+            pool,
+            "-c",
+            str(concurrency),
+            "--without-mingle",
+            "--without-gossip",
+            "-n",
+            f"{node}@%h",
+            "--loglevel",
+            "INFO",
+        ]
         proc_env = {"ORCH_OUTBOX_DATABASE_URL": with_endpoint(self.pg_url, db_port, application_name=node)}
         if broker_port is not None:
             proc_env["CELERY_BROKER_URL"] = broker_with_port(self.broker_url, broker_port)
@@ -444,12 +469,28 @@ class FaultProject:
             self.wait_ready()
         return proc
 
-    def start_beat(self, *, schedule: str = "celerybeat-schedule", db_port: int | None = None,
-                   broker_port: int | None = None, wait_ready: bool = True) -> Proc:
+    def start_beat(
+        self,
+        *,
+        schedule: str = "celerybeat-schedule",
+        db_port: int | None = None,
+        broker_port: int | None = None,
+        wait_ready: bool = True,
+    ) -> Proc:
         """``celery -A orch_outbox beat``: the listening relay and the rescuer, in-process."""
         index = sum(p.role.startswith("beat") for p in self.procs)
-        argv = [python(), "-m", "celery", "-A", "orch_outbox", "beat", "--loglevel", "INFO",
-                "-s", str(self.root / schedule)]
+        argv = [
+            python(),
+            "-m",
+            "celery",
+            "-A",
+            "orch_outbox",
+            "beat",
+            "--loglevel",
+            "INFO",
+            "-s",
+            str(self.root / schedule),
+        ]
         env = {"ORCH_OUTBOX_DATABASE_URL": self.db_url(f"fb{index}", db_port)}
         if broker_port is not None:
             env["CELERY_BROKER_URL"] = broker_with_port(self.broker_url, broker_port)
@@ -470,11 +511,16 @@ class FaultProject:
 
         self.wait_for(ready, f"{[p.role for p in starting]} to be ready", procs=starting)
 
-    def run(self, argv: list[str], timeout: float = WAIT, env: Mapping[str, str] | None = None,
-            ) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        argv: list[str],
+        timeout: float = WAIT,
+        env: Mapping[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run a script to completion in the project folder; its output is kept for the report."""
-        done = subprocess.run(argv, cwd=self.root, env=clean_env(env), capture_output=True, text=True,
-                              timeout=timeout, check=False)
+        done = subprocess.run(
+            argv, cwd=self.root, env=clean_env(env), capture_output=True, text=True, timeout=timeout, check=False
+        )
         self.notes.append(f"$ {' '.join(argv)}\n[exit {done.returncode}]\n{done.stdout}{done.stderr}")
         return done
 
@@ -530,16 +576,19 @@ class FaultProject:
 
     # -- waiting --------------------------------------------------------------------------
 
-    def wait_for(self, predicate: Callable[[], Any], what: str, timeout: float = WAIT,
-                 procs: Iterable[Proc] | None = None) -> Any:
+    def wait_for(
+        self, predicate: Callable[[], Any], what: str, timeout: float = WAIT, procs: Iterable[Proc] | None = None
+    ) -> Any:
         """Poll ``predicate`` (bounded); fail at once, with the report, if a process died unexpectedly."""
         watched = list(procs) if procs is not None else [p for p in self.procs if p.expect_alive]
 
         def check() -> Any:
             dead = [p for p in watched if p.expect_alive and not p.alive()]
             if dead:
-                raise AssertionError(f"{[p.role for p in dead]} exited ({[p.popen.returncode for p in dead]}) "
-                                     f"while waiting for {what}{self.report()}")
+                raise AssertionError(
+                    f"{[p.role for p in dead]} exited ({[p.popen.returncode for p in dead]}) "
+                    f"while waiting for {what}{self.report()}"
+                )
             return predicate()
 
         try:
@@ -570,8 +619,7 @@ class FaultProject:
     def ledger(self, at_least_once: Iterable[uuid.UUID] = ()) -> Ledger:
         """Check the ledger (see ledger.py) over everything this test pushed; fails with the report."""
         try:
-            return check_ledger(self.engine, self.prefix, self.committed, self.rolled_back,
-                                at_least_once=at_least_once)
+            return check_ledger(self.engine, self.prefix, self.committed, self.rolled_back, at_least_once=at_least_once)
         except AssertionError as exc:
             raise AssertionError(f"{exc}{self.report()}") from None
 
@@ -586,9 +634,11 @@ class FaultProject:
         out = ["", f"--- outbox rows ({self.prefix}commands) ---"]
         try:
             for r in self.rows():
-                out.append(f"  {r['id']} {r['name']} {r['status']} attempt={r['attempt']} "
-                           f"left={r['retries_left']} outcome={r['outcome']} parent={r['parent_id']} "
-                           f"error={r['error_type']}: {(r['error_message'] or '')[:160]}")
+                out.append(
+                    f"  {r['id']} {r['name']} {r['status']} attempt={r['attempt']} "
+                    f"left={r['retries_left']} outcome={r['outcome']} parent={r['parent_id']} "
+                    f"error={r['error_type']}: {(r['error_message'] or '')[:160]}"
+                )
             out.append("--- effects ---")
             for e in self.effects():
                 out.append(f"  {e['command_id']} {e['name']} attempt={e['attempt']} {e['phase']} pid={e['pid']}")

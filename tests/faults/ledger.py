@@ -132,15 +132,19 @@ def check_ledger(
         done = ledger.attempts(cid, "done")
         if row["status"] == "completed":
             if row["attempt"] not in done:
-                problems.append(f"completed by attempt {row['attempt']}, whose handler never reached done: "
-                                f"{_short(row)} done={done}")
+                problems.append(
+                    f"completed by attempt {row['attempt']}, whose handler never reached done: "
+                    f"{_short(row)} done={done}"
+                )
             if len(done) != 1 and not (cid in relaxed and done):
-                problems.append(f"completed command's side effect happened {len(done)} times "
-                                f"(attempts {done}): {_short(row)}")
+                problems.append(
+                    f"completed command's side effect happened {len(done)} times (attempts {done}): {_short(row)}"
+                )
             output = row["output"]
             if row["name"] == "work" and (not isinstance(output, dict) or output.get("attempt") != row["attempt"]):
-                problems.append(f"output written by another attempt than the row records: {_short(row)} "
-                                f"output={output}")
+                problems.append(
+                    f"output written by another attempt than the row records: {_short(row)} output={output}"
+                )
         elif done and cid not in relaxed:
             problems.append(f"{row['status']} command's handler reached done (attempts {done}): {_short(row)}")
 

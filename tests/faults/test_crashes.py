@@ -213,8 +213,13 @@ def test_a_handler_stuck_past_its_timeout_never_overlaps_its_next_attempt(lab, p
     process is gone. Threads (a thread cannot be stopped): the worker keeps the lease while the thread is
     still inside the handler, and records the timeout when it returns; attempt 2 starts after that. The
     ledger of start/end times shows it; the parent worker survives."""
-    p = lab.project(outbox_lock_buffer=1.0, outbox_timeout_grace=2.0, outbox_retry_backoff="fixed",
-                    outbox_retry_backoff_base=0.0, **STEADY_DISPATCH)
+    p = lab.project(
+        outbox_lock_buffer=1.0,
+        outbox_timeout_grace=2.0,
+        outbox_retry_backoff="fixed",
+        outbox_retry_backoff_base=0.0,
+        **STEADY_DISPATCH,
+    )
     worker = p.start_worker(pool=pool, concurrency=2)
     p.start_beat()
     [cid] = p.push([p.cmd.stuck.s(0, seconds=20.0 if pool == "prefork" else 6.0)])

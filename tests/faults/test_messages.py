@@ -86,8 +86,11 @@ def test_redis_visibility_timeout_redelivery_does_not_rerun(lab) -> None:
     a second time for that attempt."""
     p = lab.project(
         "redis",
-        broker_transport_options={"visibility_timeout": 2, "unacked_restore_interval": 1,
-                                  "unacked_restore_throttle": 1},
+        broker_transport_options={
+            "visibility_timeout": 2,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+        },
         task_acks_late=True,
         **STEADY_DISPATCH,
     )
@@ -210,8 +213,13 @@ def test_pickle_message_is_refused(lab, tmp_path: Path) -> None:
             [(), {"n": _Evil(marker)}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}],
             routing_key=p.queue,
             serializer="pickle",
-            headers={"lang": "py", "task": "work", "id": f"{victim}:1", "root_id": f"{victim}:1",
-                     "outbox": [str(victim), claimed.attempt, 10.0]},
+            headers={
+                "lang": "py",
+                "task": "work",
+                "id": f"{victim}:1",
+                "root_id": f"{victim}:1",
+                "outbox": [str(victim), claimed.attempt, 10.0],
+            },
         )
     p.wait_for(lambda: "untrusted content of type pickle" in worker.output(), "the worker to refuse the message")
     assert p.row(victim) == before  # still dispatched, attempt 1, untouched

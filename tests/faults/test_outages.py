@@ -36,8 +36,10 @@ def test_broker_down_during_push(lab) -> None:
     broker.down()
 
     # The user's web process, whose Celery app points at the dead broker too.
-    pushed = p.run([python(), "push.py", p.db_url("web"), "6"],
-                   env={"CELERY_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{broker.port}//"})
+    pushed = p.run(
+        [python(), "push.py", p.db_url("web"), "6"],
+        env={"CELERY_BROKER_URL": f"amqp://guest:guest@127.0.0.1:{broker.port}//"},
+    )
     assert pushed.returncode == 0, pushed
     out = json_line(pushed.stdout)
     ids = [uuid.UUID(i) for i in out["committed"]]
@@ -100,8 +102,10 @@ def test_postgres_cut_during_write_back(lab) -> None:
     # Handlers finish (their side effect goes to its own connection) and the write-backs start failing.
     p.wait_for(lambda: len(p.effects("done")) == 3, "the handlers to finish")
     # The three successes are written back together (the worker's write-behind) or one by one.
-    p.wait_for(lambda: worker.count("); retrying in 0.50s") >= 1,
-               "the write-backs to fail three times (the third try waits 0.5 s)")
+    p.wait_for(
+        lambda: worker.count("); retrying in 0.50s") >= 1,
+        "the write-backs to fail three times (the third try waits 0.5 s)",
+    )
     assert all(p.row(i)["status"] == "running" for i in ids)
     pg.restore()
 
@@ -123,8 +127,7 @@ def test_worker_connections_terminated_by_postgres(lab) -> None:
     p.start_beat()
     node = p.node(0)
     # A short timeout keeps the running lease short, should a kill hit the claim's commit acknowledgement.
-    ids = p.push([p.cmd.work.options(timeout=3).s(i, seconds=0.3) for i in range(12)],
-                 rollback=[p.cmd.work.s(-1)])
+    ids = p.push([p.cmd.work.options(timeout=3).s(i, seconds=0.3) for i in range(12)], rollback=[p.cmd.work.s(-1)])
 
     terminated = 0
     for progress in (2, 6, 10):

@@ -65,5 +65,12 @@ def run_worker(app: Celery, queues: list[str], pool: str = "solo", concurrency: 
     options = dict(app.conf.broker_transport_options or {})
     options.setdefault("polling_interval", 0.02)
     app.conf.broker_transport_options = options
-    return start_worker(app, pool=pool, concurrency=concurrency, queues=queues, perform_ping_check=False,
-                        loglevel="WARNING", shutdown_timeout=10)
+    return start_worker(
+        app,
+        pool=pool,
+        concurrency=concurrency,
+        queues=queues,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=10,
+    )

@@ -25,7 +25,7 @@ from .support import unique_target
 pytestmark = pytest.mark.pg
 
 TENANT = "\\N\tacme\\corp"  # COPY would read an unescaped \N as NULL
-TRICKY = ["tab\there", "line\nbreak", "cr\rhere", "back\\slash", "\\N", "é ü 漢字 \u2028", 'quote " and \'', ""]
+TRICKY = ["tab\there", "line\nbreak", "cr\rhere", "back\\slash", "\\N", "é ü 漢字 \u2028", "quote \" and '", ""]
 
 
 def _rows(outbox: Outbox, ids: list[Any]) -> list[dict[str, Any]]:

@@ -39,9 +39,7 @@ def _spin(stop: threading.Event, seconds: float) -> None:
 
 
 @pytest.mark.parametrize("pool", ["threads", "solo"])
-def test_cancel_running_interrupts_handler_and_records_canceled(
-    make_outbox: Callable[..., Outbox], pool: str
-) -> None:
+def test_cancel_running_interrupts_handler_and_records_canceled(make_outbox: Callable[..., Outbox], pool: str) -> None:
     """Proves: cancel() of a running command interrupts the handler promptly (broadcast for the threads pool,
     the worker's cancel watch for solo, where the consumer is busy), the row ends `canceled` with outcome
     `canceled`, and its on-cancel command is enqueued exactly once."""
@@ -284,9 +282,7 @@ def test_unique_key_under_concurrent_transactions(make_outbox: Callable[..., Out
     def second_is_waiting() -> bool:
         with outbox.engine.connect() as conn:
             waiting = conn.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :q"
-                ),
+                sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :q"),
                 {"q": f"INSERT INTO {table}%"},
             ).scalar_one()
         return bool(waiting)

@@ -213,8 +213,13 @@ def test_a_duplicate_message_reports_nothing(fid: Outbox, seen: Seen) -> None:
     with run_worker(fid.app, [target]):
         fid.relay_once()
         wait_for_status(fid, command_id, "completed", timeout=WAIT)
-        fid.app.send_task("once", kwargs={"n": 7}, task_id=str(command_id), queue=target,
-                          headers={"outbox": [str(command_id), 1, 60.0]})
+        fid.app.send_task(
+            "once",
+            kwargs={"n": 7},
+            task_id=str(command_id),
+            queue=target,
+            headers={"outbox": [str(command_id), 1, 60.0]},
+        )
         wait_until(lambda: fid.executor.dropped["stale"] >= 1, WAIT, what="the duplicate to be dropped")
     assert ran == [7]
     assert seen.of(command_id) == ["success"]
@@ -229,8 +234,14 @@ def test_plain_task_keeps_its_route_retries_and_time_limits(fid: Outbox, seen: S
     app.conf.task_routes = {"plain_flaky": {"queue": routed}, "plain_broken": {"queue": routed}}
     calls: list[int] = []
 
-    @app.task(name="plain_flaky", autoretry_for=(KeyError,), max_retries=2, default_retry_delay=0,
-              soft_time_limit=7, shared=False)
+    @app.task(
+        name="plain_flaky",
+        autoretry_for=(KeyError,),
+        max_retries=2,
+        default_retry_delay=0,
+        soft_time_limit=7,
+        shared=False,
+    )
     def plain_flaky() -> str:
         calls.append(1)
         if len(calls) < 3:
@@ -319,8 +330,9 @@ def test_delay_pushes_through_the_outbox(fid: Outbox) -> None:
         assert result.get(timeout=WAIT) == 15
 
 
-def test_an_expired_command_runs_nothing_at_the_worker(make_outbox: Callable[..., Outbox], fake_clock: Any,
-                                                       app: Celery, seen: Seen) -> None:
+def test_an_expired_command_runs_nothing_at_the_worker(
+    make_outbox: Callable[..., Outbox], fake_clock: Any, app: Celery, seen: Seen
+) -> None:
     """Proves: a command whose message was published before its expiry and reached a worker after it runs
     nothing and enqueues nothing: the start refuses it, it is recorded expired, Celery reports it revoked
     (expired). A dispatched command whose message no worker takes becomes expired at its expiry (the rescuer),

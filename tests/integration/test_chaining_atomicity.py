@@ -81,8 +81,7 @@ def push(outbox: Outbox, call: Any) -> uuid.UUID:
     return outbox.push(outbox.engine, call)
 
 
-def test_then_children_exist_iff_parent_completed(pg_outbox: Outbox, chain: types.SimpleNamespace,
-                                                  worker: Any) -> None:
+def test_then_children_exist_iff_parent_completed(pg_outbox: Outbox, chain: types.SimpleNamespace, worker: Any) -> None:
     """Guarantee 4 end to end: a parent has its ``then`` child iff it completed.
 
     Six parents run on a real (in-process) worker, three of them fail. Fails if a
@@ -183,8 +182,9 @@ def test_fenced_out_write_back_inserts_no_children(pg_outbox: Outbox, chain: typ
     assert pg_outbox.unfinished() if hasattr(pg_outbox, "unfinished") else True
 
 
-def test_child_insert_failure_rolls_back_the_parent_final_state(pg_outbox: Outbox,
-                                                                chain: types.SimpleNamespace) -> None:
+def test_child_insert_failure_rolls_back_the_parent_final_state(
+    pg_outbox: Outbox, chain: types.SimpleNamespace
+) -> None:
     """Guarantee 4: if the children cannot be written, the parent's final state is not written either.
 
     A chained row that violates a CHECK constraint makes the completing transaction

@@ -66,8 +66,7 @@ def define_noop(outbox: Outbox) -> Any:
     return noop
 
 
-def test_four_concurrent_claimers_claim_each_due_command_exactly_once(pg_outbox: Outbox,
-                                                                      pg_engine: sa.Engine) -> None:
+def test_four_concurrent_claimers_claim_each_due_command_exactly_once(pg_outbox: Outbox, pg_engine: sa.Engine) -> None:
     """Guarantee 5: 4 threads loop ``store.claim`` over 3000 due commands; each is claimed by one.
 
     Fails if the claim's row locking let two claimers take the same row (an id would
@@ -98,8 +97,9 @@ def test_four_concurrent_claimers_claim_each_due_command_exactly_once(pg_outbox:
     assert store.claim(50, 60) == []
 
 
-def test_concurrent_relay_runs_publish_each_attempt_exactly_once(pg_outbox: Outbox, pg_engine: sa.Engine,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_concurrent_relay_runs_publish_each_attempt_exactly_once(
+    pg_outbox: Outbox, pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Guarantee 5 through ``Relay``: two ``relay_once`` loops at once publish each (id, attempt) once.
 
     Publishing is replaced by a recording fake. Fails if two relays published the same
@@ -139,8 +139,9 @@ def test_concurrent_relay_runs_publish_each_attempt_exactly_once(pg_outbox: Outb
     assert status_attempts(pg_outbox) == Counter({("dispatched", 1): total})
 
 
-def test_relay_broker_failure_mid_batch_returns_only_unsent_rows(pg_outbox: Outbox, pg_engine: sa.Engine,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relay_broker_failure_mid_batch_returns_only_unsent_rows(
+    pg_outbox: Outbox, pg_engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Guarantee 5 / relay crash safety: a publish failing mid-batch undispatches only the unsent rows.
 
     Fails if rows already published were put back to pending (they would be published
@@ -200,9 +201,7 @@ def test_max_in_flight_keeps_the_backlog_in_the_database(make_outbox: Any) -> No
     assert outbox.store.start(started.id, started.attempt, "busy", "w1", 30) is not None
     [freed] = outbox.store.claim(50, 60, 3)
     assert freed.target == "busy-q"
-    assert Counter(outbox.get(i).status for i in _ids(outbox)) == Counter(
-        {"pending": 6, "dispatched": 5, "running": 1}
-    )
+    assert Counter(outbox.get(i).status for i in _ids(outbox)) == Counter({"pending": 6, "dispatched": 5, "running": 1})
     assert len(outbox.store.claim(50, 60, 0)) == 6  # 0: no limit
 
 

@@ -128,7 +128,12 @@ def test_duplicate_wrong_attempt_and_zombie_write_backs_change_nothing(
     assert store.complete(cid, 2, {"paid": True}, []) is True
     done = outbox.get(cid)
     assert (done.status, done.outcome, done.output, done.attempt, done.worker) == (
-        "completed", "success", {"paid": True}, 2, "w3")
+        "completed",
+        "success",
+        {"paid": True},
+        2,
+        "w3",
+    )
     assert done.error is None
     # and nothing moves a final row
     assert store.complete(cid, 2, {"paid": "again"}, []) is False
@@ -164,8 +169,9 @@ def test_lapsed_dispatch_returns_to_pending_without_consuming_a_retry(
     assert store.start(cid, 4, "charge", "w1", LEASE) is not None
 
 
-def test_undispatch_of_a_stale_attempt_does_nothing(clocked_outbox: Outbox, fake_clock: FakeClock,
-                                                    commands: Any) -> None:
+def test_undispatch_of_a_stale_attempt_does_nothing(
+    clocked_outbox: Outbox, fake_clock: FakeClock, commands: Any
+) -> None:
     """Guarantee 3 for the relay's own write: ``undispatch`` is fenced by attempt and status.
 
     A slow relay whose publish failed after its dispatch lease lapsed and the row was
@@ -234,8 +240,7 @@ def test_worker_that_keeps_dying_ends_failed_lost_after_retries_plus_one_attempt
     assert store.complete(cid, 3, None, []) is False
 
 
-def test_two_rescuers_settle_a_lapsed_run_once(clocked_outbox: Outbox, fake_clock: FakeClock,
-                                               commands: Any) -> None:
+def test_two_rescuers_settle_a_lapsed_run_once(clocked_outbox: Outbox, fake_clock: FakeClock, commands: Any) -> None:
     """Guarantee 3 for the rescuer: two rescuers racing over the same lapsed final attempt fail it once.
 
     Both read the lapsed row; only one fenced write may succeed, so the on-failure
@@ -260,8 +265,9 @@ def test_two_rescuers_settle_a_lapsed_run_once(clocked_outbox: Outbox, fake_cloc
     assert outbox.get(cid).status == "failed"
 
 
-def test_rescuer_fence_requires_the_lease_to_have_lapsed(clocked_outbox: Outbox, fake_clock: FakeClock,
-                                                         commands: Any) -> None:
+def test_rescuer_fence_requires_the_lease_to_have_lapsed(
+    clocked_outbox: Outbox, fake_clock: FakeClock, commands: Any
+) -> None:
     """Guarantee 3: the rescuer's write (``lapsed_only``) does nothing to a run whose lease is live.
 
     Covers a rescuer that read a lapsed lease just before the worker renewed it (here:

@@ -108,9 +108,7 @@ def test_a_completed_row_leaves_every_index_but_the_key_and_finished_at(
     outbox = make_outbox()
     t = outbox.store.table.name
     with outbox.store.engine.connect() as conn:
-        rows = conn.execute(
-            sa.text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :t"), {"t": t}
-        ).all()
+        rows = conn.execute(sa.text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = :t"), {"t": t}).all()
     over_completed = sorted(
         name.removeprefix(t) for name, definition in rows if " WHERE " not in definition or "completed" in definition
     )

@@ -14,14 +14,21 @@ from .support import FakeClock, new_app, unique_target
 
 
 @pytest.fixture(params=["sqlite", "pg"])
-def timed(request: pytest.FixtureRequest, make_outbox: Callable[..., Outbox], fake_clock: FakeClock,
-          tmp_path: Path) -> Iterator[Outbox]:
+def timed(
+    request: pytest.FixtureRequest, make_outbox: Callable[..., Outbox], fake_clock: FakeClock, tmp_path: Path
+) -> Iterator[Outbox]:
     """An outbox whose store reads ``fake_clock``, on each database."""
     if request.param == "pg":
         yield make_outbox(clock=fake_clock)
         return
-    outbox = Outbox(new_app(), f"sqlite:///{tmp_path}/settle.sqlite3", clock=fake_clock, lock_buffer=2.0,
-                    retry_backoff="fixed", retry_backoff_base=0.0)
+    outbox = Outbox(
+        new_app(),
+        f"sqlite:///{tmp_path}/settle.sqlite3",
+        clock=fake_clock,
+        lock_buffer=2.0,
+        retry_backoff="fixed",
+        retry_backoff_base=0.0,
+    )
     outbox.create_tables()
     yield outbox
     outbox.close()

@@ -54,8 +54,9 @@ def count_rows(engine: sa.Engine, table: sa.Table) -> int:
         return int(conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one())
 
 
-def test_push_in_session_that_rolls_back_leaves_no_row(pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any,
-                                                        orders: sa.Table) -> None:
+def test_push_in_session_that_rolls_back_leaves_no_row(
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any, orders: sa.Table
+) -> None:
     """Guarantee 1 (no ghost command): push + business write in a Session, then rollback.
 
     Fails if push wrote the row on a connection of its own (or autocommitted it): the
@@ -72,8 +73,9 @@ def test_push_in_session_that_rolls_back_leaves_no_row(pg_outbox: Outbox, pg_eng
     assert pg_outbox.store.claim(10, 30) == []
 
 
-def test_push_in_session_that_raises_inside_begin_leaves_no_row(pg_outbox: Outbox, pg_engine: sa.Engine,
-                                                                 send_email: Any) -> None:
+def test_push_in_session_that_raises_inside_begin_leaves_no_row(
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any
+) -> None:
     """Guarantee 1: ``with session.begin():`` that raises rolls the command back with the rest.
 
     Fails if the command survived an exception in the caller's unit of work.
@@ -85,8 +87,9 @@ def test_push_in_session_that_raises_inside_begin_leaves_no_row(pg_outbox: Outbo
     assert count_rows(pg_engine, pg_outbox.store.table) == 0
 
 
-def test_push_in_session_that_commits_leaves_exactly_one_row(pg_outbox: Outbox, pg_engine: sa.Engine,
-                                                              send_email: Any, orders: sa.Table) -> None:
+def test_push_in_session_that_commits_leaves_exactly_one_row(
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any, orders: sa.Table
+) -> None:
     """Guarantee 1 (no lost command): commit makes exactly one pending row, with the business row.
 
     Fails if push inserted twice, not at all, or outside the session's transaction.
@@ -121,8 +124,9 @@ def test_push_in_rolled_back_savepoint_is_discarded_but_outer_commit_keeps_the_r
     assert count_rows(pg_engine, pg_outbox.store.table) == 1
 
 
-def test_push_on_connection_inside_engine_begin_that_raises_rolls_back(pg_outbox: Outbox, pg_engine: sa.Engine,
-                                                                        send_email: Any, orders: sa.Table) -> None:
+def test_push_on_connection_inside_engine_begin_that_raises_rolls_back(
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any, orders: sa.Table
+) -> None:
     """Guarantee 1 with Core: ``with engine.begin() as conn`` that raises leaves nothing behind.
 
     Fails if pushing on a Connection committed independently of the caller's block.
@@ -140,8 +144,9 @@ def test_push_on_connection_inside_engine_begin_that_raises_rolls_back(pg_outbox
     assert count_rows(pg_engine, orders) == 0
 
 
-def test_command_in_open_transaction_is_invisible_to_relay_until_commit(pg_outbox: Outbox, pg_engine: sa.Engine,
-                                                                         send_email: Any) -> None:
+def test_command_in_open_transaction_is_invisible_to_relay_until_commit(
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any
+) -> None:
     """Guarantee 1 (no early dispatch): while the pushing transaction is open, a relay claims nothing.
 
     The claim runs on another pooled connection while the push's transaction is still
@@ -154,9 +159,7 @@ def test_command_in_open_transaction_is_invisible_to_relay_until_commit(pg_outbo
         tx = conn.begin()
         command_id = send_email.push(conn, "c@example.com")
         # the caller's own connection sees its row ...
-        assert conn.execute(
-            sa.select(sa.func.count()).select_from(pg_outbox.store.table)
-        ).scalar_one() == 1
+        assert conn.execute(sa.select(sa.func.count()).select_from(pg_outbox.store.table)).scalar_one() == 1
         # ... the relay, on another connection, does not
         assert pg_outbox.store.claim(100, 30) == []
         assert pg_outbox.store.get(command_id) is None
@@ -170,9 +173,9 @@ def test_command_in_open_transaction_is_invisible_to_relay_until_commit(pg_outbo
     assert pg_outbox.get(command_id).status == "dispatched"
 
 
-def test_command_pushed_then_rolled_back_while_relay_polls_is_never_claimed(pg_outbox: Outbox,
-                                                                             pg_engine: sa.Engine,
-                                                                             send_email: Any) -> None:
+def test_command_pushed_then_rolled_back_while_relay_polls_is_never_claimed(
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any
+) -> None:
     """Guarantee 1: a relay polling during an open transaction that finally rolls back never sees the row.
 
     Fails if any claim between push and rollback returned the command.

@@ -362,8 +362,10 @@ def test_a_plain_task_message_delivered_twice_runs_once(flow: tuple[Outbox, str,
     command_id = outbox.push(outbox.engine, mul.s(7))
     (claimed,) = outbox.store.claim(10, 60.0)
     request = types.SimpleNamespace(
-        outbox=[str(claimed.id), claimed.attempt, claimed.timeout], id=f"{claimed.id}:{claimed.attempt}",
-        hostname="w", called_directly=False,
+        outbox=[str(claimed.id), claimed.attempt, claimed.timeout],
+        id=f"{claimed.id}:{claimed.attempt}",
+        hostname="w",
+        called_directly=False,
     )
     assert outbox.executor.execute(mul, request) == 21
     with pytest.raises(AttemptDropped):  # reported to Celery as nothing run (an Ignore), not as a success

@@ -61,8 +61,15 @@ def test_successes_go_through_the_write_back_and_are_flushed_at_shutdown(
     store.complete = counting_single  # type: ignore[method-assign]
     ids = outbox.push_many(outbox.engine, [job.s(n) for n in range(60)])
     outbox.app.conf.broker_transport_options = {"polling_interval": 0.02}
-    with start_worker(outbox.app, pool=pool, concurrency=4 if pool == "threads" else 1, queues=[target],
-                      perform_ping_check=False, loglevel="WARNING", shutdown_timeout=10) as worker:
+    with start_worker(
+        outbox.app,
+        pool=pool,
+        concurrency=4 if pool == "threads" else 1,
+        queues=[target],
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=10,
+    ) as worker:
         outbox.relay_once()
         wait_until(lambda: len(ran) == 60, 30, what="every handler to run")
         worker.stop()  # a warm shutdown: the pool finishes, then worker_shutdown
@@ -81,7 +88,7 @@ def _started(outbox: Outbox, job: Any, n: int) -> Any:
 
 
 def test_successes_survive_a_database_outage_and_a_stale_one_changes_nothing(
-    make_outbox: Callable[..., Outbox]
+    make_outbox: Callable[..., Outbox],
 ) -> None:
     """A success handed over while the database is away is written when it answers again (the write-back
     retries with backoff); a success of an attempt that no longer holds its command (rescued, or retried

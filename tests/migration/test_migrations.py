@@ -102,15 +102,18 @@ def test_offline_sql_names_the_prefixed_table() -> None:
 def test_wheel_ships_the_migrations(tmp_path: Path) -> None:
     """Proves an installed package (not only a source checkout) can migrate: the wheel carries them."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path),
-         str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
         check=True,
         timeout=120,
     )
     wheel = next(tmp_path.glob("orch_outbox-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for required in ("orch_outbox/migrations/env.py", "orch_outbox/migrations/script.py.mako",
-                     "orch_outbox/migrations/versions/0001_commands.py", "orch_outbox/py.typed"):
+    for required in (
+        "orch_outbox/migrations/env.py",
+        "orch_outbox/migrations/script.py.mako",
+        "orch_outbox/migrations/versions/0001_commands.py",
+        "orch_outbox/py.typed",
+    ):
         assert required in names
 
 
@@ -118,8 +121,13 @@ def test_plain_alembic_cli_from_the_checkout(pg_engine: sa.Engine) -> None:
     """Proves a user's own Alembic tooling can run our migrations: `alembic -x url=... -x prefix=... upgrade head`
     from the checkout's alembic.ini gives the declared schema, and downgrade removes it."""
     prefix = unique_prefix()
-    alembic = [str(Path(sys.executable).with_name("alembic")), "-x", f"url={pg_engine.url.render_as_string(False)}",
-               "-x", f"prefix={prefix}"]
+    alembic = [
+        str(Path(sys.executable).with_name("alembic")),
+        "-x",
+        f"url={pg_engine.url.render_as_string(False)}",
+        "-x",
+        f"prefix={prefix}",
+    ]
     try:
         subprocess.run([*alembic, "upgrade", "head"], cwd=ROOT, check=True, timeout=120)
         with pg_engine.connect() as conn:

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from orch_outbox.cli import main
 from orch_outbox.store import ErrorInfo
 
-APP_MODULE = '''
+APP_MODULE = """
 from celery import Celery
 from orch_outbox import Outbox
 
@@ -38,7 +38,7 @@ def summarize(outcomes: list) -> None: ...
 @send.if_canceled
 def _(outcome):
     return [noted.s(outcome.input["to"])]
-'''
+"""
 
 
 @pytest.fixture

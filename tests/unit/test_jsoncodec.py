@@ -83,9 +83,11 @@ def roundtrip(value: Any, annotation: Any) -> Any:
 def test_nested_dataclass_round_trip() -> None:
     """Nested dataclasses, list[dataclass] fields, Optional fields and enums come back equal and typed."""
     email = Email(
-        "a@example.com", "hi",
+        "a@example.com",
+        "hi",
         attachments=[Attachment("a.pdf", 10), Attachment("b.png", 20)],
-        reply_to=None, color=Color.BLUE,
+        reply_to=None,
+        color=Color.BLUE,
         sent_at=dt.datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=UTC),
     )
     env = Envelope(email=email, cc=[Email("c@example.com", "cc")], note=Attachment("n.txt", 1), tags={"x": 1})
@@ -102,8 +104,12 @@ def test_dataclass_encodes_to_plain_json_object() -> None:
     """A dataclass becomes a JSON object keyed by field names, with enums as their values."""
     data = encode(Email("a@b", "s", [Attachment("f", 1)], color=Color.BLUE))
     assert data == {
-        "to": "a@b", "subject": "s", "attachments": [{"filename": "f", "size": 1}],
-        "reply_to": None, "color": "blue", "sent_at": None,
+        "to": "a@b",
+        "subject": "s",
+        "attachments": [{"filename": "f", "size": 1}],
+        "reply_to": None,
+        "color": "blue",
+        "sent_at": None,
     }
 
 
@@ -116,8 +122,9 @@ def test_optional_none_round_trip() -> None:
 def test_pydantic_model_round_trip() -> None:
     """pydantic v2 models (with UUID, Decimal, date, IntEnum, nested models) round-trip through JSON."""
     order = Order(
-        customer=Customer(id=uuid.uuid4(), name="Ann", balance=Decimal("10.25"), since=dt.date(2020, 2, 29),
-                          level=Level.HIGH),
+        customer=Customer(
+            id=uuid.uuid4(), name="Ann", balance=Decimal("10.25"), since=dt.date(2020, 2, 29), level=Level.HIGH
+        ),
         lines=[Attachment("x", 3)],
         placed_at=dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=PARIS_SUMMER),
     )

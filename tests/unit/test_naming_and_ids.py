@@ -47,8 +47,7 @@ def test_decorated_function_is_registered_under_conventional_name(bare_outbox: O
     """``@outbox.command`` on ``SendEmailCommand`` and on ``send_email`` both register ``send_email``-style names."""
 
     @bare_outbox.command
-    def SendEmailCommand(to: str) -> None:
-        ...
+    def SendEmailCommand(to: str) -> None: ...
 
     @bare_outbox.command()
     def notify_user(user_id: int) -> None: ...
@@ -63,8 +62,7 @@ def test_explicit_name_wins(bare_outbox: Outbox) -> None:
     """An explicit ``name=`` is used instead of the convention."""
 
     @bare_outbox.command(name="billing.charge_card")
-    def SendEmailCommand(to: str) -> None:
-        ...
+    def SendEmailCommand(to: str) -> None: ...
 
     assert SendEmailCommand.name == "billing.charge_card"
     assert "billing.charge_card" in bare_outbox.app.tasks
@@ -148,15 +146,17 @@ def test_fixed_backoff_returns_base() -> None:
 
 def test_exponential_backoff_grows_and_is_capped() -> None:
     """Without jitter: base * 2**(n-1), capped by ``retry_backoff_max``."""
-    policy = resolve(settings(retry_backoff="exponential", retry_backoff_base=1.0, retry_backoff_max=10.0,
-                              retry_jitter=False))
+    policy = resolve(
+        settings(retry_backoff="exponential", retry_backoff_base=1.0, retry_backoff_max=10.0, retry_jitter=False)
+    )
     assert [policy(n, "E") for n in range(1, 7)] == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
 
 
 def test_exponential_backoff_with_jitter_stays_within_bounds() -> None:
     """With full jitter each delay is in [0, min(cap, base * 2**(n-1))]."""
-    policy = resolve(settings(retry_backoff="exponential", retry_backoff_base=2.0, retry_backoff_max=20.0,
-                              retry_jitter=True))
+    policy = resolve(
+        settings(retry_backoff="exponential", retry_backoff_base=2.0, retry_backoff_max=20.0, retry_jitter=True)
+    )
     for n in range(1, 8):
         ceiling = min(20.0, 2.0 * 2 ** (n - 1))
         values = [policy(n, "E") for _ in range(50)]
@@ -166,8 +166,9 @@ def test_exponential_backoff_with_jitter_stays_within_bounds() -> None:
 
 def test_exponential_jitter_with_fractional_base() -> None:
     """A sub-second base (``retry_backoff_base=0.5``) with the default jitter yields delays, not an error."""
-    policy = resolve(settings(retry_backoff="exponential", retry_backoff_base=0.5, retry_backoff_max=30.0,
-                              retry_jitter=True))
+    policy = resolve(
+        settings(retry_backoff="exponential", retry_backoff_base=0.5, retry_backoff_max=30.0, retry_jitter=True)
+    )
     for n in range(1, 6):
         value = policy(n, "E")
         assert 0.0 <= value <= min(30.0, 0.5 * 2 ** (n - 1))

@@ -63,9 +63,7 @@ def test_empty_environment_value_does_not_override() -> None:
 
 def test_explicit_overrides_win_over_environment() -> None:
     """Keyword overrides (``Outbox(app, table_prefix=...)``) win over env and conf."""
-    settings = Settings.from_sources(
-        {"outbox_batch_size": 5}, env={"ORCH_OUTBOX_BATCH_SIZE": "6"}, batch_size=7
-    )
+    settings = Settings.from_sources({"outbox_batch_size": 5}, env={"ORCH_OUTBOX_BATCH_SIZE": "6"}, batch_size=7)
     assert settings.batch_size == 7
 
 
@@ -77,8 +75,17 @@ def test_env_argument_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) ->
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("1", True), ("true", True), ("TRUE", True), (" yes ", True), ("on", True),
-     ("0", False), ("false", False), ("No", False), ("off", False)],
+    [
+        ("1", True),
+        ("true", True),
+        ("TRUE", True),
+        (" yes ", True),
+        ("on", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+    ],
 )
 def test_bool_strings_are_coerced(text: str, expected: bool) -> None:
     """Boolean settings accept the usual spellings from the environment."""
