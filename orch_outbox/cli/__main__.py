@@ -1,0 +1,5 @@
+"""``python -m orch_outbox.cli``."""
+
+from . import main
+
+main()

@@ -1,0 +1,133 @@
+"""Migrate, status, show, cancel, relay, settings and the demo."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import demo as demo_mod
+from ..render import table
+from .base import (
+    _masked,
+    _outbox,
+    describe,
+    emit,
+    json_option,
+    main,
+)
+
+# -- migrate, status, show, cancel, relay, settings, demo --------------------------------
+
+
+@main.command()
+@click.option("--sql", is_flag=True, help="Print the SQL instead of running it.")
+@click.option("--revision", default="head", show_default=True)
+@click.pass_context
+def migrate(ctx: click.Context, sql: bool, revision: str) -> None:
+    """Create or upgrade the outbox tables."""
+    from .. import migrate as migrations
+
+    outbox = _outbox(ctx)
+    url = outbox.engine.url.render_as_string(hide_password=False)
+    prefix = outbox.settings.table_prefix
+    if sql:
+        click.echo(migrations.upgrade_sql(url, prefix, revision))
+        return
+    with outbox.engine.begin() as conn:
+        migrations.upgrade(prefix=prefix, revision=revision, connection=conn)
+    click.echo(f"outbox tables with prefix {prefix!r} are at revision {revision} ({outbox.engine.url!r})")
+
+
+@main.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Counts of commands by target and status."""
+    counts = _outbox(ctx).store.counts()
+    data: dict[str, dict[str, int]] = {}
+    for target, state, count in counts:
+        data.setdefault(target, {})[state] = count
+    emit(as_json, data, table(("target", "status", "count"), counts, empty="the outbox is empty"))
+
+
+@main.command()
+@click.argument("command_id")
+@json_option
+@click.pass_context
+def show(ctx: click.Context, command_id: str, as_json: bool) -> None:
+    """One command: state, attempts, output or error, and the commands chained from it."""
+    outbox = _outbox(ctx)
+    info = outbox.get(command_id)
+    children = outbox.children(info.id)
+    text = describe(info)
+    if children:
+        text += "\nchained:\n" + table(("id", "name", "status"), [(c.id, c.name, c.status) for c in children])
+    emit(as_json, {**info.to_json(), "children": [c.to_json() for c in children]}, text)
+
+
+@main.command()
+@click.argument("command_id")
+@click.pass_context
+def cancel(ctx: click.Context, command_id: str) -> None:
+    """Cancel a command: at once if pending or dispatched; a running one is interrupted by its worker."""
+    outbox = _outbox(ctx)
+    done = outbox.cancel(command_id)
+    status = outbox.get(command_id).status
+    if not done:
+        raise click.ClickException(f"{command_id} is already {status}; nothing canceled")
+    if status == "running":
+        click.echo(f"cancellation of running command {command_id} requested; its worker records it")
+    else:
+        click.echo(f"canceled {command_id}")
+
+
+@main.command()
+@click.pass_context
+def relay(ctx: click.Context) -> None:
+    """Run the relay and the lease rescuer in the foreground (instead of, or beside, beat)."""
+    import signal
+    import threading
+
+    from ..relay import ListeningRelay
+
+    outbox = _outbox(ctx)
+    problem = outbox.database_problem()
+    if problem:
+        raise click.ClickException(problem)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if outbox.store.can_listen:
+        click.echo(
+            f"relaying on NOTIFY {outbox.settings.table_prefix}commands, polling every "
+            f"{outbox.settings.poll_interval}s as the fallback"
+        )
+        ListeningRelay(outbox, stop).run()
+        return
+    click.echo(f"relaying every {outbox.settings.poll_interval}s")
+    while not stop.is_set():
+        outbox.relay_once()
+        outbox.rescue_once()
+        stop.wait(outbox.settings.poll_interval)
+
+
+@main.command()
+@click.pass_context
+def settings(ctx: click.Context) -> None:
+    """The effective outbox settings."""
+    from ..settings import describe as describe_settings
+
+    outbox = _outbox(ctx)
+    rows = [
+        (key, env, repr(_masked(getattr(outbox.settings, key[len("outbox_") :]))))
+        for key, env, _default, _meaning in describe_settings()
+    ]
+    click.echo(table(("setting", "environment variable", "value"), rows))
+
+
+@main.command()
+@click.option("--home", default=None, help="Folder for the demo's SQLite file and broker (default: a temp folder).")
+def demo(home: str | None) -> None:
+    """Run the whole loop on the embedded default and print the final states."""
+    sys.exit(demo_mod.run(home))
