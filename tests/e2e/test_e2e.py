@@ -140,6 +140,7 @@ def test_prefork_pool(make_project: Callable[[str], Project]) -> None:
 def test_worker_registers_commands(make_project: Callable[[str], Project], broker: str) -> None:
     """Each command is a real named Celery task (what Flower shows), and the worker consumes only its queue."""
     project = make_project(broker)
+    project.migrate()  # a worker refuses to start on a database without the outbox tables
     project.start_worker()
 
     registered = project.celery("inspect", "registered", "-d", project.node_name, "--timeout", "10", "--json")
