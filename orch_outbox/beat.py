@@ -18,8 +18,8 @@ from typing import Any
 
 from celery.beat import PersistentScheduler, ScheduleEntry
 
+from .listener import ListeningRelay
 from .registry import outbox_of
-from .relay import ListeningRelay
 from .wiring import LOCAL_TASKS, RELAY_TASK, RESCUE_TASK
 
 log = logging.getLogger("orch_outbox.beat")

@@ -28,7 +28,8 @@ from .models import BatchInfo, BatchRef, CommandInfo, FailedAttempt, ScheduleInf
 from .operations import Operations
 from .pushing import Pushing
 from .registry import attach, outbox_of
-from .relay import Relay, Rescuer
+from .relay import Relay
+from .rescuer import Rescuer
 from .results import Results
 from .scheduling import Scheduling
 from .settings import Settings

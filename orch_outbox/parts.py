@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
     from . import backoff as backoff_mod
     from .executor import Executor
-    from .relay import Relay, Rescuer
+    from .relay import Relay
+    from .rescuer import Rescuer
     from .results import Results
     from .settings import Settings
     from .settle import Settler

@@ -1,4 +1,4 @@
-"""The relay publishes due commands; the rescuer settles leases that lapsed.
+"""The relay publishes due commands (the rescuer is in rescuer.py, the listening loop in listener.py).
 
 Relay, per batch: one transaction claims due rows (pending → dispatched, attempt + 1,
 ``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and commits; then each row is published as
@@ -20,8 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import StoreUnavailable, UnknownCommand
-from .settle import Attempt
-from .store import Dispatch, ErrorInfo, Lapsed
+from .store import Dispatch, ErrorInfo
 
 if TYPE_CHECKING:
     from .outbox import Outbox
@@ -298,106 +297,3 @@ class _Confirms:
         self._current = None
         nacked, self.nacked = list(self.nacked.values()), {}
         return nacked
-
-
-class Rescuer:
-    """Settles dispatch and run leases that lapsed, and dispatched commands past their expiry."""
-
-    def __init__(self, outbox: Outbox) -> None:
-        self.outbox = outbox
-        self.store = outbox.store
-        self.settler = outbox.settler
-
-    def run_once(self, limit: int = 500) -> int:
-        """One pass over lapsed leases, expiries and batches left open; returns how many rows changed.
-
-        Each lapsed attempt is settled on its own (``settle.py``): a hook that raises, or a
-        row that cannot be settled, is logged and the pass goes on with the others.
-        """
-        try:
-            changed = self.store.release_lapsed_dispatches(limit)
-            for command_id in self.store.expire_dispatched(limit):
-                self.outbox.results.revoked(command_id, "", "expired")
-                changed += 1
-            changed += self.store.settle_open_batches()
-            lapsed_rows = self.store.lapsed_runs(limit)
-        except StoreUnavailable as exc:
-            log.warning("rescuer: %s", exc)
-            return 0
-        for lapsed in lapsed_rows:
-            try:
-                changed += int(self._settle(lapsed))
-            except StoreUnavailable as exc:
-                log.warning("rescuer: %s", exc)
-                break
-            except Exception:
-                log.exception("rescuer: could not settle command %s attempt %s; going on", lapsed.id, lapsed.attempt)
-        if changed:
-            log.info("rescuer: settled %d lapsed lease(s)", changed)
-        return changed
-
-    def _settle(self, lapsed: Lapsed) -> bool:
-        attempt = Attempt(lapsed.id, lapsed.name, lapsed.attempt, lapsed.input, lapsed.retries, lapsed.retries_left)
-        if lapsed.cancel_requested:  # canceled while running, and its worker never reported back
-            return self.settler.canceled(attempt, lapsed_only=True, report_result=True).status is not None
-        error = ErrorInfo(
-            "LeaseExpired",
-            f"attempt {lapsed.attempt} stopped reporting: its worker died, hung, or was cut off from the database",
-        )
-        ending = self.settler.failed(attempt, "lost", error, lapsed_only=True, report_result=True)
-        return ending.status is not None
-
-
-class ListeningRelay:
-    """Relays as soon as a transaction that pushed commands commits; polls as the fallback.
-
-    On PostgreSQL an INSERT trigger NOTIFYs on commit; this loop waits for that signal
-    (or ``outbox_poll_interval`` at most) and then relays, and runs the rescuer every
-    ``outbox_rescue_interval``. When the listening connection fails it reconnects with
-    backoff; meanwhile beat's polling relay keeps commands flowing.
-    """
-
-    def __init__(self, outbox: Outbox, stop: threading.Event | None = None) -> None:
-        self.outbox = outbox
-        self.settings = outbox.settings
-        self.stop = stop or threading.Event()
-        self.listening = threading.Event()
-        #: relay passes completed since start (tests wait on it instead of sleeping).
-        self.passes = 0
-        self._thread: threading.Thread | None = None
-
-    def run(self) -> None:
-        """Listen and relay until ``stop`` is set."""
-        backoff = 0.2
-        next_rescue = 0.0
-        while not self.stop.is_set():
-            try:
-                with self.outbox.store.listen() as wait:
-                    self.listening.set()
-                    backoff = 0.2
-                    while not self.stop.is_set():
-                        self.outbox.relay_once()
-                        if time.monotonic() >= next_rescue:
-                            self.outbox.rescue_once()
-                            next_rescue = time.monotonic() + self.settings.rescue_interval
-                        self.passes += 1
-                        wait(self.settings.poll_interval)
-            except StoreUnavailable as exc:
-                log.warning("listening relay: %s; reconnecting in %.1fs", exc, backoff)
-            except Exception:
-                log.exception("listening relay failed; restarting in %.1fs", backoff)
-            self.listening.clear()
-            self.stop.wait(backoff)
-            backoff = min(backoff * 2, 30.0)
-
-    def start(self) -> threading.Thread:
-        """Run in a daemon thread; returns it."""
-        self._thread = threading.Thread(target=self.run, name="orch-outbox-relay", daemon=True)
-        self._thread.start()
-        return self._thread
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop the loop and wait for its thread."""
-        self.stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)

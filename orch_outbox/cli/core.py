@@ -89,7 +89,7 @@ def relay(ctx: click.Context) -> None:
     import signal
     import threading
 
-    from ..relay import ListeningRelay
+    from ..listener import ListeningRelay
 
     outbox = _outbox(ctx)
     problem = outbox.database_problem()

@@ -8,7 +8,7 @@ from celery import Celery
 from sqlalchemy.orm import Session
 
 from orch_outbox import Outbox
-from orch_outbox.relay import ListeningRelay
+from orch_outbox.listener import ListeningRelay
 from orch_outbox.testing import wait_until
 
 from conftest import unique_prefix

@@ -1,0 +1,70 @@
+"""The rescuer: settles dispatch and run leases that lapsed, and dispatched commands past their expiry.
+
+Lapsed dispatch leases go back to pending (the message was lost: no retry consumed);
+lapsed running leases (the worker died, hung, or was cut off: it stopped renewing) count
+as a lost attempt and end through ``settle.py`` — retried while retries are left,
+failed with their on-failure commands after. One row that cannot be settled never stops
+the pass. ``run_once()`` is what beat's ``orch_outbox.rescue`` task and tests call.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from .errors import StoreUnavailable
+from .settle import Attempt
+from .store import ErrorInfo, Lapsed
+
+if TYPE_CHECKING:
+    from .outbox import Outbox
+
+log = logging.getLogger("orch_outbox.relay")
+
+
+class Rescuer:
+    """Settles dispatch and run leases that lapsed, and dispatched commands past their expiry."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+        self.store = outbox.store
+        self.settler = outbox.settler
+
+    def run_once(self, limit: int = 500) -> int:
+        """One pass over lapsed leases, expiries and batches left open; returns how many rows changed.
+
+        Each lapsed attempt is settled on its own (``settle.py``): a hook that raises, or a
+        row that cannot be settled, is logged and the pass goes on with the others.
+        """
+        try:
+            changed = self.store.release_lapsed_dispatches(limit)
+            for command_id in self.store.expire_dispatched(limit):
+                self.outbox.results.revoked(command_id, "", "expired")
+                changed += 1
+            changed += self.store.settle_open_batches()
+            lapsed_rows = self.store.lapsed_runs(limit)
+        except StoreUnavailable as exc:
+            log.warning("rescuer: %s", exc)
+            return 0
+        for lapsed in lapsed_rows:
+            try:
+                changed += int(self._settle(lapsed))
+            except StoreUnavailable as exc:
+                log.warning("rescuer: %s", exc)
+                break
+            except Exception:
+                log.exception("rescuer: could not settle command %s attempt %s; going on", lapsed.id, lapsed.attempt)
+        if changed:
+            log.info("rescuer: settled %d lapsed lease(s)", changed)
+        return changed
+
+    def _settle(self, lapsed: Lapsed) -> bool:
+        attempt = Attempt(lapsed.id, lapsed.name, lapsed.attempt, lapsed.input, lapsed.retries, lapsed.retries_left)
+        if lapsed.cancel_requested:  # canceled while running, and its worker never reported back
+            return self.settler.canceled(attempt, lapsed_only=True, report_result=True).status is not None
+        error = ErrorInfo(
+            "LeaseExpired",
+            f"attempt {lapsed.attempt} stopped reporting: its worker died, hung, or was cut off from the database",
+        )
+        ending = self.settler.failed(attempt, "lost", error, lapsed_only=True, report_result=True)
+        return ending.status is not None
