@@ -37,7 +37,7 @@ class Scheduler(PersistentScheduler):  # type: ignore[misc]
         super().setup_schedule()
         outbox = outbox_of(self.app)
         if outbox.store.can_listen and self.listener is None:
-            self.listener = ListeningRelay(outbox)
+            self.listener = outbox.listening_relay()
             self.listener.start()
             log.info("listening relay started on channel %scommands", outbox.settings.table_prefix)
 

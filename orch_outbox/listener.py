@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import StoreUnavailable
 
 if TYPE_CHECKING:
-    from .outbox import Outbox
+    from .settings import Settings
+    from .store import Store
 
 log = logging.getLogger("orch_outbox.relay")
 
@@ -24,9 +26,18 @@ class ListeningRelay:
     backoff; meanwhile beat's polling relay keeps commands flowing.
     """
 
-    def __init__(self, outbox: Outbox, stop: threading.Event | None = None) -> None:
-        self.outbox = outbox
-        self.settings = outbox.settings
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        relay_once: Callable[[], object],
+        rescue_once: Callable[[], object],
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.relay_once = relay_once
+        self.rescue_once = rescue_once
         self.stop = stop or threading.Event()
         self.listening = threading.Event()
         #: relay passes completed since start (tests wait on it instead of sleeping).
@@ -39,13 +50,13 @@ class ListeningRelay:
         next_rescue = 0.0
         while not self.stop.is_set():
             try:
-                with self.outbox.store.listen() as wait:
+                with self.store.listen() as wait:
                     self.listening.set()
                     backoff = 0.2
                     while not self.stop.is_set():
-                        self.outbox.relay_once()
+                        self.relay_once()
                         if time.monotonic() >= next_rescue:
-                            self.outbox.rescue_once()
+                            self.rescue_once()
                             next_rescue = time.monotonic() + self.settings.rescue_interval
                         self.passes += 1
                         wait(self.settings.poll_interval)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -222,21 +221,3 @@ class Operations(OutboxParts):
         if status not in FINAL_STATUSES:
             raise InvalidOption(f"only final commands can be purged: status must be one of {FINAL_STATUSES}")
         return self.store.purge(status=status, ids=id_list, name=name, target=target, tenant=tenant)
-
-    def cleanup_once(self, budget: float = 5.0) -> int:
-        """Delete final rows past their retention, in short batches, for at most ``budget`` seconds."""
-        settings = self.settings
-        deadline = time.monotonic() + budget
-        deleted = 0
-        plans = [(("completed", "canceled", "expired"), settings.retention), (("failed",), settings.failed_retention)]
-        for statuses, keep in plans:
-            if keep <= 0:
-                continue
-            while time.monotonic() < deadline:
-                n = self.store.delete_finished(statuses, keep, settings.cleanup_batch)
-                deleted += n
-                if n < settings.cleanup_batch:
-                    break
-        if deleted:
-            log.info("cleanup: deleted %d row(s) past their retention", deleted)
-        return deleted

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,11 +20,13 @@ from celery import Celery, signals
 
 from . import backoff as backoff_mod
 from . import control, request
+from .cleaner import Cleaner
 from .clock import Clock
 from .errors import (
     ConfigurationError,
 )
 from .executor import Executor
+from .listener import ListeningRelay
 from .models import BatchInfo, BatchRef, CommandInfo, FailedAttempt, ScheduleInfo
 from .operations import Operations
 from .pushing import Pushing
@@ -31,6 +34,7 @@ from .registry import attach, outbox_of
 from .relay import Relay
 from .rescuer import Rescuer
 from .results import Results
+from .scheduler import Scheduler
 from .scheduling import Scheduling
 from .settings import Settings
 from .settle import Settler
@@ -134,12 +138,26 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
     @functools.cached_property
     def relay(self) -> Relay:
         """Publishes due commands."""
-        return Relay(self)
+        return Relay(self.app, self.store, self.settings, self.results, self.runnable)
 
     @functools.cached_property
     def rescuer(self) -> Rescuer:
         """Returns commands whose lease lapsed."""
-        return Rescuer(self)
+        return Rescuer(self.store, self.settler, self.results)
+
+    @functools.cached_property
+    def scheduler(self) -> Scheduler:
+        """Turns due cron schedules into commands."""
+        return Scheduler(self.store)
+
+    @functools.cached_property
+    def cleaner(self) -> Cleaner:
+        """Deletes final rows past their retention."""
+        return Cleaner(self.store, self.settings)
+
+    def listening_relay(self, stop: threading.Event | None = None) -> ListeningRelay:
+        """A relay loop that wakes when a pushing transaction commits (PostgreSQL), polling as the fallback."""
+        return ListeningRelay(self.store, self.settings, self.relay_once, self.rescue_once, stop)
 
     def create_tables(self) -> None:
         """Create the outbox tables if missing (embedded default and tests; production: ``orch-outbox migrate``)."""
@@ -190,6 +208,14 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
     def rescue_once(self) -> int:
         """Settle lapsed leases now; returns how many rows changed."""
         return int(self.rescuer.run_once())
+
+    def tick_schedules(self) -> list[dict[str, Any]]:
+        """Push the commands of due schedules now (beat does it every ``outbox_schedule_interval``)."""
+        return self.scheduler.run_once()
+
+    def cleanup_once(self, budget: float = 5.0) -> int:
+        """Delete final rows past their retention, in short batches, for at most ``budget`` seconds."""
+        return self.cleaner.run_once(budget)
 
 
 __all__: Sequence[str] = (

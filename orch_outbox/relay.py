@@ -7,9 +7,8 @@ and before the publish leaves rows dispatched with no message: their dispatch le
 lapses and the rescuer returns them to pending, no retry consumed. A publish that fails
 returns the unpublished rows to pending at once.
 
-Rescuer: lapsed dispatch leases go back to pending; lapsed running leases (the worker
-died, hung, or ran past timeout + lock buffer) count as a lost attempt: retried while
-retries are left, failed (with on-failure commands) after.
+The relay receives what it uses (the app, the store, the settings, the result backend
+writer and the check of runnable names), not the whole Outbox.
 """
 
 from __future__ import annotations
@@ -17,13 +16,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import StoreUnavailable, UnknownCommand
 from .store import Dispatch, ErrorInfo
 
 if TYPE_CHECKING:
-    from .outbox import Outbox
+    from celery import Celery
+
+    from .results import Results
+    from .settings import Settings
+    from .store import Store
 
 log = logging.getLogger("orch_outbox.relay")
 
@@ -38,11 +42,15 @@ PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.1, "interval_step"
 class Relay:
     """Claims due commands and publishes them as Celery task messages."""
 
-    def __init__(self, outbox: Outbox) -> None:
-        self.outbox = outbox
-        self.app = outbox.app
-        self.store = outbox.store
-        self.settings = outbox.settings
+    def __init__(
+        self, app: Celery, store: Store, settings: Settings, results: Results, runnable: Callable[[str], Any]
+    ) -> None:
+        """``runnable(name)`` raises :class:`UnknownCommand` for a task name a row may not run."""
+        self.app = app
+        self.store = store
+        self.settings = settings
+        self.results = results
+        self.runnable = runnable
         #: while the broker is failing: no claims before this monotonic time (exponential backoff).
         self.broker_retry_at = 0.0
         self.broker_failures = 0
@@ -140,7 +148,7 @@ class Relay:
     def _expired(self, ids: list[Any]) -> None:
         """Commands the claim found past their expiry: ``REVOKED`` (expired) in the result backend."""
         for command_id in ids:
-            self.outbox.results.revoked(command_id, "", "expired")
+            self.results.revoked(command_id, "", "expired")
 
     def _refusal(self, item: Dispatch) -> tuple[str, ErrorInfo] | None:
         """(outcome, error) of a claimed row that must not become a message, or None.
@@ -153,7 +161,7 @@ class Relay:
         """
         if item.name in self.app.tasks:
             try:
-                self.outbox.runnable(item.name)
+                self.runnable(item.name)
             except UnknownCommand:
                 return "not_found", ErrorInfo("NotACommand", f"{item.name!r} is not a command; a row cannot run it")
         if not isinstance(item.input, dict):
@@ -166,7 +174,7 @@ class Relay:
         log.error("relay: refused command %s (%s): %s", item.id, item.name, error.message)
         try:
             if self.store.refuse(item.id, item.attempt, outcome, error):
-                self.outbox.results.failed(item.id, item.name, error)
+                self.results.failed(item.id, item.name, error)
         except StoreUnavailable:
             log.warning("relay: could not record the refusal of %s; its dispatch lease will return it", item.id)
 

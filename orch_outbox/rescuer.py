@@ -17,7 +17,9 @@ from .settle import Attempt
 from .store import ErrorInfo, Lapsed
 
 if TYPE_CHECKING:
-    from .outbox import Outbox
+    from .results import Results
+    from .settle import Settler
+    from .store import Store
 
 log = logging.getLogger("orch_outbox.relay")
 
@@ -25,10 +27,10 @@ log = logging.getLogger("orch_outbox.relay")
 class Rescuer:
     """Settles dispatch and run leases that lapsed, and dispatched commands past their expiry."""
 
-    def __init__(self, outbox: Outbox) -> None:
-        self.outbox = outbox
-        self.store = outbox.store
-        self.settler = outbox.settler
+    def __init__(self, store: Store, settler: Settler, results: Results) -> None:
+        self.store = store
+        self.settler = settler
+        self.results = results
 
     def run_once(self, limit: int = 500) -> int:
         """One pass over lapsed leases, expiries and batches left open; returns how many rows changed.
@@ -39,7 +41,7 @@ class Rescuer:
         try:
             changed = self.store.release_lapsed_dispatches(limit)
             for command_id in self.store.expire_dispatched(limit):
-                self.outbox.results.revoked(command_id, "", "expired")
+                self.results.revoked(command_id, "", "expired")
                 changed += 1
             changed += self.store.settle_open_batches()
             lapsed_rows = self.store.lapsed_runs(limit)

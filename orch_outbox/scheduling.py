@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from typing import Any
 
@@ -101,12 +100,3 @@ class Scheduling(OutboxParts):
             values["next_run_at"] = cron_mod.next_fire(current.cron, current.timezone, self.store.now())
         self.store.set_schedule(name, **values)
         return self.schedule(name)
-
-    def tick_schedules(self) -> list[dict[str, Any]]:
-        """Push the commands of due schedules now (beat does it every ``outbox_schedule_interval``)."""
-        from . import cron as cron_mod
-
-        def next_fire(row: Any, now: dt.datetime) -> dt.datetime:
-            return cron_mod.next_fire(row["cron"], row["timezone"], now)
-
-        return [dict(r) for r in self.store.tick_schedules(next_fire)]

@@ -89,8 +89,6 @@ def relay(ctx: click.Context) -> None:
     import signal
     import threading
 
-    from ..listener import ListeningRelay
-
     outbox = _outbox(ctx)
     problem = outbox.database_problem()
     if problem:
@@ -103,7 +101,7 @@ def relay(ctx: click.Context) -> None:
             f"relaying on NOTIFY {outbox.settings.table_prefix}commands, polling every "
             f"{outbox.settings.poll_interval}s as the fallback"
         )
-        ListeningRelay(outbox, stop).run()
+        outbox.listening_relay(stop).run()
         return
     click.echo(f"relaying every {outbox.settings.poll_interval}s")
     while not stop.is_set():

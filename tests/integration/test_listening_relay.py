@@ -8,7 +8,6 @@ from celery import Celery
 from sqlalchemy.orm import Session
 
 from orch_outbox import Outbox
-from orch_outbox.listener import ListeningRelay
 from orch_outbox.testing import wait_until
 
 from conftest import unique_prefix
@@ -35,7 +34,7 @@ def test_commit_wakes_the_relay(slow_poll_outbox: Outbox) -> None:
     def ping(n: int) -> int:
         return n
 
-    relay = ListeningRelay(outbox)
+    relay = outbox.listening_relay()
     relay.start()
     try:
         wait_until(lambda: relay.passes >= 1, 10, what="the first relay pass")
@@ -55,7 +54,7 @@ def test_rolled_back_push_notifies_nothing(slow_poll_outbox: Outbox) -> None:
     def ping(n: int) -> int:
         return n
 
-    relay = ListeningRelay(outbox)
+    relay = outbox.listening_relay()
     relay.start()
     try:
         wait_until(lambda: relay.passes >= 1, 10, what="the first relay pass")
@@ -83,7 +82,7 @@ def test_listener_reconnects_after_its_connection_is_killed(slow_poll_outbox: Ou
         return n
 
     outbox.relay._send = lambda _producer, _item, retry=True: None  # type: ignore[method-assign]
-    relay = ListeningRelay(outbox)
+    relay = outbox.listening_relay()
     relay.start()
     try:
         wait_until(relay.listening.is_set, 10, what="the listener")
