@@ -14,20 +14,18 @@ and ``celery -A orch_outbox beat`` run as subprocesses in that folder with their
 in log files there. Every process is stopped in :meth:`Project.close` (SIGTERM, then
 SIGKILL of its whole process group after a bounded wait), and the logs are printed so
 that pytest shows them when the test failed. Waits poll the database with
-:func:`orch_outbox.testing.wait_until`; nothing sleeps blindly.
+:func:`support.waiting.wait_until` (bounded in time and count); nothing sleeps blindly.
+
+The process helpers (:class:`Proc`, ``clean_env``, ``python``, ``tail``, ``free_port``, ...)
+live in ``tests/support`` (one copy for e2e, faults and the soak) and are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import socket
 import subprocess
-import sys
 import uuid
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,14 +33,46 @@ from typing import Any
 import sqlalchemy as sa
 
 from orch_outbox.store import Store, make_engine
-from orch_outbox.testing import wait_until
+
+from support.broker import delete_queue
+from support.procs import (
+    STOP_GRACE,
+    Proc,
+    beat_argv,
+    celery_argv,
+    clean_env,
+    free_port,
+    json_line,
+    orch_outbox_cli,
+    python,
+    run_command,
+    tail,
+    worker_argv,
+)
+from support.project import ProcessProject
+
+__all__ = [
+    "CLI_TIMEOUT",
+    "COMMANDS_MODULE",
+    "PUSH_SCRIPT",
+    "STOP_GRACE",
+    "WAIT",
+    "Broker",
+    "Proc",
+    "Project",
+    "assert_only_queue",
+    "clean_env",
+    "delete_queue",
+    "free_port",
+    "orch_outbox_cli",
+    "python",
+    "tail",
+]
 
 #: The longest any single wait in the e2e slice may take.
 WAIT = 60.0
 #: The longest a CLI subprocess (migrate, show, status, push, inspect) may take.
 CLI_TIMEOUT = 60.0
-#: How long a stopped process gets for its warm shutdown before it is killed.
-STOP_GRACE = 10.0
 
 
 @dataclass(frozen=True)
@@ -53,32 +83,6 @@ class Broker:
     url: str | None
     host: str | None = None
     port: int | None = None
-
-
-def python() -> str:
-    """The interpreter of the virtualenv the tests run in."""
-    return sys.executable
-
-
-def orch_outbox_cli() -> list[str]:
-    """The ``orch-outbox`` console script installed next to the interpreter."""
-    script = Path(sys.executable).with_name("orch-outbox")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "orch_outbox.cli"]
-
-
-def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a subprocess: no ambient Celery / outbox settings leak in."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("CELERY_", "ORCH_OUTBOX_")) or key.startswith("ORCH_OUTBOX_TEST_")
-    }
-    env["PYTHONUNBUFFERED"] = "1"
-    env.pop("PYTHONPATH", None)
-    env.update(extra or {})
-    return env
 
 
 COMMANDS_MODULE = '''\
@@ -189,40 +193,14 @@ print(json.dumps(ids))
 
 
 @dataclass
-class Proc:
-    """A long-running subprocess (worker or beat) with its output in a log file."""
+class Project(ProcessProject):
+    """A user's project folder with its config, commands, and the processes running it.
 
-    role: str
-    argv: list[str]
-    log: Path
-    popen: subprocess.Popen[bytes]
+    Spawning, ``row``/``rows`` and the waits (``wait_for``, ``wait_status``, ``wait_drained``,
+    ``wait_ready``) come from :class:`support.project.ProcessProject`.
+    """
 
-    def output(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self) -> None:
-        """SIGTERM (warm shutdown), then SIGKILL of the whole process group after a bounded wait."""
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=STOP_GRACE)
-        # Whatever is left of the group (prefork children, a hung main process) is killed.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=STOP_GRACE)
-
-
-@dataclass
-class Project:
-    """A user's project folder with its config, commands, and the processes running it."""
+    wait_timeout = WAIT
 
     root: Path
     broker: Broker
@@ -288,13 +266,9 @@ class Project:
     ) -> subprocess.CompletedProcess[str]:
         """Run a command to completion in the project folder; its output is kept for the failure report."""
         try:
-            done = subprocess.run(
-                argv, cwd=self.root, env=clean_env(), capture_output=True, text=True, timeout=timeout, check=False
-            )
-        except subprocess.TimeoutExpired as exc:
-            self.cli_log.append(f"$ {' '.join(argv)}\nTIMED OUT after {timeout}s\n{exc.stdout or ''}{exc.stderr or ''}")
+            done = run_command(argv, self.root, timeout, transcripts=self.cli_log)
+        except subprocess.TimeoutExpired:
             raise AssertionError(f"{argv} did not finish within {timeout}s{self.report()}") from None
-        self.cli_log.append(f"$ {' '.join(argv)}\n[exit {done.returncode}]\n{done.stdout}{done.stderr}")
         if check and done.returncode != 0:
             raise AssertionError(
                 f"{argv} exited {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}{self.report()}"
@@ -307,7 +281,7 @@ class Project:
 
     def celery(self, *args: str, timeout: float = CLI_TIMEOUT, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``python -m celery -A orch_outbox ARGS`` in the project folder."""
-        return self.run([python(), "-m", "celery", "-A", "orch_outbox", *args], timeout=timeout, check=check)
+        return self.run(celery_argv(*args), timeout=timeout, check=check)
 
     def migrate(self) -> str:
         return self.cli("migrate").stdout
@@ -315,7 +289,7 @@ class Project:
     def push(self) -> dict[str, str]:
         """Run push.py (the user's web process); returns the ids it printed."""
         done = self.run([python(), "push.py", self.database_url])
-        return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+        return json_line(done.stdout)  # type: ignore[no-any-return]
 
     def show(self, command_id: str, check: bool = True) -> dict[str, Any]:
         done = self.cli("show", command_id, "--json", check=check)
@@ -326,58 +300,20 @@ class Project:
 
     # -- long-running processes ---------------------------------------------------------
 
-    def spawn(self, role: str, argv: list[str]) -> Proc:
-        log = self.root / f"{role}-{len(self.procs)}.log"
-        handle = log.open("wb")
-        try:
-            popen = subprocess.Popen(
-                argv,
-                cwd=self.root,
-                env=clean_env(),
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            handle.close()
-        proc = Proc(role, argv, log, popen)
-        self.procs.append(proc)
-        return proc
-
     def worker_argv(self, pool: str = "threads", concurrency: int = 2) -> list[str]:
-        return [
-            python(),
-            "-m",
-            "celery",
-            "-A",
-            "orch_outbox",
-            "worker",
-            "-Q",
-            self.queue,
-            "--pool",
-            pool,
-            "-c",
-            str(concurrency),
-            "--without-mingle",
-            "--without-gossip",
-            "-n",
-            f"{self.node}@%h",
-            "--loglevel",
-            "INFO",
-        ]
+        return worker_argv(self.queue, self.node, pool, concurrency)
 
     def start_worker(self, pool: str = "threads", concurrency: int = 2) -> Proc:
         """``celery -A orch_outbox worker -Q <queue>`` on the command queue only; waits until ready."""
         argv = self.worker_argv(pool, concurrency)
         assert_only_queue(argv, self.queue)
-        proc = self.spawn("worker", argv)
-        self.wait_for(lambda: " ready." in proc.output(), f"worker {self.node} to be ready", procs=[proc])
+        proc = self.spawn("worker", argv, ready_text=" ready.")
+        self.wait_for(proc.ready, f"worker {self.node} to be ready", procs=[proc])
         return proc
 
     def start_beat(self) -> Proc:
         """``celery -A orch_outbox beat``: runs the relay and the rescuer in-process."""
-        return self.spawn("beat", [python(), "-m", "celery", "-A", "orch_outbox", "beat", "--loglevel", "INFO"])
+        return self.spawn("beat", beat_argv())
 
     @property
     def node_name(self) -> str:
@@ -391,54 +327,6 @@ class Project:
         if self._engine is None:
             self._engine = make_engine(self.database_url)
         return Store(self._engine, self.prefix)
-
-    def row(self, command_id: str) -> dict[str, Any] | None:
-        found = self.store.get(uuid.UUID(command_id))
-        return dict(found) if found is not None else None
-
-    def rows(self) -> list[dict[str, Any]]:
-        table = self.store.table
-        with self.store.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(sa.select(table).order_by(table.c.created_at))]
-
-    def wait_for(
-        self, predicate: Callable[[], Any], what: str, timeout: float = WAIT, procs: list[Proc] | None = None
-    ) -> Any:
-        """Poll ``predicate`` (bounded); fail early if a process died, with the logs in the message."""
-        watched = self.procs if procs is None else procs
-
-        def check() -> Any:
-            dead = [p for p in watched if not p.alive()]
-            if dead:
-                raise AssertionError(
-                    f"{', '.join(p.role for p in dead)} exited ({[p.popen.returncode for p in dead]}) "
-                    f"while waiting for {what}{self.report()}"
-                )
-            return predicate()
-
-        try:
-            return wait_until(check, timeout=timeout, interval=0.1, what=what)
-        except TimeoutError as exc:
-            raise AssertionError(f"{exc}{self.report()}") from None
-
-    def wait_status(self, command_id: str, *statuses: str, timeout: float = WAIT) -> dict[str, Any]:
-        """Wait until a command's row is in one of ``statuses``; returns the row."""
-
-        def reached() -> dict[str, Any] | None:
-            row = self.row(command_id)
-            return row if row is not None and row["status"] in statuses else None
-
-        return self.wait_for(reached, f"command {command_id} to reach {statuses}", timeout)  # type: ignore[no-any-return]
-
-    def wait_drained(self, expected_rows: int, timeout: float = WAIT) -> list[dict[str, Any]]:
-        """Wait until the table holds ``expected_rows`` rows, all final."""
-
-        def drained() -> list[dict[str, Any]] | None:
-            rows = self.rows()
-            final = ("completed", "failed", "canceled", "expired")
-            return rows if len(rows) == expected_rows and all(r["status"] in final for r in rows) else None
-
-        return self.wait_for(drained, f"{expected_rows} final rows", timeout)  # type: ignore[no-any-return]
 
     # -- teardown -----------------------------------------------------------------------
 
@@ -454,9 +342,7 @@ class Project:
         except Exception as exc:  # the report must never hide the original failure
             parts.append(f"  (could not read the table: {exc})")
         out = ["", "--- outbox rows ---", *parts]
-        for proc in self.procs:
-            out.append(f"--- {proc.role} ({' '.join(proc.argv)}) exit={proc.popen.poll()} ---")
-            out.append(tail(proc.output()))
+        out += self.logs_report()
         if self.cli_log:
             out.append("--- CLI calls ---")
             out.extend(tail(entry, 40) for entry in self.cli_log)
@@ -484,23 +370,3 @@ def assert_only_queue(argv: list[str], queue: str) -> None:
     """The worker consumes the command queue, exactly, and runs no embedded beat: worker + beat are all it needs."""
     assert argv.count("-Q") == 1 and argv[argv.index("-Q") + 1] == queue, argv
     assert not any(a in ("-B", "--beat") or a.startswith("--queues") for a in argv), argv
-
-
-def delete_queue(url: str, queue: str) -> None:
-    """Remove a test's queue from a shared broker (best effort)."""
-    from kombu import Connection, Queue
-
-    with contextlib.suppress(Exception), Connection(url, connect_timeout=5) as conn:
-        Queue(queue).bind(conn.default_channel).delete()
-
-
-def tail(text: str, lines: int = 120) -> str:
-    parts = text.splitlines()
-    return "\n".join(parts[-lines:]) if len(parts) > lines else text
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

@@ -1,6 +1,6 @@
 """Fault-injection harness: a user's project run by real ``celery`` subprocesses, plus the test's own outbox.
 
-Like ``tests/e2e/harness.py`` (whose small helpers are copied here), a
+Like ``tests/e2e/harness.py`` (both build on ``tests/support``: processes, waits, rows), a
 :class:`FaultProject` is a temporary folder holding what a user's project holds —
 ``celeryconfig.py`` (short leases: dispatch lease 3 s, lock buffer 1 s, rescue every
 0.5 s, poll every 0.2 s, fixed backoff 0.1 s) and ``fault_commands.py`` (the commands of
@@ -25,13 +25,9 @@ failed test), drops the tables and deletes the queue.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
 import subprocess
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -44,12 +40,34 @@ from sqlalchemy.orm import Session
 
 from orch_outbox import Outbox
 from orch_outbox.store import Store, make_engine
-from orch_outbox.testing import wait_until
 
 from .commands import declare, effects_ddl
-from .ledger import FINAL, Ledger, check_ledger
+from .ledger import Ledger, check_ledger
+from .templates import FAULT_COMMANDS, PUSH_SCRIPT, RELAY_CRASH, SKEW_SITECUSTOMIZE
 from conftest import make_app, unique_prefix
-from e2e.harness import clean_env, delete_queue, python, tail
+from support.broker import delete_queue, queue_depth
+from support.procs import EXIT_WAIT, Proc, beat_argv, clean_env, json_line, python, run_command, tail, worker_argv
+from support.project import ProcessProject
+
+__all__ = [
+    "BASE_CONFIG",
+    "EXIT_WAIT",
+    "FAULT_COMMANDS",
+    "PUSH_SCRIPT",
+    "RELAY_CRASH",
+    "SKEW_SITECUSTOMIZE",
+    "STEADY_DISPATCH",
+    "WAIT",
+    "FaultProject",
+    "Proc",
+    "broker_with_port",
+    "clean_env",
+    "delete_queue",
+    "json_line",
+    "python",
+    "tail",
+    "with_endpoint",
+]
 
 #: The longest any single wait of a fault scenario may take.
 WAIT = 40.0
@@ -69,121 +87,7 @@ BASE_CONFIG: dict[str, Any] = {
 #: (e.g. "dispatched exactly once": with this lease, a second dispatch can only come from a double claim).
 STEADY_DISPATCH: dict[str, Any] = {"outbox_dispatch_timeout": 30.0}
 
-FAULT_COMMANDS = '''\
-"""Commands of the fault project, declared on the ready app (see fault_commands_impl.declare)."""
-
-from orch_outbox import command
-
-from fault_commands_impl import declare
-
-QUEUE = {queue!r}
-EFFECTS_URL = {effects_url!r}
-PREFIX = {prefix!r}
-
-globals().update(declare(command, QUEUE, EFFECTS_URL, PREFIX))
-'''
-
-RELAY_CRASH = '''\
-"""A relay process that dies (os._exit(137), like kill -9) before or after publishing its first batch."""
-
-import json
-import os
-import sys
-
-from orch_outbox import relay as relay_module
-from orch_outbox.default import default_outbox
-
-when = sys.argv[1]
-original = relay_module.Relay.publish
-
-
-def crash_before(self, batch):
-    print(json.dumps([[str(d.id), d.attempt] for d in batch]), flush=True)
-    os._exit(137)
-
-
-def crash_after(self, batch):
-    sent = original(self, batch)
-    print(json.dumps([[str(d.id), d.attempt] for d in batch[:sent]]), flush=True)
-    os._exit(137)
-
-
-relay_module.Relay.publish = crash_before if when == "before" else crash_after
-default_outbox().relay_once()
-print("nothing was due", flush=True)
-sys.exit(3)
-'''
-
-PUSH_SCRIPT = '''\
-"""The user's web process: pushes in its own transactions (the broker plays no part); prints the ids."""
-
-import json
-import sys
-import time
-
-import sqlalchemy as sa
-from sqlalchemy.orm import Session
-
-import fault_commands as c
-
-engine = sa.create_engine(sys.argv[1])
-count = int(sys.argv[2])
-out = {"committed": [], "rolled_back": [], "seconds": []}
-for i in range(count):
-    began = time.monotonic()
-    with Session(engine) as session, session.begin():
-        out["committed"].append(str(c.work.push(session, i)))
-    out["seconds"].append(time.monotonic() - began)
-with Session(engine) as session:
-    out["rolled_back"].append(str(c.work.push(session, -1)))
-    session.rollback()
-engine.dispose()
-print(json.dumps(out))
-'''
-
-SKEW_SITECUSTOMIZE = '''\
-"""Shift this process's wall clock by {offset} s: time.time(), time.time_ns() and datetime.now()/utcnow()."""
-
-import datetime as _dt
-import time as _time
-
-OFFSET = {offset!r}
-_real_time, _real_time_ns, _Real = _time.time, _time.time_ns, _dt.datetime
-
-
-def _time_skewed():
-    return _real_time() + OFFSET
-
-
-def _time_ns_skewed():
-    return _real_time_ns() + int(OFFSET * 1e9)
-
-
-class _Meta(type):
-    def __instancecheck__(cls, obj):
-        return isinstance(obj, _Real)
-
-    def __subclasscheck__(cls, sub):
-        return issubclass(sub, _Real)
-
-
-class _SkewedDatetime(_Real, metaclass=_Meta):
-    @classmethod
-    def now(cls, tz=None):
-        return _Real.now(tz) + _dt.timedelta(seconds=OFFSET)
-
-    @classmethod
-    def utcnow(cls):
-        return _Real.now(_dt.timezone.utc).replace(tzinfo=None) + _dt.timedelta(seconds=OFFSET)
-
-
-_time.time = _time_skewed
-_time.time_ns = _time_ns_skewed
-_dt.datetime = _SkewedDatetime
-'''
-
-
-# -- small helpers (the shared ones come from tests/e2e/harness.py) -------------------------
+# -- small helpers (the shared ones come from tests/support) ---------------------------------
 
 
 def with_endpoint(url: str, port: int | None = None, application_name: str | None = None, **query: str) -> str:
@@ -207,62 +111,19 @@ def broker_with_port(url: str, port: int) -> str:
     return f"{scheme}://{userinfo + '@' if userinfo else ''}127.0.0.1:{port}/{path}"
 
 
-# -- processes -----------------------------------------------------------------------------
-
-
-@dataclass
-class Proc:
-    """A long-running subprocess (worker, beat) in its own process group, output in a log file."""
-
-    role: str
-    argv: list[str]
-    log: Path
-    popen: subprocess.Popen[bytes]
-    #: False once the test kills or stops it on purpose (waits stop watching it).
-    expect_alive: bool = True
-    #: The log line that says it is ready (None: nothing to wait for).
-    ready_text: str | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def count(self, text: str) -> int:
-        return self.output().count(text)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill(self) -> None:
-        """kill -9 of the whole process group (the main process and its pool children)."""
-        self.expect_alive = False
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
-
-    def terminate(self) -> None:
-        """SIGTERM to the main process: Celery's warm shutdown."""
-        self.expect_alive = False
-        with contextlib.suppress(ProcessLookupError):
-            self.popen.send_signal(signal.SIGTERM)
-
-    def wait_exit(self, timeout: float = WAIT) -> int:
-        return self.popen.wait(timeout=timeout)
-
-
 # -- the project ---------------------------------------------------------------------------
 
 
 @dataclass
-class FaultProject:
-    """A user's project folder, the processes running it, and the test's own outbox on its table."""
+class FaultProject(ProcessProject):
+    """A user's project folder, the processes running it, and the test's own outbox on its table.
+
+    Spawning, ``row``/``rows`` and the waits (``wait_for``, ``wait_status``, ``wait_drained``,
+    ``wait_ready``) come from :class:`support.project.ProcessProject`; a wait watches every process
+    not stopped or killed on purpose.
+    """
+
+    wait_timeout = WAIT
 
     root: Path
     broker_url: str
@@ -403,27 +264,6 @@ class FaultProject:
 
     # -- processes ------------------------------------------------------------------------
 
-    def spawn(
-        self, role: str, argv: list[str], env: Mapping[str, str] | None = None, ready_text: str | None = None
-    ) -> Proc:
-        log = self.root / f"{role}-{len(self.procs)}.log"
-        handle = log.open("wb")
-        try:
-            popen = subprocess.Popen(
-                argv,
-                cwd=self.root,
-                env=clean_env(env),
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        finally:
-            handle.close()
-        proc = Proc(role, argv, log, popen, ready_text=ready_text)
-        self.procs.append(proc)
-        return proc
-
     def node(self, index: int) -> str:
         return f"fw{index}-{self.token}"
 
@@ -440,26 +280,7 @@ class FaultProject:
         """``celery -A orch_outbox worker -Q <queue>``; its PostgreSQL application_name is its node name."""
         index = sum(p.role.startswith("worker") for p in self.procs)
         node = self.node(index)
-        argv = [
-            python(),
-            "-m",
-            "celery",
-            "-A",
-            "orch_outbox",
-            "worker",
-            "-Q",
-            self.queue,
-            "--pool",
-            pool,
-            "-c",
-            str(concurrency),
-            "--without-mingle",
-            "--without-gossip",
-            "-n",
-            f"{node}@%h",
-            "--loglevel",
-            "INFO",
-        ]
+        argv = worker_argv(self.queue, node, pool, concurrency)
         proc_env = {"ORCH_OUTBOX_DATABASE_URL": with_endpoint(self.pg_url, db_port, application_name=node)}
         if broker_port is not None:
             proc_env["CELERY_BROKER_URL"] = broker_with_port(self.broker_url, broker_port)
@@ -479,18 +300,7 @@ class FaultProject:
     ) -> Proc:
         """``celery -A orch_outbox beat``: the listening relay and the rescuer, in-process."""
         index = sum(p.role.startswith("beat") for p in self.procs)
-        argv = [
-            python(),
-            "-m",
-            "celery",
-            "-A",
-            "orch_outbox",
-            "beat",
-            "--loglevel",
-            "INFO",
-            "-s",
-            str(self.root / schedule),
-        ]
+        argv = beat_argv("-s", str(self.root / schedule))
         env = {"ORCH_OUTBOX_DATABASE_URL": self.db_url(f"fb{index}", db_port)}
         if broker_port is not None:
             env["CELERY_BROKER_URL"] = broker_with_port(self.broker_url, broker_port)
@@ -499,18 +309,6 @@ class FaultProject:
             self.wait_ready()
         return proc
 
-    def wait_ready(self) -> None:
-        """Wait until every process started and not yet ready is (processes start in parallel, then this)."""
-        starting = [p for p in self.procs if p.ready_text is not None and p.expect_alive]
-
-        def ready() -> bool:
-            for proc in starting:
-                if proc.ready_text is not None and proc.ready_text in proc.output():
-                    proc.ready_text = None
-            return all(p.ready_text is None for p in starting)
-
-        self.wait_for(ready, f"{[p.role for p in starting]} to be ready", procs=starting)
-
     def run(
         self,
         argv: list[str],
@@ -518,11 +316,12 @@ class FaultProject:
         env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run a script to completion in the project folder; its output is kept for the report."""
-        done = subprocess.run(
-            argv, cwd=self.root, env=clean_env(env), capture_output=True, text=True, timeout=timeout, check=False
-        )
-        self.notes.append(f"$ {' '.join(argv)}\n[exit {done.returncode}]\n{done.stdout}{done.stderr}")
-        return done
+        return run_command(argv, self.root, timeout, env=clean_env(env), transcripts=self.notes)
+
+    def relay_round(self) -> None:
+        """One relay and one rescue by the test's own outbox (``wait_drained(relay=True)``: no beat running)."""
+        self.outbox.relay_once()
+        self.outbox.rescue_once()
 
     def terminate_backends(self, application_name: str) -> int:
         """pg_terminate_backend of every connection of one process (by application_name); returns how many."""
@@ -538,15 +337,6 @@ class FaultProject:
         return int(killed)
 
     # -- reading --------------------------------------------------------------------------
-
-    def row(self, command_id: uuid.UUID | str) -> dict[str, Any] | None:
-        found = self.store.get(command_id if isinstance(command_id, uuid.UUID) else uuid.UUID(command_id))
-        return dict(found) if found is not None else None
-
-    def rows(self) -> list[dict[str, Any]]:
-        table = self.store.table
-        with self.engine.connect() as conn:
-            return [dict(r._mapping) for r in conn.execute(sa.select(table).order_by(table.c.created_at))]
 
     def effects(self, phase: str | None = None, command_id: uuid.UUID | None = None) -> list[dict[str, Any]]:
         where, params = [], {}
@@ -566,55 +356,7 @@ class FaultProject:
 
     def queue_depth(self) -> int:
         """Messages waiting in the command queue (0 if it does not exist)."""
-        from kombu import Connection
-
-        with Connection(self.broker_url, connect_timeout=5) as conn:
-            try:
-                return int(conn.default_channel.queue_declare(self.queue, passive=True).message_count)
-            except conn.channel_errors:
-                return 0
-
-    # -- waiting --------------------------------------------------------------------------
-
-    def wait_for(
-        self, predicate: Callable[[], Any], what: str, timeout: float = WAIT, procs: Iterable[Proc] | None = None
-    ) -> Any:
-        """Poll ``predicate`` (bounded); fail at once, with the report, if a process died unexpectedly."""
-        watched = list(procs) if procs is not None else [p for p in self.procs if p.expect_alive]
-
-        def check() -> Any:
-            dead = [p for p in watched if p.expect_alive and not p.alive()]
-            if dead:
-                raise AssertionError(
-                    f"{[p.role for p in dead]} exited ({[p.popen.returncode for p in dead]}) "
-                    f"while waiting for {what}{self.report()}"
-                )
-            return predicate()
-
-        try:
-            return wait_until(check, timeout=timeout, interval=0.1, what=what)
-        except TimeoutError as exc:
-            raise AssertionError(f"{exc}{self.report()}") from None
-
-    def wait_status(self, command_id: uuid.UUID, *statuses: str, timeout: float = WAIT) -> dict[str, Any]:
-        def reached() -> dict[str, Any] | None:
-            row = self.row(command_id)
-            return row if row is not None and row["status"] in statuses else None
-
-        return self.wait_for(reached, f"command {command_id} to reach {statuses}", timeout)  # type: ignore[no-any-return]
-
-    def wait_drained(self, timeout: float = WAIT, relay: bool = False) -> list[dict[str, Any]]:
-        """Wait until every row is final (children are inserted with their parent's final state, so the
-        whole tree is done). ``relay``: the test process relays and rescues (no beat running)."""
-
-        def drained() -> list[dict[str, Any]] | None:
-            if relay:
-                self.outbox.relay_once()
-                self.outbox.rescue_once()
-            rows = self.rows()
-            return rows if rows and all(r["status"] in FINAL for r in rows) else None
-
-        return self.wait_for(drained, "every command to be final", timeout)  # type: ignore[no-any-return]
+        return queue_depth(self.broker_url, self.queue)
 
     def ledger(self, at_least_once: Iterable[uuid.UUID] = ()) -> Ledger:
         """Check the ledger (see ledger.py) over everything this test pushed; fails with the report."""
@@ -625,7 +367,7 @@ class FaultProject:
 
     def log_lines(self, proc: Proc, *needles: str) -> list[str]:
         """The lines of a process's log that contain every needle."""
-        return [line for line in proc.output().splitlines() if all(n in line for n in needles)]
+        return proc.lines(*needles)
 
     # -- teardown -------------------------------------------------------------------------
 
@@ -644,9 +386,7 @@ class FaultProject:
                 out.append(f"  {e['command_id']} {e['name']} attempt={e['attempt']} {e['phase']} pid={e['pid']}")
         except Exception as exc:  # the report must never hide the original failure
             out.append(f"  (could not read the tables: {exc})")
-        for proc in self.procs:
-            out.append(f"--- {proc.role} pid={proc.pid} exit={proc.popen.poll()} ({' '.join(proc.argv[3:])}) ---")
-            out.append(tail(proc.output()))
+        out += self.logs_report()
         for note in self.notes:
             out.append(tail(note, 40))
         return "\n".join(out)
@@ -665,8 +405,3 @@ class FaultProject:
         finally:
             self.engine.dispose()
             delete_queue(self.broker_url, self.queue)
-
-
-def json_line(text: str) -> Any:
-    """The JSON document on the last line of a script's output."""
-    return json.loads(text.strip().splitlines()[-1])
