@@ -24,6 +24,8 @@ class CommandContext:
     retries_left: int
     _heartbeat: Callable[[float | None], None] | None = field(default=None, repr=False, compare=False)
     _cancel_requested: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
+    #: set when a job is asked to stop (jobs only; a command is interrupted instead)
+    _stop: threading.Event | None = field(default=None, repr=False, compare=False)
 
     def heartbeat(self, seconds: float | None = None) -> None:
         """Say the handler is alive and needs ``seconds`` more (default: its timeout), from now.
@@ -43,6 +45,16 @@ class CommandContext:
         if self._cancel_requested is None:
             return False
         return self._cancel_requested()
+
+    @property
+    def canceled(self) -> bool:
+        """True once this job was asked to stop: stopped or canceled, or its worker is leaving or lost its hold.
+
+        A job's loop reads it (no database read: the worker learns of a stop within a
+        second); a command's handler is interrupted with ``CommandCanceled`` instead, and
+        for it this stays False.
+        """
+        return self._stop is not None and self._stop.is_set()
 
     @property
     def is_retry(self) -> bool:

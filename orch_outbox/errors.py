@@ -86,3 +86,15 @@ class LeaseExpired(OutboxError):
 
 class ChainedPush(OutboxError):
     """A chained canvas or a callback cannot be sent with ``apply_async``: push it with ``outbox.push``."""
+
+
+class JobNotFound(OutboxError, LookupError):
+    """No job with that name or id exists in the outbox."""
+
+
+class WorkerLeaving(OutboxError):
+    """The worker running this job is shutting down: the job is handed to another worker."""
+
+
+class WorkerNotFound(OutboxError, LookupError):
+    """No worker with that name is in the registry."""

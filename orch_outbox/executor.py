@@ -67,8 +67,17 @@ def attempt_of(started: Started) -> Attempt:
 class Executor:
     """Runs commands for one outbox on a worker."""
 
-    def __init__(self, store: Store, settings: Settings, settler: Settler, chained_rows: ChainedRows) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        settler: Settler,
+        chained_rows: ChainedRows,
+        worker_name: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        """``worker_name()``: this worker's registry name, the ``worker`` of the attempts it starts."""
         self.store = store
+        self.worker_name = worker_name
         self.settings = settings
         self.settler = settler
         self._chained_rows = chained_rows
@@ -112,7 +121,7 @@ class Executor:
             raise AttemptDropped("malformed")
         command_id, attempt, timeout = fence
         lease = timeout + self.settings.lock_buffer
-        worker = str(getattr(request, "hostname", None) or "unknown")
+        worker = self.worker_name() or str(getattr(request, "hostname", None) or "unknown")
         started = self._write(lambda: self.store.start(command_id, attempt, task.name, worker, lease))
         if started is None:
             raise self._not_started(task.name, command_id, attempt)

@@ -1,18 +1,21 @@
-"""The outbox's records as callers see them: commands, batches, schedules, failed attempts."""
+"""The outbox's records as callers see them: commands, batches, schedules, failed attempts, workers, jobs."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from .jsoncodec import encode
 from .schema import FINAL_STATUSES
 from .store import ErrorInfo
 
 log = logging.getLogger("orch_outbox")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,8 @@ class CommandInfo:
     tenant: str | None = None
     batch_id: uuid.UUID | None = None
     chain: list[dict[str, Any]] | None = None
+    #: None for a command, ``"job"`` for a long-running job
+    kind: str | None = None
 
     @property
     def is_final(self) -> bool:
@@ -169,3 +174,116 @@ def _batch_info(row: Any) -> BatchInfo:
     values = {k: row.get(k) for k in fields}
     values["counts"] = values["counts"] or {}
     return BatchInfo(**values)
+
+
+@dataclass(frozen=True)
+class RunningAttempt:
+    """One attempt a worker runs now, as the monitor lists it under its worker."""
+
+    id: uuid.UUID
+    name: str
+    kind: str
+    status: str
+    attempt: int
+    started_at: dt.datetime | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The attempt as plain JSON data."""
+        encoded: dict[str, Any] = encode(vars(self))
+        return encoded
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A live (or not yet reaped) worker of the registry, by its Celery nodename, with what it runs now."""
+
+    name: str
+    incarnation: str
+    hostname: str
+    pid: int
+    pool: str
+    concurrency: int
+    queues: list[str]
+    max_jobs: int
+    version: str
+    started_at: dt.datetime
+    last_seen_at: dt.datetime
+    running: list[RunningAttempt]
+
+    @property
+    def jobs(self) -> list[RunningAttempt]:
+        """The jobs among what it runs."""
+        return [r for r in self.running if r.kind == "job"]
+
+    def to_json(self) -> dict[str, Any]:
+        """The worker as plain JSON data (its running attempts included)."""
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "running"}
+        encoded: dict[str, Any] = encode(data)
+        encoded["running"] = [r.to_json() for r in self.running]
+        return encoded
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A long-running job as the outbox records it."""
+
+    id: uuid.UUID
+    name: str
+    command: str
+    argument: Any
+    target: str
+    status: str
+    attempt: int
+    worker: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    outcome: str | None
+    error: ErrorInfo | None
+    stop_requested: bool
+
+    @classmethod
+    def from_row(cls, row: Any) -> JobInfo:
+        error = None
+        if row.get("error_type"):
+            error = ErrorInfo(row["error_type"], row["error_message"] or "", row["error_traceback"])
+        key = row.get("unique_key") or ""
+        return cls(
+            row["id"],
+            key.split(":", 1)[1] if key.startswith("job:") else key,
+            row["name"],
+            (row.get("input") or {}).get("argument"),
+            row["target"],
+            row["status"],
+            row["attempt"],
+            row.get("worker"),
+            row["created_at"],
+            row.get("started_at"),
+            row.get("finished_at"),
+            row.get("outcome"),
+            error,
+            row.get("cancel_requested_at") is not None,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as plain JSON data."""
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "error"}
+        data["error"] = None if self.error is None else vars(self.error)
+        encoded: dict[str, Any] = encode(data)
+        return encoded
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a listing: its items, and how many there are in all."""
+
+    items: list[T]
+    total: int
+    limit: int | None
+    offset: int
+
+    def __iter__(self) -> Iterator[T]:
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)

@@ -182,6 +182,19 @@ class Operations(OutboxParts):
         rows = self.store.find(limit, offset, status=status, name=name, target=target, tenant=tenant)
         return [CommandInfo.from_row(r) for r in rows]
 
+    def count(
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        target: str | None = None,
+        tenant: str | None = None,
+    ) -> int:
+        """How many commands match the filters of :meth:`find` (a listing's total)."""
+        if status is not None and status not in STATUSES:
+            raise InvalidOption(f"status must be one of {STATUSES}, got {status!r}")
+        return self.store.count(status=status, name=name, target=target, tenant=tenant)
+
     def failed(self, **filters: Any) -> list[CommandInfo]:
         """Failed commands (the dead letters) with their errors, newest first; filters as :meth:`find`."""
         return self.find(status="failed", **filters)

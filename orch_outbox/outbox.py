@@ -26,10 +26,14 @@ from .errors import (
     ConfigurationError,
 )
 from .executor import Executor
+from .jobs import JobRunner
 from .listener import ListeningRelay
-from .models import BatchInfo, BatchRef, CommandInfo, FailedAttempt, ScheduleInfo
+from .manager import Jobs
+from .models import BatchInfo, BatchRef, CommandInfo, FailedAttempt, Page, ScheduleInfo, WorkerInfo
+from .monitor import Monitor
 from .operations import Operations
 from .pushing import Pushing
+from .reaper import Reaper
 from .registry import attach, outbox_of
 from .relay import Relay
 from .rescuer import Rescuer
@@ -45,6 +49,7 @@ from .validation import (
     command_name,
 )
 from .wiring import Wiring
+from .workers import Presence
 
 log = logging.getLogger("orch_outbox")
 
@@ -70,6 +75,9 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
         self._engine_arg = engine
         self._clock = clock
         self._overrides = settings
+        #: this worker in the registry, and its jobs (set when a worker of this app starts)
+        self.presence: Presence | None = None
+        self.runner: JobRunner | None = None
         attach(app, self)
         self._register_service_tasks()
         if app.configured:
@@ -81,6 +89,9 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
         signals.worker_init.connect(self._check_at_start, weak=False)
         signals.worker_init.connect(self._adopt_plain_tasks, weak=False)
         signals.worker_init.connect(self._start_write_back, weak=False)
+        signals.worker_init.connect(self._join_registry, weak=False)
+        signals.worker_ready.connect(self._start_presence, weak=False)
+        signals.worker_shutdown.connect(self._leave_registry, weak=False)
         signals.worker_shutdown.connect(self._flush_write_back, weak=False)
         signals.worker_process_shutdown.connect(self._flush_write_back, weak=False)
         signals.beat_init.connect(self._check_at_start, weak=False)
@@ -133,7 +144,47 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
     @functools.cached_property
     def executor(self) -> Executor:
         """Runs commands on the worker."""
-        return Executor(self.store, self.settings, self.settler, self.chained_rows)
+        return Executor(self.store, self.settings, self.settler, self.chained_rows, self.worker_name)
+
+    def worker_name(self) -> str | None:
+        """This worker's name in the registry (its Celery nodename), or None outside a registered worker."""
+        presence = self.presence
+        return presence.name if presence is not None else None
+
+    @functools.cached_property
+    def reaper(self) -> Reaper:
+        """Returns at once what dead workers ran."""
+        return Reaper(self.store, self.settler, self.settings)
+
+    @functools.cached_property
+    def jobs(self) -> Jobs:
+        """Start, stop, read and list long-running jobs."""
+
+        def insert(conn: Any, rows: list[dict[str, Any]]) -> list[uuid.UUID]:
+            return self._with_connection(conn, lambda c: self.store.insert(c, rows, strict=False))
+
+        return Jobs(
+            self.store,
+            self.settings,
+            row_for=self.row_for,
+            task=self.task,
+            insert=insert,
+            cancel=self.cancel,
+            engine=self.engine,
+        )
+
+    @functools.cached_property
+    def monitor(self) -> Monitor:
+        """Reads the worker registry."""
+        return Monitor(self.store)
+
+    def workers(self, limit: int | None = None, offset: int = 0) -> Page[WorkerInfo]:
+        """The registered workers, each with what it runs now; ``limit=None``: all of them."""
+        return self.monitor.workers(limit, offset)
+
+    def worker(self, name: str) -> WorkerInfo:
+        """One registered worker (by nodename), with what it runs now."""
+        return self.monitor.worker(name)
 
     @functools.cached_property
     def relay(self) -> Relay:
@@ -168,6 +219,7 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
 
         The engine passed in is the caller's and stays open.
         """
+        self._leave_registry()  # a worker of this outbox that never saw its shutdown signal
         if "relay" in self.__dict__:
             self.relay.close()
         if "store" in self.__dict__:
@@ -206,8 +258,8 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
         return int(self.relay.run_once())
 
     def rescue_once(self) -> int:
-        """Settle lapsed leases now; returns how many rows changed."""
-        return int(self.rescuer.run_once())
+        """Settle lapsed leases, and return what dead workers ran; returns how many rows changed."""
+        return int(self.rescuer.run_once()) + self.reaper.run_once()
 
     def tick_schedules(self) -> list[dict[str, Any]]:
         """Push the commands of due schedules now (beat does it every ``outbox_schedule_interval``)."""

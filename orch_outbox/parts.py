@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
     from . import backoff as backoff_mod
     from .executor import Executor
+    from .jobs import JobRunner
+    from .reaper import Reaper
     from .relay import Relay
     from .rescuer import Rescuer
     from .results import Results
@@ -25,12 +27,15 @@ if TYPE_CHECKING:
     from .settle import Settler
     from .store import ErrorInfo, Store
     from .task import Outcome
+    from .workers import Presence
 
 
 class OutboxParts:
     """The shared surface of the Outbox's rooms (declarations only; the Outbox provides them)."""
 
     app: Celery
+    presence: Presence | None
+    runner: JobRunner | None
 
     if TYPE_CHECKING:
 
@@ -60,6 +65,9 @@ class OutboxParts:
 
         @property
         def rescuer(self) -> Rescuer: ...
+
+        @property
+        def reaper(self) -> Reaper: ...
 
         def relay_once(self) -> int: ...
 

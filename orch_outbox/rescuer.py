@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from .errors import StoreUnavailable
 from .settle import Attempt
+from .states import Kind
 from .store import ErrorInfo, Lapsed
 
 if TYPE_CHECKING:
@@ -68,5 +69,7 @@ class Rescuer:
             "LeaseExpired",
             f"attempt {lapsed.attempt} stopped reporting: its worker died, hung, or was cut off from the database",
         )
+        if lapsed.kind == Kind.JOB:  # a job whose worker stopped renewing: back to pending, no retry used
+            return self.store.release(lapsed.id, lapsed.attempt, error, lapsed_only=True)
         ending = self.settler.failed(attempt, "lost", error, lapsed_only=True, report_result=True)
         return ending.status is not None

@@ -140,6 +140,39 @@ class Guard:
             return True
 
 
+class Cooperative(Guard):
+    """A job's guard: no deadline, and a stop is a flag the handler reads, never an exception thrown in.
+
+    A job is asked to stop (canceled, its hold lost, its worker shutting down) through
+    :attr:`stopped`, which ``current().canceled`` reads and ``current().heartbeat()``
+    turns into :class:`CommandCanceled`; :attr:`fired` keeps the first reason.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(0.0)
+        self.stopped = threading.Event()
+
+    def __enter__(self) -> Guard:
+        with self._lock:
+            self._active = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._active = False
+
+    def extend(self, seconds: float) -> None:
+        """A job has no deadline to move."""
+
+    def interrupt(self, kind: type[BaseException]) -> bool:
+        with self._lock:
+            if not self._active or self.fired:
+                return False
+            self.fired = kind
+            self.stopped.set()
+            return True
+
+
 def _async_raise(thread_id: int, kind: type[BaseException] | None) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(thread_id), None if kind is None else ctypes.py_object(kind)

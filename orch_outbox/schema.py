@@ -1,8 +1,9 @@
 """The outbox tables, as SQLAlchemy metadata (also Alembic's target metadata).
 
-Four tables per outbox: ``{prefix}commands`` (the outbox itself), ``{prefix}batches``
-(batches and chords, with their continuation), ``{prefix}schedules`` (cron schedules) and
-``{prefix}pauses`` (what the relay holds back). The claim is served by a partial index
+Five tables per outbox: ``{prefix}commands`` (the outbox itself, commands and jobs),
+``{prefix}batches`` (batches and chords, with their continuation), ``{prefix}schedules``
+(cron schedules), ``{prefix}pauses`` (what the relay holds back) and ``{prefix}workers``
+(the worker registry: which worker processes are alive, and what they may hold). The claim is served by a partial index
 over pending rows in claim order; the lease rescuer by a partial index over leased rows.
 Users with their own Alembic setup can include :func:`metadata_for` in their
 ``target_metadata``.
@@ -64,6 +65,16 @@ def unique_scope(commands: Any) -> sa.ColumnElement[bool]:
     return sa.and_(commands.c.unique_key.is_not(None), commands.c.status.in_(UNFINISHED_STATUSES))
 
 
+def due_scope(commands: Any) -> sa.ColumnElement[bool]:
+    """The rows the relay claims: pending commands (jobs are claimed by their workers)."""
+    return sa.and_(commands.c.status == "pending", commands.c.kind.is_(None))
+
+
+def jobs_scope(commands: Any) -> sa.ColumnElement[bool]:
+    """The rows a job runner claims: pending jobs."""
+    return sa.and_(commands.c.status == "pending", commands.c.kind == "job")
+
+
 @functools.cache
 def metadata_for(prefix: str = "orch_") -> sa.MetaData:
     """The metadata holding the tables of the outbox with this table prefix."""
@@ -103,12 +114,16 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
         sa.Column("batch_id", sa.Uuid(), nullable=True),
         # The rest of a durable chain: steps materialised when this command completes.
         sa.Column("chain", JSONDocument, nullable=True),
+        # NULL for a command; 'job' for a long-running job (claimed by its worker, never published).
+        sa.Column("kind", sa.String(8), nullable=True),
         sa.CheckConstraint(f"status IN ({status_list})", name=f"{prefix}commands_status_check"),
         sa.CheckConstraint("retries_left >= 0 AND retries >= 0", name=f"{prefix}commands_retries_check"),
         sa.CheckConstraint("timeout > 0", name=f"{prefix}commands_timeout_check"),
     )
     c = commands.c
-    _partial(f"{prefix}commands_due_idx", c.priority.desc(), c.scheduled_at, where=c.status == "pending")
+    _partial(f"{prefix}commands_due_idx", c.priority.desc(), c.scheduled_at, where=due_scope(commands))
+    # Jobs waiting for a worker with room, per target in claim order.
+    _partial(f"{prefix}commands_jobs_idx", c.target, c.priority.desc(), c.scheduled_at, where=jobs_scope(commands))
     _partial(f"{prefix}commands_lease_idx", c.lease_expires_at, where=c.status.in_(("dispatched", "running")))
     # Only the rows that have one: a root command (most of them) adds no entry.
     _partial(f"{prefix}commands_parent_idx", c.parent_id, where=c.parent_id.is_not(None))
@@ -194,6 +209,22 @@ def _add_support_tables(metadata: sa.MetaData, prefix: str) -> None:
         sa.Column("paused_at", UTCDateTime(), nullable=False),
         sa.CheckConstraint("scope IN ('all', 'target', 'tenant')", name=f"{prefix}pauses_scope_check"),
     )
+    sa.Table(
+        f"{prefix}workers",
+        metadata,
+        # the worker's Celery nodename; a new incarnation (a restart) replaces the row
+        sa.Column("name", sa.String(255), primary_key=True),
+        sa.Column("incarnation", sa.String(32), nullable=False),
+        sa.Column("hostname", sa.String(255), nullable=False),
+        sa.Column("pid", sa.Integer(), nullable=False),
+        sa.Column("pool", sa.String(32), nullable=False),
+        sa.Column("concurrency", sa.Integer(), nullable=False),
+        sa.Column("queues", JSONDocument, nullable=False),
+        sa.Column("max_jobs", sa.Integer(), nullable=False, server_default="0"),
+        sa.Column("version", sa.String(32), nullable=False),
+        sa.Column("started_at", UTCDateTime(), nullable=False),
+        sa.Column("last_seen_at", UTCDateTime(), nullable=False),
+    )
 
 
 def notify_channel(prefix: str) -> str:
@@ -239,6 +270,11 @@ def schedules_table(prefix: str = "orch_") -> sa.Table:
 def pauses_table(prefix: str = "orch_") -> sa.Table:
     """The ``{prefix}pauses`` table."""
     return metadata_for(prefix).tables[f"{prefix}pauses"]
+
+
+def workers_table(prefix: str = "orch_") -> sa.Table:
+    """The ``{prefix}workers`` table (the worker registry)."""
+    return metadata_for(prefix).tables[f"{prefix}workers"]
 
 
 def row_defaults() -> dict[str, Any]:

@@ -64,6 +64,12 @@ class Settings:
     cleanup_batch: int = _doc("most rows one clean-up statement deletes", 1000)
     error_hook: str = _doc("dotted path of a callable given every failed attempt (e.g. for Sentry)", "")
     plain_tasks: bool = _doc("plain Celery tasks of the app may be pushed and run through the outbox", True)
+    worker_heartbeat: float = _doc("seconds between a worker's renewals of its registry row", 2.0)
+    worker_timeout: float = _doc(
+        "seconds without a renewal after which a worker is dead and what it ran returns to pending", 10.0
+    )
+    max_jobs: int = _doc("most long-running jobs one worker runs at once (0: this worker runs none)", 10)
+    job_retries: int = _doc("restarts of a job whose handler raised (a lost worker uses none)", 1000)
 
     @classmethod
     def from_sources(
@@ -108,6 +114,8 @@ class Settings:
             "rescue_interval",
             "schedule_interval",
             "cleanup_interval",
+            "worker_heartbeat",
+            "worker_timeout",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -135,6 +143,14 @@ class Settings:
             raise ConfigurationError(
                 f"outbox_error_hook must be a dotted path such as 'myapp.hooks.report', got {self.error_hook!r}"
             )
+        if self.worker_timeout < 2 * self.worker_heartbeat:
+            raise ConfigurationError(
+                "outbox_worker_timeout must be at least twice outbox_worker_heartbeat "
+                f"(got {self.worker_timeout!r} and {self.worker_heartbeat!r})"
+            )
+        for name in ("max_jobs", "job_retries"):
+            if getattr(self, name) < 0:
+                raise ConfigurationError(f"outbox_{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_input_bytes < 1024:
             raise ConfigurationError("outbox_max_input_bytes must be >= 1024")
 

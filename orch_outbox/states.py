@@ -39,6 +39,12 @@ class AttemptOutcome(StrEnum):
     EXPIRED = "expired"
 
 
+class Kind(StrEnum):
+    """What a row is (the ``kind`` column; NULL for an ordinary command)."""
+
+    JOB = "job"
+
+
 class BatchStatus(StrEnum):
     """A batch's state (the batches table's ``status``)."""
 
@@ -52,8 +58,9 @@ UNFINISHED = frozenset({Status.PENDING, Status.DISPATCHED, Status.RUNNING})
 
 #: The state changes a command may make: from a state, to the states it may be written into.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
-    # claimed by the relay; expired at the claim; canceled before any worker saw it
-    Status.PENDING: frozenset({Status.DISPATCHED, Status.EXPIRED, Status.CANCELED}),
+    # claimed by the relay; expired at the claim; canceled before any worker saw it; a job
+    # claimed by the worker that runs it (jobs never pass through the broker)
+    Status.PENDING: frozenset({Status.DISPATCHED, Status.EXPIRED, Status.CANCELED, Status.RUNNING}),
     # a worker starts it; the publish failed or the message was lost, or it was paused (back to
     # pending, no retry used); an unknown name at the worker (retried or failed); a row the relay
     # refuses (failed); expired before it started; canceled

@@ -8,9 +8,11 @@ from typing import Any
 from celery import Celery
 
 from .errors import ConfigurationError, StoreUnavailable
+from .jobs import JobRunner
 from .parts import OutboxParts
 from .running import RUNNING
 from .task import adopt
+from .workers import Identity, Presence
 
 log = logging.getLogger("orch_outbox")
 
@@ -29,6 +31,9 @@ CLEANUP_TASK = "orch_outbox.cleanup"
 
 LOCAL_TASKS = frozenset({RELAY_TASK, RESCUE_TASK, SCHEDULE_TASK, CLEANUP_TASK})
 
+
+#: Longest wait, at warm shutdown, for the jobs to stop before they are handed back.
+JOBS_LEAVE_SECONDS = 10.0
 
 #: Longest wait, at worker exit, for the write-back to record the successes it holds.
 WRITE_BACK_FLUSH_SECONDS = 10.0
@@ -124,6 +129,67 @@ class Wiring(OutboxParts):
         if getattr(sender, "app", None) is self.app:
             self.executor.start_write_back()
 
+    def _join_registry(self, sender: Any = None, **_: Any) -> None:
+        """At worker start: this worker's identity in the registry, and its job runner (see workers.py, jobs.py).
+
+        The row is written, and renewed from a thread, once the pool is up (``worker_ready``;
+        at once for pools that do not fork), so no pool process is forked while it runs.
+        """
+        if getattr(sender, "app", None) is not self.app:
+            return
+        settings = self.settings
+        queues = _consumed_queues(self.app)
+        pool = _pool_name(getattr(sender, "pool_cls", None))
+        identity = Identity.of(
+            str(getattr(sender, "hostname", None) or "celery"),
+            pool,
+            int(getattr(sender, "concurrency", 0) or 0),
+            queues,
+            settings.max_jobs,
+        )
+        runner = None
+        if settings.max_jobs > 0:
+            runner = JobRunner(
+                self.store,
+                settings,
+                self.settler,
+                self.chained_rows,
+                lambda name: (self.app.tasks or {}).get(name),
+                identity.name,
+                queues,
+                settings.max_jobs,
+            )
+        self.runner = runner
+        self.presence = Presence(
+            self.store,
+            settings,
+            identity,
+            runner.beat if runner is not None else None,
+            self.reaper.returned_by_restart,
+        )
+        if pool != "prefork":
+            self._start_presence(sender)
+
+    def _start_presence(self, sender: Any = None, **_: Any) -> None:
+        presence = self.presence
+        if presence is None or presence._thread is not None:
+            return
+        owner = getattr(sender, "app", None) or getattr(getattr(sender, "controller", None), "app", None)
+        if owner is not None and owner is not self.app:
+            return
+        presence.start()
+
+    def _leave_registry(self, sender: Any = None, **_: Any) -> None:
+        """Warm shutdown: hand the jobs back at once, then leave the registry."""
+        if sender is not None and getattr(sender, "app", None) is not self.app:
+            return
+        runner, presence = self.runner, self.presence
+        self.runner = self.presence = None
+        if runner is not None:
+            runner.leave(JOBS_LEAVE_SECONDS)
+        if presence is not None:
+            presence.leave()
+
     def _flush_write_back(self, sender: Any = None, **_: Any) -> None:
         """Before a worker (or a prefork child) exits: write back the successes still held."""
         executor = self.__dict__.get("executor")
@@ -146,6 +212,21 @@ class Wiring(OutboxParts):
             return
         if header:
             self.executor.record_not_found(header, name)
+
+
+def _consumed_queues(app: Celery) -> list[str]:
+    """The queues this worker consumes (``-Q``, else the app's queues)."""
+    queues = app.amqp.queues
+    chosen = getattr(queues, "consume_from", None) or queues
+    return sorted(str(name) for name in chosen)
+
+
+def _pool_name(pool_cls: Any) -> str:
+    """``prefork``, ``threads``, ``solo``, ... of a worker's pool class (or its alias)."""
+    if isinstance(pool_cls, str):
+        return pool_cls.rsplit(":", 1)[0].rsplit(".", 1)[-1].lower()
+    module = getattr(pool_cls, "__module__", "") or ""
+    return module.rsplit(".", 1)[-1] or "unknown"
 
 
 class QuietServices(logging.Filter):

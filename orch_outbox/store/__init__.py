@@ -2,7 +2,7 @@
 
 Every statement the outbox runs is a method of :class:`Store` with a one-line purpose,
 in a room of its own by concern (base, hotpath, push, claims, attempts, batches,
-schedules, admin, listen). Each state change names the state (and, for a worker's
+schedules, admin, listen, workers). Each state change names the state (and, for a worker's
 write-back, the attempt) it expects, so a late, duplicate or zombie writer changes
 nothing: it finds no row to update.
 
@@ -21,6 +21,7 @@ from .claims import ClaimStatements
 from .listen import ListenStatements
 from .push import COPY_CHUNK_ROWS, COPY_MIN_ROWS, PENDING, PushStatements
 from .schedules import ScheduleStatements
+from .workers import WorkerStatements, job_key
 
 
 class Store(
@@ -31,9 +32,10 @@ class Store(
     ScheduleStatements,
     AdminStatements,
     ListenStatements,
+    WorkerStatements,
     StoreBase,
 ):
-    """Named statements over the outbox tables (``{prefix}commands``, batches, schedules, pauses)."""
+    """Named statements over the outbox tables (``{prefix}commands``, batches, schedules, pauses, workers)."""
 
 
 __all__ = [
@@ -46,5 +48,6 @@ __all__ = [
     "Row",
     "Started",
     "Store",
+    "job_key",
     "make_engine",
 ]

@@ -82,6 +82,14 @@ class AdminStatements(StoreBase):
         with self._one() as conn:
             return [dict(r._mapping) for r in conn.execute(stmt)]
 
+    def count(self, **filters: Any) -> int:
+        """How many commands match the filters (as :meth:`find`)."""
+        t = self.table
+        with self._one() as conn:
+            return int(
+                conn.execute(sa.select(sa.func.count()).select_from(t).where(*self._filters(**filters))).scalar_one()
+            )
+
     def requeue(self, **filters: Any) -> int:
         """Failed commands matching the filters back to pending, due now, with fresh retries.
 

@@ -24,6 +24,7 @@ from ..schema import (
     metadata_for,
     pauses_table,
     schedules_table,
+    workers_table,
 )
 from ..states import Status
 from .hotpath import _HotPath
@@ -76,7 +77,7 @@ class ErrorInfo:
 
 @dataclass(frozen=True)
 class Lapsed:
-    """A running row whose lease ran out: its worker died or hung."""
+    """A running row whose lease ran out (its worker died or hung), or whose worker's registry row did."""
 
     id: uuid.UUID
     name: str
@@ -85,6 +86,8 @@ class Lapsed:
     retries: int
     retries_left: int
     cancel_requested: bool
+    #: None for a command, ``"job"`` for a job (a lost job is restarted without using a retry)
+    kind: str | None = None
 
 
 def make_engine(url: str, **options: Any) -> sa.Engine:
@@ -162,6 +165,7 @@ class StoreBase:
         self.batches = batches_table(prefix)
         self.schedules = schedules_table(prefix)
         self.pauses = pauses_table(prefix)
+        self.workers = workers_table(prefix)
         self.metadata = metadata_for(prefix)
         self._clock = clock
         self._db_clock = clock is None and engine.dialect.name == "postgresql"

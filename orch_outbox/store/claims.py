@@ -90,7 +90,7 @@ class ClaimStatements(StoreBase):
         t = self.table
         locked = (
             sa.select(t.c.id)
-            .where(t.c.status == Status.PENDING, t.c.scheduled_at <= self._p_now(), ~self._paused())
+            .where(t.c.status == Status.PENDING, t.c.kind.is_(None), t.c.scheduled_at <= self._p_now(), ~self._paused())
             .order_by(t.c.priority.desc(), t.c.scheduled_at)
             .limit(sa.bindparam("p_limit", type_=sa.Integer()))
             .with_for_update(skip_locked=True)
@@ -114,6 +114,7 @@ class ClaimStatements(StoreBase):
             sa.select(t.c.id, t.c.target, t.c.priority, t.c.scheduled_at)
             .where(
                 t.c.status == Status.PENDING,
+                t.c.kind.is_(None),
                 t.c.scheduled_at <= now,
                 t.c.target.not_in(sa.select(in_flight.c.target).where(in_flight.c.n >= cap)),
                 ~self._paused(),
@@ -249,6 +250,7 @@ class ClaimStatements(StoreBase):
                 t.c.retries,
                 t.c.retries_left,
                 t.c.cancel_requested_at.is_not(None).label("cancel_requested"),
+                t.c.kind,
             )
             .where(t.c.status == Status.RUNNING, t.c.lease_expires_at < self._now())
             .order_by(t.c.lease_expires_at)

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from orch_outbox import current
+from orch_outbox import CommandCanceled, LeaseLost, current
 from orch_outbox.task import Outcome
 
 #: Retries of the commands that do not set their own.
@@ -117,6 +117,21 @@ def declare(command: Callable[..., Any], queue: str, effects_url: str, prefix: s
             effect("done")
         return {"n": n, "attempt": current().attempt, "pid": os.getpid()}
 
+    @command(target=queue, retries=WORK_RETRIES)
+    def beacon(name: str, argument: Any = None) -> str:
+        """A long-running job: records ``start``, then a ``beat`` every 0.25 s (with its process id: the ledger of
+        who holds the job) until it is asked to stop, then ``stopped``."""
+        effect("start")
+        while not current().canceled:
+            effect("beat")
+            try:
+                current().heartbeat()
+            except (CommandCanceled, LeaseLost):
+                break
+            pause(0.25)
+        effect("stopped")
+        return name
+
     @command(target=queue, retries=0)
     def on_poison_failed(n: int) -> int:
         """Chained once ``poison`` has failed for good."""
@@ -147,6 +162,7 @@ def declare(command: Callable[..., Any], queue: str, effects_url: str, prefix: s
         "poison": poison,
         "on_poison_failed": on_poison_failed,
         "stuck": stuck,
+        "beacon": beacon,
     }
 
 

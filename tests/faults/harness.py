@@ -276,16 +276,24 @@ class FaultProject(ProcessProject):
         broker_port: int | None = None,
         env: Mapping[str, str] | None = None,
         wait_ready: bool = True,
+        index: int | None = None,
     ) -> Proc:
-        """``celery -A orch_outbox worker -Q <queue>``; its PostgreSQL application_name is its node name."""
-        index = sum(p.role.startswith("worker") for p in self.procs)
+        """``celery -A orch_outbox worker -Q <queue>``; its PostgreSQL application_name is its node name.
+
+        ``index``: the worker's number (its node name ``fw<index>-<token>``); by default the next one, and the
+        number of an earlier worker restarts that worker under its name.
+        """
+        if index is None:
+            index = sum(p.role.startswith("worker") for p in self.procs)
         node = self.node(index)
         argv = worker_argv(self.queue, node, pool, concurrency)
         proc_env = {"ORCH_OUTBOX_DATABASE_URL": with_endpoint(self.pg_url, db_port, application_name=node)}
         if broker_port is not None:
             proc_env["CELERY_BROKER_URL"] = broker_with_port(self.broker_url, broker_port)
         proc_env.update(env or {})
-        proc = self.spawn(f"worker{index}", argv, proc_env, ready_text=" ready.")
+        restarts = sum(p.role.startswith(f"worker{index}") for p in self.procs)
+        role = f"worker{index}" + (f"-run{restarts + 1}" if restarts else "")
+        proc = self.spawn(role, argv, proc_env, ready_text=" ready.")
         if wait_ready:
             self.wait_ready()
         return proc

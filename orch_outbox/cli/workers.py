@@ -1,0 +1,166 @@
+"""``orch-outbox workers``, ``jobs`` and ``list``: the worker registry, long-running jobs, commands by state."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from ..models import JobInfo, WorkerInfo
+from ..render import table
+from ..schema import STATUSES
+from .base import _outbox, commands_table, emit, fields, filter_options, json_option, main, paging_options, when
+
+
+def _shown(shown: int, offset: int, total: int) -> str:
+    """``(1-20 of 35)``: which rows of how many a page holds."""
+    return f"({offset + 1}-{offset + shown} of {total})" if shown else f"(none of {total})"
+
+
+def _worker_lines(worker: WorkerInfo) -> list[tuple[str, Any]]:
+    return [
+        ("worker", worker.name),
+        ("host", f"{worker.hostname} (pid {worker.pid})"),
+        ("pool", f"{worker.pool} -c {worker.concurrency}"),
+        ("queues", ", ".join(worker.queues) or "-"),
+        ("jobs", f"{len(worker.jobs)} of {worker.max_jobs}"),
+        ("version", worker.version),
+        ("started", when(worker.started_at)),
+        ("last seen", when(worker.last_seen_at)),
+    ]
+
+
+def _running_table(worker: WorkerInfo) -> str:
+    rows = [(r.id, r.kind, r.name, r.status, r.attempt, when(r.started_at)) for r in worker.running]
+    return table(("id", "kind", "name", "status", "attempt", "started"), rows, empty="  running nothing")
+
+
+@main.command()
+@click.argument("name", required=False)
+@paging_options
+@json_option
+@click.pass_context
+def workers(ctx: click.Context, name: str | None, limit: int, offset: int, as_json: bool) -> None:
+    """Live workers (the registry) with what each runs now; NAME: one worker, by nodename."""
+    outbox = _outbox(ctx)
+    if name is not None:
+        worker = outbox.worker(name)
+        emit(as_json, worker.to_json(), fields(_worker_lines(worker)) + "\n\n" + _running_table(worker))
+        return
+    page = outbox.workers(limit=limit, offset=offset)
+    rows = [
+        (w.name, w.hostname, w.pid, f"{w.pool} -c {w.concurrency}", ",".join(w.queues), len(w.running),
+         f"{len(w.jobs)}/{w.max_jobs}", when(w.last_seen_at))
+        for w in page
+    ]  # fmt: skip
+    text = table(("worker", "host", "pid", "pool", "queues", "running", "jobs", "last seen"), rows, empty="no workers")
+    emit(
+        as_json,
+        {"total": page.total, "workers": [w.to_json() for w in page]},
+        f"{text}\n{_shown(len(page), offset, page.total)}",
+    )
+
+
+@main.group()
+def jobs() -> None:
+    """Long-running jobs: list, start, stop and show them."""
+
+
+def _jobs_table(found: list[JobInfo]) -> str:
+    rows = [
+        (j.name, j.id, j.command, j.target, j.status, j.attempt, j.worker or "-", when(j.started_at)) for j in found
+    ]
+    return table(("job", "id", "command", "target", "status", "attempt", "worker", "started"), rows, empty="no jobs")
+
+
+@jobs.command("list")
+@click.option("--status", type=click.Choice(STATUSES), default=None, help="Only jobs in this state.")
+@click.option("--worker", default=None, help="Only the jobs of this worker (its nodename).")
+@paging_options
+@json_option
+@click.pass_context
+def jobs_list(
+    ctx: click.Context, status: str | None, worker: str | None, limit: int, offset: int, as_json: bool
+) -> None:
+    """Jobs, newest first."""
+    page = _outbox(ctx).jobs.list(status=status, worker=worker, limit=limit, offset=offset)
+    text = f"{_jobs_table(page.items)}\n{_shown(len(page), offset, page.total)}"
+    emit(as_json, {"total": page.total, "jobs": [j.to_json() for j in page]}, text)
+
+
+@jobs.command("start")
+@click.argument("name")
+@click.option("--command", "command", required=True, help="The handler: a command taking name and argument.")
+@click.option("--argument", default=None, help="The job's argument (a JSON value; plain text is taken as a string).")
+@click.option("--target", default=None, help="The queue whose workers may run it.")
+@click.pass_context
+def jobs_start(ctx: click.Context, name: str, command: str, argument: str | None, target: str | None) -> None:
+    """Start the job NAME (a name already pending or running is left as it is); prints its id."""
+    click.echo(str(_outbox(ctx).jobs.start(name, _argument(argument), command=command, target=target)))
+
+
+def _argument(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@jobs.command("stop")
+@click.argument("name_or_id")
+@click.pass_context
+def jobs_stop(ctx: click.Context, name_or_id: str) -> None:
+    """Stop a job (its handler sees current().canceled within a second)."""
+    stopped = _outbox(ctx).jobs.stop(name_or_id)
+    click.echo("stopping" if stopped else "not running or pending: nothing to stop")
+
+
+@jobs.command("show")
+@click.argument("name_or_id")
+@json_option
+@click.pass_context
+def jobs_show(ctx: click.Context, name_or_id: str, as_json: bool) -> None:
+    """One job, by name or id."""
+    job = _outbox(ctx).jobs.get(name_or_id)
+    lines = [
+        ("job", job.name),
+        ("id", job.id),
+        ("command", job.command),
+        ("argument", job.argument),
+        ("target", job.target),
+        ("status", job.status + (" (stop requested)" if job.stop_requested else "")),
+        ("attempt", job.attempt),
+        ("worker", job.worker or "-"),
+        ("started", when(job.started_at)),
+        ("finished", when(job.finished_at)),
+        ("error", "-" if job.error is None else f"{job.error.type}: {job.error.message}"),
+    ]
+    emit(as_json, job.to_json(), fields(lines))
+
+
+@main.command("list")
+@click.option("--status", type=click.Choice(STATUSES), default=None, help="Only commands in this state.")
+@filter_options
+@paging_options
+@json_option
+@click.pass_context
+def list_commands(
+    ctx: click.Context,
+    status: str | None,
+    name: str | None,
+    target: str | None,
+    tenant: str | None,
+    limit: int,
+    offset: int,
+    as_json: bool,
+) -> None:
+    """Commands by state (pending, running, failed, ...), newest first, with the total."""
+    outbox = _outbox(ctx)
+    filters = {"status": status, "name": name, "target": target, "tenant": tenant}
+    found = outbox.find(limit=limit, offset=offset, **filters)
+    total = outbox.count(**filters)
+    text = f"{commands_table(found, empty='no commands')}\n{_shown(len(found), offset, total)}"
+    emit(as_json, {"total": total, "commands": [c.to_json() for c in found]}, text)
