@@ -49,7 +49,25 @@ class BenchApp:
     plain_probe: Any
 
 
-def build(broker_url: str, prefix: str, database_url: str | None = None) -> BenchApp:
+def configure_sdk() -> None:
+    """The OpenTelemetry SDK in this process: spans batched to an exporter that drops them, a pull metric reader."""
+    from opentelemetry import metrics, trace
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Dropping(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Dropping()))
+    trace.set_tracer_provider(provider)
+    metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+
+
+def build(broker_url: str, prefix: str, database_url: str | None = None, telemetry: bool = True) -> BenchApp:
     """A Celery app on ``broker_url`` with an outbox whose tables have ``prefix``."""
     app = Celery(f"bench-{prefix}", set_as_current=False)
     config = base_config()
@@ -63,7 +81,7 @@ def build(broker_url: str, prefix: str, database_url: str | None = None) -> Benc
     url = database_url or os.environ.get("BENCH_DATABASE_URL", "postgresql://127.0.0.1/test")
     # No in-flight cap: the relay section publishes a backlog with no worker running, and
     # plain Celery, the baseline, fills the broker without one either.
-    outbox = Outbox(app, url, table_prefix=prefix, max_in_flight=0)
+    outbox = Outbox(app, url, table_prefix=prefix, max_in_flight=0, telemetry=telemetry)
 
     @outbox.command(name="bench_noop", retries=0)
     def noop(key: str) -> None:
@@ -87,6 +105,10 @@ def build(broker_url: str, prefix: str, database_url: str | None = None) -> Benc
 
 
 if os.environ.get("BENCH_PREFIX"):  # a worker or relay subprocess
-    _built = build(os.environ["BENCH_BROKER"], os.environ["BENCH_PREFIX"])
+    if os.environ.get("BENCH_OTEL") == "1":
+        configure_sdk()
+    _built = build(
+        os.environ["BENCH_BROKER"], os.environ["BENCH_PREFIX"], telemetry=os.environ.get("BENCH_OTEL") != "0"
+    )
     app = _built.app
     outbox = _built.outbox

@@ -19,9 +19,11 @@ ever slowed down by what else happens to run, by 20 % or more, on either side.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench import common
 from bench.app import BenchApp, build
@@ -65,11 +67,46 @@ def wait_outbox_done(bench: BenchApp, key: str, n: int, watch: list[common.Proc]
     common.wait_until(lambda: common.count_unfinished(table) == 0, 60, "the last write-backs", 0.005, watch)
 
 
+NO_OTEL = """import importlib.abc, sys
+
+
+class _Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "opentelemetry" or name.startswith("opentelemetry."):
+            raise ImportError(name + " is blocked: the bench runs this process as without the otel extra")
+
+
+sys.meta_path.insert(0, _Blocked())
+"""
+
+
+def no_otel_dir(run: Run) -> Path:
+    """A folder with a ``sitecustomize.py`` that blocks every opentelemetry import (the extra "not installed")."""
+    folder = Path(run.log_dir) / "no-otel"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(NO_OTEL)
+    return folder
+
+
 def start_outbox_services(
-    run: Run, bench: BenchApp, broker: str, queue: str, pool: str, concurrency: int, tag: str, procs: list[common.Proc]
+    run: Run,
+    bench: BenchApp,
+    broker: str,
+    queue: str,
+    pool: str,
+    concurrency: int,
+    tag: str,
+    procs: list[common.Proc],
+    otel: str = "",
 ) -> tuple[common.Proc, common.Proc]:
-    """Start the relay and a worker for ``queue``; returns (relay, worker) once a warm-up went through."""
-    env = common.subprocess_env(BROKERS[broker], bench.outbox.settings.table_prefix)
+    """Start the relay and a worker for ``queue``; returns (relay, worker) once a warm-up went through.
+
+    ``otel``: ``"1"`` sets the OpenTelemetry SDK up in both, ``"0"`` switches the outbox's telemetry off.
+    """
+    extra = {"BENCH_OTEL": otel} if otel else {}
+    if otel == "absent":  # a sitecustomize that makes opentelemetry unimportable, as without the extra
+        extra["PYTHONPATH"] = os.pathsep.join(p for p in (str(no_otel_dir(run)), os.environ.get("PYTHONPATH")) if p)
+    env = common.subprocess_env(BROKERS[broker], bench.outbox.settings.table_prefix, **extra)
     common.purge_queue(bench.app, queue)
     relay = common.outbox_relay(run, f"{tag}-relay", env)
     procs.append(relay)
@@ -87,12 +124,20 @@ def warm_outbox(run: Run, bench: BenchApp, queue: str, n: int, tag: str, watch: 
 
 
 def outbox_run(
-    run: Run, bench: BenchApp, broker: str, pool: str, concurrency: int, n: int, warmup: int, tag: str
+    run: Run,
+    bench: BenchApp,
+    broker: str,
+    pool: str,
+    concurrency: int,
+    n: int,
+    warmup: int,
+    tag: str,
+    otel: str = "",
 ) -> Timed:
     """orch_outbox end to end: push N (batches of 1 000, committed) → last row completed."""
     queue = run.queue(tag)
     with common.processes() as procs:
-        start_outbox_services(run, bench, broker, queue, pool, concurrency, tag, procs)
+        start_outbox_services(run, bench, broker, queue, pool, concurrency, tag, procs, otel)
         warm_outbox(run, bench, queue, warmup, tag, procs)
         key = run.key(tag)
         t0 = time.perf_counter()

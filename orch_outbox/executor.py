@@ -40,6 +40,7 @@ from .settings import Settings
 from .settle import Attempt, Settler
 from .store import ErrorInfo, Started, Store
 from .task import Outcome, handler_of
+from .telemetry import OFF, Telemetry
 from .writeback import WriteBack
 
 log = logging.getLogger("orch_outbox.executor")
@@ -74,9 +75,11 @@ class Executor:
         settler: Settler,
         chained_rows: ChainedRows,
         worker_name: Callable[[], str | None] = lambda: None,
+        telemetry: Telemetry = OFF,
     ) -> None:
         """``worker_name()``: this worker's registry name, the ``worker`` of the attempts it starts."""
         self.store = store
+        self.telemetry = telemetry
         self.worker_name = worker_name
         self.settings = settings
         self.settler = settler
@@ -116,7 +119,7 @@ class Executor:
         """Run the attempt a Celery message names; returns the encoded output or raises as Celery expects."""
         fence = parse_header(getattr(request, "outbox", None))
         if fence is None:
-            self.dropped["malformed"] += 1
+            self._drop("malformed")
             log.warning("dropped %s[%s]: the message carries no valid outbox header", task.name, request.id)
             raise AttemptDropped("malformed")
         command_id, attempt, timeout = fence
@@ -125,19 +128,33 @@ class Executor:
         started = self._write(lambda: self.store.start(command_id, attempt, task.name, worker, lease))
         if started is None:
             raise self._not_started(task.name, command_id, attempt)
-        return self._run(task, started)
+        telemetry = self.telemetry
+        if not telemetry.on:
+            return self._run(task, started)
+        due = started.scheduled_at
+        telemetry.started(
+            task.name, started.target, None if due is None else (dt.datetime.now(dt.UTC) - due).total_seconds()
+        )
+        with telemetry.process(task.name, started.target, started.id, started.attempt, request):
+            return self._run(task, started)
+
+    def _drop(self, reason: str) -> None:
+        """Count a message dropped without running (``dropped``, and the ``dropped`` metric by reason)."""
+        self.dropped[reason] += 1
+        self.telemetry.count("dropped", reason=reason)
 
     def _not_started(self, name: str, command_id: uuid.UUID, attempt: int) -> Exception:
         """Why an attempt did not start: expired (reported revoked), paused or stale (nothing reported)."""
         if self._write(lambda: self.store.expire(command_id, attempt)):
-            self.dropped["expired"] += 1
+            self._drop("expired")
             log.info("%s[%s] attempt %s: expired before it started; nothing runs", name, command_id, attempt)
+            self.telemetry.count("expired", name=name)
             return CommandRevoked("expired", expired=True)
         if self._write(lambda: self.store.hold_back(command_id, attempt)):
-            self.dropped["paused"] += 1
+            self._drop("paused")
             log.info("%s[%s] attempt %s: paused before it started; back to pending", name, command_id, attempt)
             return AttemptDropped("paused")
-        self.dropped["stale"] += 1
+        self._drop("stale")
         log.info(
             "dropped %s %s attempt %s: not dispatched to this attempt (duplicate, late or canceled)",
             name,
@@ -275,6 +292,7 @@ class Executor:
                 children.extend(next_in_chain(started.chain, output, started.id, started.tenant))
         except Exception as exc:  # a bad output or a failing hook fails the attempt: no parent without children
             self._end_failed(task, started, "failure", exc, error_of(exc), celery_meaning.retries_errors(task))
+        self.telemetry.count("completed", name=task.name, target=started.target)
         write_back = self.write_back
         if not children and started.batch_id is None and write_back is not None:
             write_back.submit(started, output)
@@ -338,7 +356,7 @@ class Executor:
         if recorded:
             log.debug("%s %s attempt %s %s", started.name, started.id, started.attempt, what)
         else:
-            self.dropped["fenced"] += 1
+            self._drop("fenced")
             log.warning(
                 "%s[%s] attempt %s: outcome not recorded, the attempt no longer holds the command "
                 "(canceled, or its lease lapsed and it was rescued)",

@@ -133,6 +133,8 @@ class CommandInfo:
     chain: list[dict[str, Any]] | None = None
     #: None for a command, ``"job"`` for a long-running job
     kind: str | None = None
+    #: the push's trace context (W3C ``traceparent``/``tracestate``), when a tracer recorded it
+    trace: dict[str, str] | None = None
 
     @property
     def is_final(self) -> bool:

@@ -70,6 +70,8 @@ class Operations(OutboxParts):
         if was is None:
             return None
         status, attempt = was
+        if status != "running":
+            self.telemetry.count("canceled", name=names[0] if names else "")
         if status == "running":
             self.tell_workers_to_cancel(f"{cid}:{attempt}")
         else:  # final now, and no worker request will say so: the result backend learns it here

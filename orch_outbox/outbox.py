@@ -44,6 +44,7 @@ from .settings import Settings
 from .settle import Settler
 from .signals import command_failed
 from .store import ErrorInfo, Store, make_engine
+from .telemetry import Telemetry
 from .validation import (
     PUSH_OPTIONS,
     command_name,
@@ -95,6 +96,9 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
         signals.worker_shutdown.connect(self._flush_write_back, weak=False)
         signals.worker_process_shutdown.connect(self._flush_write_back, weak=False)
         signals.beat_init.connect(self._check_at_start, weak=False)
+        signals.worker_init.connect(self._serve_metrics, weak=False)
+        signals.beat_init.connect(self._serve_metrics, weak=False)
+        signals.worker_process_init.connect(self._serve_child_metrics, weak=False)
         control.REVOKERS[app] = self.revoke
         request.WATCHDOG_READERS[app] = lambda header: self.executor.retried_by_watchdog(header)
 
@@ -113,7 +117,15 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
     @functools.cached_property
     def store(self) -> Store:
         """The store over this outbox's table."""
-        return Store(self.engine, self.settings.table_prefix, self._clock, relaxed=self.settings.relaxed_commits)
+        store = Store(self.engine, self.settings.table_prefix, self._clock, relaxed=self.settings.relaxed_commits)
+        if self.telemetry.on:
+            store.on_insert = self.telemetry.on_insert
+        return store
+
+    @functools.cached_property
+    def telemetry(self) -> Telemetry:
+        """Spans and metrics (OpenTelemetry, when installed and ``outbox_telemetry`` is on)."""
+        return Telemetry(self.settings.telemetry)
 
     @functools.cached_property
     def backoff(self) -> backoff_mod.Backoff:
@@ -135,6 +147,7 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
             backoff_for=self.backoff_for,
             backoff_max=self.settings.retry_backoff_max,
             results=self.results,
+            telemetry=self.telemetry,
         )
 
     def backoff_for(self, name: str) -> backoff_mod.Backoff:
@@ -144,7 +157,9 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
     @functools.cached_property
     def executor(self) -> Executor:
         """Runs commands on the worker."""
-        return Executor(self.store, self.settings, self.settler, self.chained_rows, self.worker_name)
+        return Executor(
+            self.store, self.settings, self.settler, self.chained_rows, self.worker_name, telemetry=self.telemetry
+        )
 
     def worker_name(self) -> str | None:
         """This worker's name in the registry (its Celery nodename), or None outside a registered worker."""
@@ -154,7 +169,7 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
     @functools.cached_property
     def reaper(self) -> Reaper:
         """Returns at once what dead workers ran."""
-        return Reaper(self.store, self.settler, self.settings)
+        return Reaper(self.store, self.settler, self.settings, telemetry=self.telemetry)
 
     @functools.cached_property
     def jobs(self) -> Jobs:
@@ -189,12 +204,12 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
     @functools.cached_property
     def relay(self) -> Relay:
         """Publishes due commands."""
-        return Relay(self.app, self.store, self.settings, self.results, self.runnable)
+        return Relay(self.app, self.store, self.settings, self.results, self.runnable, telemetry=self.telemetry)
 
     @functools.cached_property
     def rescuer(self) -> Rescuer:
         """Returns commands whose lease lapsed."""
-        return Rescuer(self.store, self.settler, self.results)
+        return Rescuer(self.store, self.settler, self.results, telemetry=self.telemetry)
 
     @functools.cached_property
     def scheduler(self) -> Scheduler:

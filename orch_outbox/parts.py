@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .settle import Settler
     from .store import ErrorInfo, Store
     from .task import Outcome
+    from .telemetry import Telemetry
     from .workers import Presence
 
 
@@ -53,6 +54,9 @@ class OutboxParts:
 
         @property
         def results(self) -> Results: ...
+
+        @property
+        def telemetry(self) -> Telemetry: ...
 
         @property
         def settler(self) -> Settler: ...

@@ -24,6 +24,7 @@ from .errors import StoreUnavailable
 from .settle import Attempt
 from .states import Kind
 from .store import ErrorInfo, Lapsed
+from .telemetry import OFF, Telemetry
 
 if TYPE_CHECKING:
     from .settings import Settings
@@ -37,9 +38,15 @@ class Reaper:
     """Returns what dead workers held (see the module docstring)."""
 
     def __init__(
-        self, store: Store, settler: Settler, settings: Settings, monotonic: Callable[[], float] = time.monotonic
+        self,
+        store: Store,
+        settler: Settler,
+        settings: Settings,
+        monotonic: Callable[[], float] = time.monotonic,
+        telemetry: Telemetry = OFF,
     ) -> None:
         self.store = store
+        self.telemetry = telemetry
         self.settler = settler
         self.settings = settings
         self._monotonic = monotonic
@@ -98,6 +105,11 @@ class Reaper:
         return settled
 
     def _settle_all(self, worker: str, held: list[Lapsed]) -> int:
+        settled = self._settle_each(worker, held)
+        self.telemetry.count("reallocated", settled)
+        return settled
+
+    def _settle_each(self, worker: str, held: list[Lapsed]) -> int:
         settled = 0
         for lapsed in held:
             try:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import StoreUnavailable, UnknownCommand
 from .store import Dispatch, ErrorInfo
+from .telemetry import OFF, Telemetry
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -43,9 +44,16 @@ class Relay:
     """Claims due commands and publishes them as Celery task messages."""
 
     def __init__(
-        self, app: Celery, store: Store, settings: Settings, results: Results, runnable: Callable[[str], Any]
+        self,
+        app: Celery,
+        store: Store,
+        settings: Settings,
+        results: Results,
+        runnable: Callable[[str], Any],
+        telemetry: Telemetry = OFF,
     ) -> None:
         """``runnable(name)`` raises :class:`UnknownCommand` for a task name a row may not run."""
+        self.telemetry = telemetry
         self.app = app
         self.store = store
         self.settings = settings
@@ -89,7 +97,8 @@ class Relay:
                 return published
             if not batch:
                 return published
-            sent = self.publish(batch)
+            with self.telemetry.publishing(len(batch)):
+                sent = self.publish(batch)
             published += sent
             if sent < len(batch) or len(batch) < self.settings.batch_size or time.monotonic() > deadline:
                 return published
@@ -147,6 +156,7 @@ class Relay:
 
     def _expired(self, ids: list[Any]) -> None:
         """Commands the claim found past their expiry: ``REVOKED`` (expired) in the result backend."""
+        self.telemetry.count("expired", len(ids))
         for command_id in ids:
             self.results.revoked(command_id, "", "expired")
 
@@ -212,6 +222,14 @@ class Relay:
         # One Celery task id per command, its command id (as Celery's own retries keep one
         # id); the attempt travels in the header, which fences the worker's start.
         hidden = getattr(self.app.tasks.get(item.name), "outbox_hide_input", False)
+        if item.trace and self.telemetry.on:  # a publish span in the push's trace, its context in the headers
+            with self.telemetry.publish(item.trace, item.id, item.target) as carried:
+                self._publish(producer, item, hidden, retry, carried)
+        else:
+            self._publish(producer, item, hidden, retry, {})
+        self._declared.add(item.target)
+
+    def _publish(self, producer: object, item: Dispatch, hidden: bool, retry: bool, carried: dict[str, str]) -> None:
         self.app.send_task(
             item.name,
             kwargs={} if hidden else item.input,
@@ -220,7 +238,7 @@ class Relay:
             serializer="json",
             task_id=str(item.id),
             queue=item.target,
-            headers={"outbox": [str(item.id), item.attempt, item.timeout]},
+            headers={"outbox": [str(item.id), item.attempt, item.timeout], **carried},
             expires=item.expires_at,
             retries=item.retries - item.retries_left,
             producer=producer,
@@ -231,7 +249,6 @@ class Relay:
             # connection is what that cache amounts to; a new connection declares again.
             **({"declare": []} if item.target in self._declared else {}),
         )
-        self._declared.add(item.target)
 
 
 def _kwargsrepr(data: Any, limit: int) -> str:

@@ -16,6 +16,7 @@ from .errors import StoreUnavailable
 from .settle import Attempt
 from .states import Kind
 from .store import ErrorInfo, Lapsed
+from .telemetry import OFF, Telemetry
 
 if TYPE_CHECKING:
     from .results import Results
@@ -28,8 +29,9 @@ log = logging.getLogger("orch_outbox.relay")
 class Rescuer:
     """Settles dispatch and run leases that lapsed, and dispatched commands past their expiry."""
 
-    def __init__(self, store: Store, settler: Settler, results: Results) -> None:
+    def __init__(self, store: Store, settler: Settler, results: Results, telemetry: Telemetry = OFF) -> None:
         self.store = store
+        self.telemetry = telemetry
         self.settler = settler
         self.results = results
 
@@ -43,6 +45,7 @@ class Rescuer:
             changed = self.store.release_lapsed_dispatches(limit)
             for command_id in self.store.expire_dispatched(limit):
                 self.results.revoked(command_id, "", "expired")
+                self.telemetry.count("expired")
                 changed += 1
             changed += self.store.settle_open_batches()
             lapsed_rows = self.store.lapsed_runs(limit)
@@ -58,6 +61,7 @@ class Rescuer:
             except Exception:
                 log.exception("rescuer: could not settle command %s attempt %s; going on", lapsed.id, lapsed.attempt)
         if changed:
+            self.telemetry.count("rescued", changed)
             log.info("rescuer: settled %d lapsed lease(s)", changed)
         return changed
 

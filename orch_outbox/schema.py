@@ -116,6 +116,8 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
         sa.Column("chain", JSONDocument, nullable=True),
         # NULL for a command; 'job' for a long-running job (claimed by its worker, never published).
         sa.Column("kind", sa.String(8), nullable=True),
+        # The trace context of the push (W3C traceparent / tracestate), when a tracer recorded it.
+        sa.Column("trace", JSONDocument, nullable=True),
         sa.CheckConstraint(f"status IN ({status_list})", name=f"{prefix}commands_status_check"),
         sa.CheckConstraint("retries_left >= 0 AND retries >= 0", name=f"{prefix}commands_retries_check"),
         sa.CheckConstraint("timeout > 0", name=f"{prefix}commands_timeout_check"),

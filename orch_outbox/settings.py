@@ -70,6 +70,9 @@ class Settings:
     )
     max_jobs: int = _doc("most long-running jobs one worker runs at once (0: this worker runs none)", 10)
     job_retries: int = _doc("restarts of a job whose handler raised (a lost worker uses none)", 1000)
+    telemetry: bool = _doc("OpenTelemetry spans and metrics, when the `otel` extra is installed", True)
+    metrics_port: int = _doc("a worker or beat serves its metrics for Prometheus on this port (0: none)", 0)
+    metrics_interval: float = _doc("seconds between the backlog queries behind the backlog gauges", 15.0)
 
     @classmethod
     def from_sources(
@@ -116,6 +119,7 @@ class Settings:
             "cleanup_interval",
             "worker_heartbeat",
             "worker_timeout",
+            "metrics_interval",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -148,6 +152,8 @@ class Settings:
                 "outbox_worker_timeout must be at least twice outbox_worker_heartbeat "
                 f"(got {self.worker_timeout!r} and {self.worker_heartbeat!r})"
             )
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigurationError(f"outbox_metrics_port must be a port number (0: none), got {self.metrics_port!r}")
         for name in ("max_jobs", "job_retries"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"outbox_{name} must be >= 0, got {getattr(self, name)!r}")

@@ -24,6 +24,7 @@ from . import backoff as backoff_mod
 from .results import Results
 from .store import ErrorInfo, Store
 from .task import Outcome
+from .telemetry import OFF, Telemetry
 
 log = logging.getLogger("orch_outbox.settle")
 
@@ -75,8 +76,10 @@ class Settler:
         backoff_for: Callable[[str], backoff_mod.Backoff],
         backoff_max: float,
         results: Results,
+        telemetry: Telemetry = OFF,
     ) -> None:
         self.store = store
+        self.telemetry = telemetry
         self._chained_rows = chained_rows
         self._report_failure = report_failure
         self._backoff_for = backoff_for
@@ -115,6 +118,7 @@ class Settler:
             )
             if not recorded:
                 return Ending(None)
+            self.telemetry.count("retried", name=attempt.name, outcome=outcome)
             self._report(attempt, outcome, error, final=False)
             return Ending("pending", wait, error)
         error, children = self._hook_rows(attempt, "if_failed", error)
@@ -123,6 +127,7 @@ class Settler:
         )
         if not recorded:
             return Ending(None)
+        self.telemetry.count("failed", name=attempt.name, outcome=outcome)
         self._report(attempt, outcome, error, final=True)
         if report_result:
             self.results.failed(attempt.id, attempt.name, error)
@@ -136,6 +141,7 @@ class Settler:
         recorded = write(lambda: self.store.canceled(attempt.id, attempt.attempt, children, lapsed_only=lapsed_only))
         if not recorded:
             return Ending(None)
+        self.telemetry.count("canceled", name=attempt.name)
         if report_result:
             self.results.revoked(attempt.id, attempt.name, "canceled")
         return Ending("canceled")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, beat
 
 from .errors import ConfigurationError, StoreUnavailable
 from .jobs import JobRunner
@@ -169,6 +169,32 @@ class Wiring(OutboxParts):
         )
         if pool != "prefork":
             self._start_presence(sender)
+
+    def _serve_metrics(self, sender: Any = None, **_: Any) -> None:
+        """``outbox_metrics_port``: a worker's (or beat's) main process serves its metrics for Prometheus.
+
+        Beat also serves the backlog gauges (one process per cluster runs their queries).
+        """
+        if getattr(sender, "app", None) is not self.app or not self.settings.metrics_port:
+            return
+        from . import metrics
+
+        metrics.serve(self.settings.metrics_port)
+        if isinstance(sender, beat.Service):
+            backlog = metrics.Backlog(self.store, self.settings.metrics_interval)
+            metrics.observe_backlog(backlog)
+            backlog.start()
+
+    def _serve_child_metrics(self, **_: Any) -> None:
+        """In a prefork pool process: its own metrics on ``outbox_metrics_port`` + its pool index + 1."""
+        if not self.settings.metrics_port or self.presence is None:
+            return
+        from billiard.process import current_process
+
+        from . import metrics
+
+        index = int(getattr(current_process(), "index", 0) or 0)
+        metrics.serve(self.settings.metrics_port + 1 + index)
 
     def _start_presence(self, sender: Any = None, **_: Any) -> None:
         presence = self.presence

@@ -164,3 +164,34 @@ def list_commands(
     total = outbox.count(**filters)
     text = f"{commands_table(found, empty='no commands')}\n{_shown(len(found), offset, total)}"
     emit(as_json, {"total": total, "commands": [c.to_json() for c in found]}, text)
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=9808, show_default=True, help="Port to serve on.")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.pass_context
+def metrics(ctx: click.Context, port: int, address: str) -> None:
+    """Serve the outbox's metrics for Prometheus (backlog by target and status, oldest pending, dead letters)."""
+    import signal
+    import threading
+
+    from .. import metrics as metrics_mod
+
+    outbox = _outbox(ctx)
+    problem = outbox.database_problem()
+    if problem:
+        raise click.ClickException(problem)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        server = metrics_mod.serve(port, address)
+    except OSError as exc:
+        raise click.ClickException(f"cannot serve on {address}:{port}: {exc}") from None
+    backlog = metrics_mod.Backlog(outbox.store, outbox.settings.metrics_interval)
+    metrics_mod.observe_backlog(backlog)
+    backlog.start()
+    click.echo(f"serving metrics on http://{address}:{port}/metrics")
+    stop.wait()
+    backlog.stop()
+    server.shutdown()

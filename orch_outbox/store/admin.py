@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -11,6 +12,7 @@ import sqlalchemy as sa
 from ..errors import OutboxError, UniqueConflict
 from ..schema import (
     FINAL_STATUSES,
+    UNFINISHED_STATUSES,
     notify_channel,
     unique_scope,
 )
@@ -200,6 +202,24 @@ class AdminStatements(StoreBase):
         )
         with self._one() as conn:
             return [(r[0], r[1], int(r[2])) for r in conn.execute(stmt)]
+
+    def backlog(self) -> list[tuple[str, str, int, datetime | None]]:
+        """(target, status, count, oldest due time) of the unfinished commands (the unfinished index serves it)."""
+        t = self.table
+        stmt = (
+            sa.select(t.c.target, t.c.status, sa.func.count(), sa.func.min(t.c.scheduled_at))
+            .where(t.c.status.in_(UNFINISHED_STATUSES))
+            .group_by(t.c.target, t.c.status)
+        )
+        with self._one() as conn:
+            return [(r[0], r[1], int(r[2]), r[3]) for r in conn.execute(stmt)]
+
+    def dead_letters(self) -> list[tuple[str, int]]:
+        """(target, count) of the failed commands."""
+        t = self.table
+        stmt = sa.select(t.c.target, sa.func.count()).where(t.c.status == Status.FAILED).group_by(t.c.target)
+        with self._one() as conn:
+            return [(r[0], int(r[1])) for r in conn.execute(stmt)]
 
     def unfinished(self) -> int:
         """How many commands are not in a final state, plus the batches still open.

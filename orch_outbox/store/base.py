@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -47,6 +47,8 @@ class Dispatch:
     expires_at: datetime | None = None
     retries: int = 0
     retries_left: int = 0
+    #: the push's trace context (``traceparent``/``tracestate``), when one was recorded
+    trace: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,8 @@ class Started:
     tenant: str | None = None
     batch_id: uuid.UUID | None = None
     chain: list[dict[str, Any]] | None = None
+    #: when the command was due (the queue lag is measured from it)
+    scheduled_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,8 @@ class StoreBase:
         self.schedules = schedules_table(prefix)
         self.pauses = pauses_table(prefix)
         self.workers = workers_table(prefix)
+        #: sees every batch of rows about to be inserted (the telemetry sets it)
+        self.on_insert: Callable[[list[dict[str, Any]], int], None] | None = None
         self.metadata = metadata_for(prefix)
         self._clock = clock
         self._db_clock = clock is None and engine.dialect.name == "postgresql"
@@ -337,8 +343,14 @@ class StoreBase:
             )
         )
 
-    def _stamp(self, rows: Sequence[Row], now: datetime | None = None) -> list[dict[str, Any]]:
-        """Fill created_at / scheduled_at; relative delays become absolute from one 'now'."""
+    def _stamp(
+        self, rows: Sequence[Row], now: datetime | None = None, count: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Fill created_at / scheduled_at; relative delays become absolute from one 'now'.
+
+        Then ``on_insert(rows, count)`` sees them (the telemetry's create span puts its trace context on them):
+        ``count`` rows will be made from these (more than these for a templated bulk push).
+        """
         now = now or self.now_for_insert()
         out = []
         for row in rows:
@@ -351,6 +363,8 @@ class StoreBase:
             if expires is not None:
                 item["expires_at"] = now + timedelta(seconds=expires)
             out.append(item)
+        if self.on_insert is not None:
+            self.on_insert(out, len(out) if count is None else count)
         return out
 
     def _tx_now(self, conn: sa.Connection) -> datetime | None:

@@ -63,6 +63,7 @@ class ClaimStatements(StoreBase):
                 r.expires_at,
                 r.retries,
                 r.retries_left,
+                r.trace,
             )
             for r in rows
             if r.status == Status.DISPATCHED

@@ -251,7 +251,9 @@ class PushStatements(StoreBase):
         ):
             return self.insert(conn, [{**template, "id": cid, "input": data} for template, cid, data in items])
         now = self.now_for_insert()
-        stamped = {id(template): self._stamp([template], now)[0] for template in templates}
+        stamped = {
+            id(template): row for template, row in zip(templates, self._stamp(templates, now, count), strict=True)
+        }
         ids: list[uuid.UUID] = []
 
         def rows() -> Iterator[tuple[Row, uuid.UUID, Any]]:

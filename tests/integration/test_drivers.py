@@ -174,11 +174,22 @@ def test_start_is_fenced_by_attempt_and_name(driver: Store) -> None:
     assert driver.start(row["id"], claimed.attempt + 1, "job", "w1", 60.0) is None
     assert driver.start(row["id"], claimed.attempt, "other", "w1", 60.0) is None
     started = driver.start(row["id"], claimed.attempt, "job", "w1", 60.0)
+    stored = read(driver, row["id"])
     assert started == Started(
-        row["id"], "job", "q", 1, row["input"], 30.0, 2, 2, tenant="acme", batch_id=None, chain=row["chain"]
+        row["id"],
+        "job",
+        "q",
+        1,
+        row["input"],
+        30.0,
+        2,
+        2,
+        tenant="acme",
+        batch_id=None,
+        chain=row["chain"],
+        scheduled_at=stored["scheduled_at"],
     )
     assert driver.start(row["id"], claimed.attempt, "job", "w2", 60.0) is None
-    stored = read(driver, row["id"])
     assert (stored["status"], stored["worker"], stored["attempt"]) == ("running", "w1", 1)
     assert near(stored["lease_expires_at"], 60.0) and stored["started_at"] is not None
 
