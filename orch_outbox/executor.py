@@ -129,7 +129,7 @@ class Executor:
         if started is None:
             raise self._not_started(task.name, command_id, attempt)
         telemetry = self.telemetry
-        if not telemetry.on:
+        if not telemetry.active:
             return self._run(task, started)
         due = started.scheduled_at
         telemetry.started(

@@ -289,3 +289,31 @@ class Page(Generic[T]):
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+@dataclass(frozen=True)
+class AttemptInfo:
+    """One attempt of a command: who ran it, when, and how it ended (the history keeps the ones that failed)."""
+
+    attempt: int
+    worker: str | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    outcome: str | None
+    error: ErrorInfo | None
+
+    @classmethod
+    def from_row(cls, row: Any) -> AttemptInfo:
+        error = None
+        if row.get("error_type"):
+            error = ErrorInfo(row["error_type"], row.get("error_message") or "", row.get("error_traceback"))
+        return cls(
+            row["attempt"], row.get("worker"), row.get("started_at"), row.get("finished_at"), row.get("outcome"), error
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The attempt as plain JSON data."""
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "error"}
+        data["error"] = None if self.error is None else vars(self.error)
+        encoded: dict[str, Any] = encode(data)
+        return encoded

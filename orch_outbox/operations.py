@@ -13,7 +13,7 @@ from .errors import (
     CommandNotFound,
     InvalidOption,
 )
-from .models import BatchInfo, CommandInfo, _batch_info
+from .models import AttemptInfo, BatchInfo, CommandInfo, _batch_info
 from .parts import OutboxParts
 from .schema import BATCH_STATUSES, FINAL_STATUSES, STATUSES
 from .task import Outcome
@@ -37,6 +37,16 @@ class Operations(OutboxParts):
         if row is None:
             raise CommandNotFound(f"no command with id {command_id}")
         return CommandInfo.from_row(row)
+
+    def attempts(self, command_id: uuid.UUID | str) -> list[AttemptInfo]:
+        """Every attempt of a command, oldest first: those that failed (the history) and its current one."""
+        info = self.get(command_id)
+        history = {r["attempt"]: AttemptInfo.from_row(r) for r in self.store.attempt_history(info.id)}
+        if info.attempt and info.attempt not in history and info.status not in ("pending", "dispatched"):
+            history[info.attempt] = AttemptInfo(
+                info.attempt, info.worker, info.started_at, info.finished_at, info.outcome, info.error
+            )
+        return [history[n] for n in sorted(history)]
 
     def children(self, command_id: uuid.UUID | str) -> list[CommandInfo]:
         """The commands chained from one command."""
@@ -236,3 +246,27 @@ class Operations(OutboxParts):
         if status not in FINAL_STATUSES:
             raise InvalidOption(f"only final commands can be purged: status must be one of {FINAL_STATUSES}")
         return self.store.purge(status=status, ids=id_list, name=name, target=target, tenant=tenant)
+
+    def bulk(self, action: str, ids: Iterable[uuid.UUID | str]) -> int:
+        """One action on many commands: ``cancel``, ``requeue`` (failed ones), ``purge`` (final ones), ``run_now``
+        (pending ones due later); returns how many changed. Rows in another state are left as they are."""
+        id_list = [_as_uuid(i) for i in ids]
+        if action not in BULK_ACTIONS:
+            raise InvalidOption(f"action must be one of {BULK_ACTIONS}, got {action!r}")
+        if not id_list:
+            return 0
+        if action == "cancel":
+            return sum(1 for i in id_list if self._cancel(i) is not None)
+        if action == "requeue":
+            return self.store.requeue(ids=id_list)
+        if action == "run_now":
+            return self.store.run_now(id_list)
+        by_status: dict[str, list[uuid.UUID]] = {}
+        for row in self.store.find(len(id_list), 0, ids=id_list):
+            if row["status"] in FINAL_STATUSES:
+                by_status.setdefault(row["status"], []).append(row["id"])
+        return sum(self.store.purge(status=status, ids=group) for status, group in by_status.items())
+
+
+#: What :meth:`Operations.bulk` can do.
+BULK_ACTIONS = ("cancel", "requeue", "purge", "run_now")

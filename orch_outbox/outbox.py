@@ -118,7 +118,7 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
     def store(self) -> Store:
         """The store over this outbox's table."""
         store = Store(self.engine, self.settings.table_prefix, self._clock, relaxed=self.settings.relaxed_commits)
-        if self.telemetry.on:
+        if self.telemetry.on:  # records once the process has an OpenTelemetry SDK set up (see telemetry.py)
             store.on_insert = self.telemetry.on_insert
         return store
 

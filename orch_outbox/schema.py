@@ -143,14 +143,91 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
     sa.Index(f"{prefix}commands_batch_idx", c.batch_id, c.status, postgresql_where=c.batch_id.is_not(None))
     _partial(f"{prefix}commands_tenant_idx", c.tenant, c.status, where=c.tenant.is_not(None))
     _add_support_tables(metadata, prefix)
+    attempts = _add_attempts_table(metadata, prefix)
     for ddl in notify_ddl(prefix):
         event.listen(commands, "after_create", sa.DDL(ddl).execute_if(dialect="postgresql"))  # type: ignore[no-untyped-call]
+    for dialect, statements in history_ddl(prefix).items():
+        for ddl in statements:  # after the attempts table exists: the trigger writes into it
+            ddl_text = sa.DDL(ddl.replace("%", "%%"))  # type: ignore[no-untyped-call]  # DDL formats with %
+            event.listen(attempts, "after_create", ddl_text.execute_if(dialect=dialect))  # type: ignore[no-untyped-call]
     event.listen(
         commands,
         "after_drop",
         sa.DDL(drop_notify_ddl(prefix)).execute_if(dialect="postgresql"),  # type: ignore[no-untyped-call]
     )
+    event.listen(
+        attempts,
+        "after_drop",
+        sa.DDL(f"DROP FUNCTION IF EXISTS {prefix}commands_history() CASCADE").execute_if(dialect="postgresql"),  # type: ignore[no-untyped-call]
+    )
     return metadata
+
+
+#: Attempts kept per command in the history, and the longest message and traceback kept.
+HISTORY_ATTEMPTS = 25
+HISTORY_MESSAGE_CHARS = 4_000
+HISTORY_TRACEBACK_CHARS = 16_000
+#: The endings of a running attempt the history keeps (a success is the command row itself).
+_HISTORY_WHEN = "OLD.status = 'running' AND NEW.status IN ('pending', 'failed', 'canceled')"
+_HISTORY_COLUMNS = (
+    "command_id, attempt, worker, started_at, finished_at, outcome, error_type, error_message, error_traceback"
+)
+SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+def _add_attempts_table(metadata: sa.MetaData, prefix: str) -> sa.Table:
+    """``{prefix}attempts``: every attempt that ended without a success (the last one is also on its command)."""
+    return sa.Table(
+        f"{prefix}attempts",
+        metadata,
+        sa.Column(
+            "command_id",
+            sa.Uuid(),
+            sa.ForeignKey(f"{prefix}commands.id", ondelete="CASCADE", name=f"{prefix}attempts_command_fkey"),
+            primary_key=True,
+        ),
+        sa.Column("attempt", sa.Integer(), primary_key=True),
+        sa.Column("worker", sa.String(255), nullable=True),
+        sa.Column("started_at", UTCDateTime(), nullable=True),
+        sa.Column("finished_at", UTCDateTime(), nullable=True),
+        sa.Column("outcome", sa.String(16), nullable=True),
+        sa.Column("error_type", sa.String(200), nullable=True),
+        sa.Column("error_message", sa.Text(), nullable=True),
+        sa.Column("error_traceback", sa.Text(), nullable=True),
+    )
+
+
+def history_ddl(prefix: str) -> dict[str, list[str]]:
+    """Per dialect: a row trigger that keeps an attempt's ending in the history when a running attempt ends without
+    a success (retried, failed, canceled, handed back), bounded to the last attempts and to a size.
+
+    Its ``WHEN`` is false for every statement of the hot path (a start, a completion), so those pay nothing.
+    """
+    p = validate_prefix(prefix)
+    keep = HISTORY_ATTEMPTS
+    values = (
+        "NEW.id, OLD.attempt, OLD.worker, OLD.started_at, {now}, NEW.outcome, NEW.error_type, "
+        f"substr(NEW.error_message, 1, {HISTORY_MESSAGE_CHARS}), "
+        f"substr(NEW.error_traceback, 1, {HISTORY_TRACEBACK_CHARS})"
+    )
+    return {
+        "postgresql": [
+            f"CREATE OR REPLACE FUNCTION {p}commands_history() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            f"INSERT INTO {p}attempts ({_HISTORY_COLUMNS}) VALUES ({values.format(now='now()')}) "
+            "ON CONFLICT (command_id, attempt) DO NOTHING; "
+            f"DELETE FROM {p}attempts WHERE command_id = NEW.id AND attempt <= OLD.attempt - {keep}; "
+            "RETURN NULL; END $$",
+            f"CREATE TRIGGER {p}commands_history AFTER UPDATE OF status ON {p}commands FOR EACH ROW "
+            f"WHEN ({_HISTORY_WHEN}) EXECUTE FUNCTION {p}commands_history()",
+        ],
+        "sqlite": [
+            f"CREATE TRIGGER IF NOT EXISTS {p}commands_history AFTER UPDATE OF status ON {p}commands FOR EACH ROW "
+            f"WHEN {_HISTORY_WHEN} BEGIN "
+            f"INSERT OR IGNORE INTO {p}attempts ({_HISTORY_COLUMNS}) "
+            f"VALUES ({values.format(now=SQLITE_NOW)}); "
+            f"DELETE FROM {p}attempts WHERE command_id = NEW.id AND attempt <= OLD.attempt - {keep}; END",
+        ],
+    }
 
 
 BATCH_STATUSES: tuple[str, ...] = tuple(b.value for b in BatchStatus)
@@ -272,6 +349,11 @@ def schedules_table(prefix: str = "orch_") -> sa.Table:
 def pauses_table(prefix: str = "orch_") -> sa.Table:
     """The ``{prefix}pauses`` table."""
     return metadata_for(prefix).tables[f"{prefix}pauses"]
+
+
+def attempts_table(prefix: str = "orch_") -> sa.Table:
+    """The ``{prefix}attempts`` table (the attempt history)."""
+    return metadata_for(prefix).tables[f"{prefix}attempts"]
 
 
 def workers_table(prefix: str = "orch_") -> sa.Table:

@@ -10,8 +10,9 @@ handler runs (chained commands, chain steps, continuations) are children of its 
 
 Metrics are instruments of the OpenTelemetry metrics API under ``orch_outbox.``; a
 process exports them where its meter provider sends them (``metrics.py`` serves them
-for Prometheus). Without OpenTelemetry, or with ``outbox_telemetry = False``, every
-method here returns at once: no import, no span, no per-command work beyond a test.
+for Prometheus). Spans and metrics are made only once the process has set up an
+OpenTelemetry SDK (a real tracer or meter provider); with the API alone, without
+OpenTelemetry, or with ``outbox_telemetry = False``, every method here returns at once.
 """
 
 from __future__ import annotations
@@ -51,15 +52,10 @@ COUNTERS = {
 }
 
 
-class Telemetry:
-    """The spans and instruments of one outbox (no-ops when OpenTelemetry is absent or switched off)."""
+class Instruments:
+    """The outbox's instruments on one meter."""
 
-    def __init__(self, enabled: bool = True) -> None:
-        self.on = bool(enabled and AVAILABLE)
-        if not self.on:
-            return
-        self.tracer = trace.get_tracer("orch_outbox")
-        meter = otel_metrics.get_meter("orch_outbox")
+    def __init__(self, meter: Any) -> None:
         self.counters = {
             name: meter.create_counter(f"orch_outbox.commands.{name}", unit="{command}", description=text)
             for name, text in COUNTERS.items()
@@ -77,12 +73,45 @@ class Telemetry:
             "orch_outbox.relay.publish.duration", unit="s", description="time to publish one claimed batch"
         )
 
+
+class Telemetry:
+    """The spans and instruments of one outbox (no-ops when OpenTelemetry is absent or switched off)."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.on = bool(enabled and AVAILABLE)
+        self._tracer: Any = None
+        self._instruments: Instruments | None = None
+
+    @property
+    def tracer(self) -> Any:
+        """The tracer, once the process has a real tracer provider (an SDK); else None: no span is made."""
+        if self._tracer is None and self.on:
+            provider = trace.get_tracer_provider()
+            if not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
+                self._tracer = provider.get_tracer("orch_outbox")
+        return self._tracer
+
+    @property
+    def instruments(self) -> Instruments | None:
+        """The instruments, once the process has a real meter provider; else None: nothing is counted."""
+        if self._instruments is None and self.on:
+            provider = otel_metrics.get_meter_provider()
+            if type(provider).__name__ not in ("_ProxyMeterProvider", "NoOpMeterProvider"):
+                self._instruments = Instruments(provider.get_meter("orch_outbox"))
+        return self._instruments
+
+    @property
+    def active(self) -> bool:
+        """True when spans or metrics are recorded (the extra is installed, on, and an SDK is set up)."""
+        return self.on and (self.tracer is not None or self.instruments is not None)
+
     # -- counters -------------------------------------------------------------------------
 
     def count(self, what: str, n: int = 1, **labels: str) -> None:
         """Add ``n`` to the counter ``what`` (see :data:`COUNTERS`)."""
-        if self.on and n:
-            self.counters[what].add(n, labels)
+        instruments = self.instruments if self.on and n else None
+        if instruments is not None:
+            instruments.counters[what].add(n, labels)
 
     # -- pushing --------------------------------------------------------------------------
 
@@ -94,9 +123,20 @@ class Telemetry:
         """
         if not self.on or not rows:
             return
+        instruments, tracer = self.instruments, self.tracer
         first = rows[0]
         target = str(first.get("target") or "")
-        span = self.tracer.start_span(
+        if instruments is not None:
+            if len(rows) == count:
+                for row in rows:
+                    instruments.counters["pushed"].add(
+                        1, {"name": str(row.get("name")), "target": str(row.get("target"))}
+                    )
+            else:
+                instruments.counters["pushed"].add(count, {"name": str(first.get("name")), "target": target})
+        if tracer is None:
+            return
+        span = tracer.start_span(
             f"create {target}",
             kind=SpanKind.PRODUCER,
             attributes={
@@ -110,13 +150,10 @@ class Telemetry:
         try:
             carrier: dict[str, str] = {}
             propagate.inject(carrier, context=trace.set_span_in_context(span))
-            for row in rows:
-                if carrier and not row.get("trace"):
-                    row["trace"] = carrier
-                if len(rows) == count:
-                    self.counters["pushed"].add(1, {"name": str(row.get("name")), "target": str(row.get("target"))})
-            if len(rows) != count:
-                self.counters["pushed"].add(count, {"name": str(first.get("name")), "target": target})
+            if carrier:
+                for row in rows:
+                    if not row.get("trace"):
+                        row["trace"] = carrier
         finally:
             span.end()
 
@@ -125,24 +162,26 @@ class Telemetry:
     @contextlib.contextmanager
     def publishing(self, size: int) -> Iterator[None]:
         """Around the publish of one claimed batch: its size and duration."""
-        if not self.on:
+        instruments = self.instruments if self.on else None
+        if instruments is None:
             yield
             return
         began = time.perf_counter()
         try:
             yield
         finally:
-            self.publish_duration.record(time.perf_counter() - began)
-            self.batch_size.record(size)
+            instruments.publish_duration.record(time.perf_counter() - began)
+            instruments.batch_size.record(size)
 
     @contextlib.contextmanager
     def publish(self, carrier: Mapping[str, str] | None, command_id: Any, target: str) -> Iterator[dict[str, str]]:
         """Around one message's publish: a publish span in the row's trace; yields the headers that carry it on."""
-        if not self.on or not carrier:
+        tracer = self.tracer if self.on and carrier else None
+        if tracer is None or not carrier:
             yield {}
             return
         parent = propagate.extract(dict(carrier))
-        with self.tracer.start_as_current_span(
+        with tracer.start_as_current_span(
             f"publish {target}",
             context=parent,
             kind=SpanKind.CLIENT,
@@ -169,15 +208,26 @@ class Telemetry:
         exception that escapes says it too (a failure is recorded on the span).
         """
         observed = Observed()
-        if not self.on:
-            yield observed
+        tracer = self.tracer if self.on else None
+        instruments = self.instruments if self.on else None
+        if tracer is None:
+            began = time.perf_counter()
+            try:
+                yield observed
+            except BaseException as exc:
+                observed.ended(_outcome_of(exc))
+                raise
+            finally:
+                if instruments is not None:
+                    labels = {"name": name, "target": target, "outcome": observed.outcome or "success"}
+                    instruments.duration.record(time.perf_counter() - began, labels)
             return
         parent = None
         if not trace.get_current_span().get_span_context().is_valid:
             carrier = {k: v for k in ("traceparent", "tracestate") if (v := getattr(request, k, None))}
             parent = propagate.extract(carrier) if carrier else None
         began = time.perf_counter()
-        with self.tracer.start_as_current_span(
+        with tracer.start_as_current_span(
             f"process {target}",
             context=parent,
             kind=SpanKind.CONSUMER,
@@ -204,17 +254,19 @@ class Telemetry:
                 raise
             finally:
                 span.set_attribute("orch_outbox.outcome", observed.outcome or "success")
-                labels = {"name": name, "target": target, "outcome": observed.outcome or "success"}
-                self.duration.record(time.perf_counter() - began, labels)
+                if instruments is not None:
+                    labels = {"name": name, "target": target, "outcome": observed.outcome or "success"}
+                    instruments.duration.record(time.perf_counter() - began, labels)
 
     def started(self, name: str, target: str, lag: float | None) -> None:
         """An attempt started, ``lag`` seconds after its due time."""
-        if not self.on:
+        instruments = self.instruments if self.on else None
+        if instruments is None:
             return
         labels = {"name": name, "target": target}
-        self.counters["started"].add(1, labels)
+        instruments.counters["started"].add(1, labels)
         if lag is not None:
-            self.lag.record(max(lag, 0.0), labels)
+            instruments.lag.record(max(lag, 0.0), labels)
 
 
 def _outcome_of(exc: BaseException) -> str:

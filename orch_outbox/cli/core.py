@@ -8,6 +8,7 @@ import click
 
 from .. import demo as demo_mod
 from ..render import table
+from ..store import ErrorInfo
 from .base import (
     _masked,
     _outbox,
@@ -15,6 +16,7 @@ from .base import (
     emit,
     json_option,
     main,
+    when,
 )
 
 # -- migrate, status, show, cancel, relay, settings, demo --------------------------------
@@ -60,10 +62,32 @@ def show(ctx: click.Context, command_id: str, as_json: bool) -> None:
     outbox = _outbox(ctx)
     info = outbox.get(command_id)
     children = outbox.children(info.id)
+    attempts = outbox.attempts(info.id)
     text = describe(info)
+    if attempts:
+        rows = [
+            (
+                a.attempt,
+                a.worker or "-",
+                when(a.started_at),
+                when(a.finished_at),
+                a.outcome or "-",
+                _error_line(a.error),
+            )
+            for a in attempts
+        ]
+        text += "\nattempts:\n" + table(("attempt", "worker", "started", "finished", "outcome", "error"), rows)
     if children:
         text += "\nchained:\n" + table(("id", "name", "status"), [(c.id, c.name, c.status) for c in children])
-    emit(as_json, {**info.to_json(), "children": [c.to_json() for c in children]}, text)
+    data = {**info.to_json(), "attempts": [a.to_json() for a in attempts], "children": [c.to_json() for c in children]}
+    emit(as_json, data, text)
+
+
+def _error_line(error: ErrorInfo | None) -> str:
+    if error is None:
+        return "-"
+    text = " ".join(f"{error.type}: {error.message}".split())
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @main.command()

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import uuid
 from typing import Any
 
 import click
 
-from ..models import JobInfo, WorkerInfo
+from ..models import CommandInfo, JobInfo, WorkerInfo
+from ..operations import BULK_ACTIONS
 from ..render import table
 from ..schema import STATUSES
-from .base import _outbox, commands_table, emit, fields, filter_options, json_option, main, paging_options, when
+from ..store import SORTS, Search
+from .base import _outbox, commands_table, emit, fields, json_option, main, paging_options, when
+
+#: Most rows one ``bulk`` may touch.
+BULK_LIMIT = 10_000
 
 
 def _shown(shown: int, offset: int, total: int) -> str:
@@ -141,29 +148,83 @@ def jobs_show(ctx: click.Context, name_or_id: str, as_json: bool) -> None:
     emit(as_json, job.to_json(), fields(lines))
 
 
+def search_options(func: Any) -> Any:
+    """The filters of ``list`` and ``bulk`` (the web page's): state, name, target, tenant, batch, time, error text."""
+    for option in reversed(
+        [
+            click.option("--status", type=click.Choice(STATUSES), default=None, help="Only commands in this state."),
+            click.option("--name", default=None, help="Only commands of this name."),
+            click.option("--target", default=None, help="Only commands of this target (queue)."),
+            click.option("--tenant", default=None, help="Only this tenant's commands."),
+            click.option("--batch", default=None, help="Only the members of this batch."),
+            click.option("--after", default=None, help="Created at or after (ISO 8601; UTC unless it says)."),
+            click.option("--before", default=None, help="Created before (ISO 8601; UTC unless it says)."),
+            click.option("--error", default=None, help="Text in the error type or message."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _search(status: str | None, name: str | None, target: str | None, tenant: str | None, batch: str | None,
+            after: str | None, before: str | None, error: str | None) -> Search:  # fmt: skip
+    try:
+        return Search(
+            status=status,
+            name=name,
+            target=target,
+            tenant=tenant,
+            batch_id=uuid.UUID(batch) if batch else None,
+            created_after=_instant(after),
+            created_before=_instant(before),
+            error=error,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _instant(text: str | None) -> dt.datetime | None:
+    if not text:
+        return None
+    value = dt.datetime.fromisoformat(text)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
 @main.command("list")
-@click.option("--status", type=click.Choice(STATUSES), default=None, help="Only commands in this state.")
-@filter_options
+@search_options
+@click.option("--sort", type=click.Choice(SORTS), default="created", show_default=True, help="Order of the rows.")
 @paging_options
 @json_option
 @click.pass_context
-def list_commands(
-    ctx: click.Context,
-    status: str | None,
-    name: str | None,
-    target: str | None,
-    tenant: str | None,
-    limit: int,
-    offset: int,
-    as_json: bool,
-) -> None:
-    """Commands by state (pending, running, failed, ...), newest first, with the total."""
+def list_commands(ctx: click.Context, /, sort: str, limit: int, offset: int, as_json: bool, **filters: Any) -> None:
+    """Commands by state (pending, running, failed, ...) and the other filters, with the total."""
     outbox = _outbox(ctx)
-    filters = {"status": status, "name": name, "target": target, "tenant": tenant}
-    found = outbox.find(limit=limit, offset=offset, **filters)
-    total = outbox.count(**filters)
+    rows, total = outbox.store.search(_search(**filters), limit, offset, sort)
+    found = [CommandInfo.from_row(r) for r in rows]
     text = f"{commands_table(found, empty='no commands')}\n{_shown(len(found), offset, total)}"
     emit(as_json, {"total": total, "commands": [c.to_json() for c in found]}, text)
+
+
+@main.command()
+@click.argument("action", type=click.Choice(BULK_ACTIONS))
+@search_options
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def bulk(ctx: click.Context, /, action: str, yes: bool, **filters: Any) -> None:
+    """Cancel, requeue, purge or run now every command matching the filters (at most 10 000; asks first)."""
+    outbox = _outbox(ctx)
+    search = _search(**filters)
+    if not any(v is not None for v in vars(search).values()):
+        raise click.UsageError("name at least one filter (to act on everything, say --status ...)")
+    ids = outbox.store.matching_ids(search, BULK_LIMIT + 1)
+    if len(ids) > BULK_LIMIT:
+        raise click.ClickException(f"more than {BULK_LIMIT} commands match: narrow the filters")
+    if not ids:
+        click.echo("no command matches")
+        return
+    if not yes:
+        click.confirm(f"{action} {len(ids)} command(s)?", abort=True)
+    click.echo(f"{action}: {outbox.bulk(action, ids)} of {len(ids)} changed")
 
 
 @main.command()
@@ -195,3 +256,31 @@ def metrics(ctx: click.Context, port: int, address: str) -> None:
     stop.wait()
     backlog.stop()
     server.shutdown()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (beyond loopback: --token).")
+@click.option("--port", type=click.IntRange(1, 65535), default=9811, show_default=True, help="Port to serve on.")
+@click.option("--allow-actions", is_flag=True, help="Allow cancel, requeue, delete, pause... (read-only without).")
+@click.option("--token", envvar="ORCH_OUTBOX_WEB_TOKEN", default=None, help="Required of every request (basic auth).")
+@click.option("--flower-url", default=None, help="Link each command to its task page in this Flower.")
+@click.pass_context
+def web(
+    ctx: click.Context, host: str, port: int, allow_actions: bool, token: str | None, flower_url: str | None
+) -> None:
+    """Serve the operator's page: overview, commands, batches, schedules, workers (read-only by default)."""
+    from .. import web as web_mod
+    from ..errors import ConfigurationError
+    from ..web.security import check_binding
+
+    outbox = _outbox(ctx)
+    problem = outbox.database_problem()
+    if problem:
+        raise click.ClickException(problem)
+    try:
+        check_binding(host, token)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    mode = "actions allowed" if allow_actions else "read-only"
+    click.echo(f"serving the outbox page on http://{host}:{port}/ ({mode})")
+    web_mod.serve(outbox, host, port, allow_actions=allow_actions, token=token, flower_url=flower_url)

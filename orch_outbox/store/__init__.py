@@ -2,7 +2,7 @@
 
 Every statement the outbox runs is a method of :class:`Store` with a one-line purpose,
 in a room of its own by concern (base, hotpath, push, claims, attempts, batches,
-schedules, admin, listen, workers). Each state change names the state (and, for a worker's
+schedules, admin, listen, workers, browse). Each state change names the state (and, for a worker's
 write-back, the attempt) it expects, so a late, duplicate or zombie writer changes
 nothing: it finds no row to update.
 
@@ -17,6 +17,7 @@ from .admin import AdminStatements
 from .attempts import AttemptStatements
 from .base import Dispatch, ErrorInfo, Lapsed, Row, Started, StoreBase, make_engine
 from .batches import BatchStatements
+from .browse import SORTS, BrowseStatements, Search
 from .claims import ClaimStatements
 from .listen import ListenStatements
 from .push import COPY_CHUNK_ROWS, COPY_MIN_ROWS, PENDING, PushStatements
@@ -33,6 +34,7 @@ class Store(
     AdminStatements,
     ListenStatements,
     WorkerStatements,
+    BrowseStatements,
     StoreBase,
 ):
     """Named statements over the outbox tables (``{prefix}commands``, batches, schedules, pauses, workers)."""
@@ -42,10 +44,12 @@ __all__ = [
     "COPY_CHUNK_ROWS",
     "COPY_MIN_ROWS",
     "PENDING",
+    "SORTS",
     "Dispatch",
     "ErrorInfo",
     "Lapsed",
     "Row",
+    "Search",
     "Started",
     "Store",
     "job_key",

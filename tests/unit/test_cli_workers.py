@@ -96,3 +96,21 @@ def test_list_by_status_with_total(cli_app: Any) -> None:
     assert "(none of 0)" in run("-A", app, "list", "--status", "running").output
     bad = CliRunner().invoke(main, ["-A", app, "list", "--status", "sleeping"])
     assert bad.exit_code == 2
+
+
+def test_bulk_acts_on_what_matches_after_a_confirmation(cli_app: Any) -> None:
+    """Proves `orch-outbox bulk`: it asks before acting (answering no changes nothing), acts on exactly the commands
+    matching the filters with --yes, and refuses to run without a filter."""
+    module, app = cli_app
+    outbox = module.outbox
+    ids = [module.send.push(outbox.engine, f"user{i}@example.org") for i in range(3)]
+    other = module.watch.push(outbox.engine, "feed", None)
+    declined = CliRunner().invoke(main, ["-A", app, "bulk", "cancel", "--name", "send"], input="n\n")
+    assert declined.exit_code == 1 and "cancel 3 command(s)?" in declined.output
+    assert {outbox.get(i).status for i in ids} == {"pending"}
+    done = run("-A", app, "bulk", "cancel", "--name", "send", "--yes").output
+    assert "cancel: 3 of 3 changed" in done
+    assert {outbox.get(i).status for i in ids} == {"canceled"} and outbox.get(other).status == "pending"
+    assert CliRunner().invoke(main, ["-A", app, "bulk", "purge"]).exit_code == 2
+    assert "3 of 3 changed" in run("-A", app, "bulk", "purge", "--status", "canceled", "--yes").output
+    assert "(1-1 of 1)" in run("-A", app, "list", "--sort", "due").output
