@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from celery.canvas import Signature, _chain, _chord, group
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from . import canvas, celery_meaning
@@ -48,6 +49,19 @@ log = logging.getLogger("orch_outbox")
 
 
 Connectable = Session | sa.Connection | sa.Engine
+AsyncConnectable = AsyncSession | AsyncConnection | AsyncEngine
+
+
+async def _on_async(conn: AsyncConnectable, work: Callable[[sa.Connection], _T]) -> _T:
+    """Run ``work`` on the synchronous face of an asyncio session, connection or engine (SQLAlchemy's ``run_sync``)."""
+    if isinstance(conn, AsyncSession):
+        return await conn.run_sync(lambda session: work(session.connection()))
+    if isinstance(conn, AsyncConnection):
+        return await conn.run_sync(work)
+    if isinstance(conn, AsyncEngine):
+        async with conn.begin() as own:
+            return await own.run_sync(work)
+    raise TypeError(f"push_async needs an AsyncSession, AsyncConnection or AsyncEngine, not {type(conn).__name__}")
 
 
 _T = TypeVar("_T")
@@ -207,6 +221,19 @@ class Pushing(OutboxParts):
         rows = [self.row_for(call) for call in calls]
         bid = _as_uuid(batch_id, BatchNotFound)
         return self._with_connection(conn, lambda c: self.store.append(c, bid, rows))
+
+    async def push_async(self, conn: AsyncConnectable, call: Signature, *, tenant: str | None = None) -> uuid.UUID:
+        """:meth:`push` on an ``AsyncSession``, ``AsyncConnection`` or ``AsyncEngine`` (psycopg async).
+
+        Validation and errors are those of :meth:`push`; the rows are written at once, in the
+        caller's transaction (a rollback drops them).
+        """
+        return await _on_async(conn, lambda sync: self.push(sync, call, tenant=tenant))
+
+    async def push_many_async(self, conn: AsyncConnectable, calls: Iterable[Signature]) -> list[uuid.UUID]:
+        """:meth:`push_many` under asyncio (see :meth:`push_async`)."""
+        calls = list(calls)
+        return await _on_async(conn, lambda sync: self.push_many(sync, calls))
 
     def _insert(self, conn: Connectable, rows: list[dict[str, Any]] | Plan) -> list[uuid.UUID]:
         return self._with_connection(conn, lambda c: self.store.insert(c, rows))

@@ -83,6 +83,10 @@ class OutboxTask(Task):  # type: ignore[misc]
         """Insert this command into the outbox in the caller's transaction; returns its id."""
         return self.outbox.push(conn, self.s(*args, **kwargs))
 
+    async def push_async(self, conn: Any, /, *args: Any, **kwargs: Any) -> uuid.UUID:
+        """:meth:`push` under asyncio: ``await cmd.push_async(async_session, ...)``."""
+        return await self.outbox.push_async(conn, self.s(*args, **kwargs))
+
     def options(self, **options: Any) -> PushWith:
         """Per-push options: ``send_email.options(delay=30, priority=5).push(session, ...)``.
 
@@ -245,3 +249,7 @@ class PushWith:
     def push(self, conn: Session | sa.Connection | sa.Engine, /, *args: Any, **kwargs: Any) -> uuid.UUID:
         """Insert the command with these options; returns its id."""
         return self.task.outbox.push(conn, self.s(*args, **kwargs))
+
+    async def push_async(self, conn: Any, /, *args: Any, **kwargs: Any) -> uuid.UUID:
+        """:meth:`push` under asyncio."""
+        return await self.task.outbox.push_async(conn, self.s(*args, **kwargs))

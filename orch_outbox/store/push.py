@@ -107,6 +107,15 @@ def _savepoint(raw: Any) -> Iterator[None]:
     raw.execute("RELEASE SAVEPOINT orch_outbox_push")
 
 
+def _raw_psycopg(conn: sa.Connection) -> bool:
+    """True when the caller's connection is a synchronous psycopg one (COPY and held pushes talk to it directly).
+
+    Under asyncio (``AsyncSession``/``AsyncConnection``, seen here through ``run_sync``) rows go
+    through SQLAlchemy's own INSERT, written at once.
+    """
+    return conn.dialect.driver == "psycopg" and not conn.dialect.is_async
+
+
 def _driver(conn: sa.Connection) -> Any:
     """The caller's psycopg connection, inside the caller's SQLAlchemy transaction.
 
@@ -219,9 +228,10 @@ class PushStatements(StoreBase):
             return []
         stamped = self._stamp(rows, now)
         plain = [r for r in stamped if r.get("unique_key") is None]
-        if len(plain) >= COPY_MIN_ROWS and conn.dialect.name == "postgresql":
+        raw_ok = _raw_psycopg(conn)
+        if len(plain) >= COPY_MIN_ROWS and raw_ok:
             self._copy(conn, plain)
-        elif plain and conn.dialect.driver == "psycopg":
+        elif plain and raw_ok:
             PENDING.add(conn, plain, self._write_rows)
         elif plain:  # one executemany per set of columns: rows of a chain step may lack some keys
             for _, group in itertools.groupby(plain, key=lambda r: tuple(sorted(r))):
@@ -246,7 +256,7 @@ class PushStatements(StoreBase):
         """
         if (
             count < COPY_MIN_ROWS
-            or conn.dialect.name != "postgresql"
+            or not _raw_psycopg(conn)
             or any(template.get("unique_key") is not None for template in templates)
         ):
             return self.insert(conn, [{**template, "id": cid, "input": data} for template, cid, data in items])
