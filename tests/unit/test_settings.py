@@ -237,12 +237,12 @@ def test_resolved_database_url_defaults_to_sqlite_under_home(tmp_path: object) -
 
 
 def test_readme_settings_table_lists_every_setting() -> None:
-    """Proves the README's settings table is the real one: every setting, its variable and its default."""
+    """Proves the settings page (docs/settings.md) is the real one: every setting, its variable and its default."""
     from pathlib import Path
 
     from orch_outbox.settings import describe
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text()
     for key, env, default, _doc in describe():
         row = f"| `{key}` | `{env}` | `{default!r}` |"
-        assert row in readme, f"README settings table lacks or misstates: {row}"
+        assert row in readme, f"docs/settings.md lacks or misstates: {row}"
