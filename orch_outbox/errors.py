@@ -98,3 +98,7 @@ class WorkerLeaving(OutboxError):
 
 class WorkerNotFound(OutboxError, LookupError):
     """No worker with that name is in the registry."""
+
+
+class TablesMissing(OutboxError):
+    """The outbox tables are missing in this database: run ``orch-outbox migrate``."""

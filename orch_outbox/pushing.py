@@ -20,6 +20,7 @@ from .errors import (
     ConfigurationError,
     InvalidInput,
     InvalidOption,
+    TablesMissing,
     UnknownCommand,
 )
 from .jsoncodec import argument_encoder, check_size, encode_arguments, encode_arguments_with_result
@@ -239,6 +240,8 @@ class Pushing(OutboxParts):
         return self._with_connection(conn, lambda c: self.store.insert(c, rows))
 
     def _with_connection(self, conn: Connectable, work: Callable[[sa.Connection], _T]) -> _T:
+        if not self.__dict__.get("_tables_seen"):
+            self._check_tables()
         if isinstance(conn, Session):
             return work(conn.connection())
         if isinstance(conn, sa.Connection):
@@ -247,6 +250,17 @@ class Pushing(OutboxParts):
             with conn.begin() as own:
                 return work(own)
         raise TypeError(f"push needs a SQLAlchemy Session, Connection or Engine, not {type(conn).__name__}")
+
+    def _check_tables(self) -> None:
+        """Once per outbox, before its first push: a database without the tables gets one clear error."""
+        missing = self.store.missing_tables()
+        if missing:
+            url = self.engine.url.render_as_string(hide_password=True)
+            raise TablesMissing(
+                f"the outbox tables are missing in {url} ({', '.join(missing)}): run `orch-outbox migrate` "
+                "(`orch-outbox -A yourmodule:outbox migrate` for an outbox of your own)"
+            )
+        self.__dict__["_tables_seen"] = True
 
     def steps_for(self, call: Signature, pass_result: bool = False) -> list[Step]:
         """A Celery canvas as durable chain steps (see ``canvas.py``); raises on shapes it cannot keep."""

@@ -105,3 +105,22 @@ def test_a_configuration_error_names_its_setting(key: str, value: object) -> Non
 
     with pytest.raises(ConfigurationError, match=f"outbox_{key}"):
         Settings.from_sources({f"outbox_{key}": value}, env={})
+
+
+def test_a_push_into_a_database_without_the_tables_says_to_migrate(tmp_path: Path) -> None:
+    """Proves the first contact: pushing before `orch-outbox migrate` raises TablesMissing naming the command to
+    run (not a driver error about a table), writes nothing, and works once the tables exist."""
+    from celery import Celery
+
+    from orch_outbox import Outbox, TablesMissing
+
+    outbox = Outbox(Celery("first-contact", broker="memory://", set_as_current=False), f"sqlite:///{tmp_path}/x.db")
+
+    @outbox.command
+    def hello() -> None: ...
+
+    with pytest.raises(TablesMissing, match="orch-outbox migrate"):
+        hello.push(outbox.engine)
+    outbox.create_tables()
+    assert outbox.get(hello.push(outbox.engine)).status == "pending"
+    outbox.engine.dispose()
