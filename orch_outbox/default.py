@@ -53,11 +53,12 @@ TRANSPORT_ALIASES.setdefault("orchfs", "orch_outbox.fsbroker:Transport")
 
 
 def embedded_broker(home: str) -> dict[str, Any]:
-    """Celery settings for kombu's filesystem broker under ``home``: no server, several processes."""
+    """Celery settings for kombu's filesystem broker under ``home``: no server, several processes.
+
+    The folders are made when the broker is first used (see fsbroker.py), not when a command is declared.
+    """
     folder = os.path.abspath(os.path.join(home, "broker"))
     data, control = os.path.join(folder, "data"), os.path.join(folder, "control")
-    for path in (data, control):
-        os.makedirs(path, exist_ok=True)
     return {
         "broker_url": "orchfs://",
         "broker_transport_options": {

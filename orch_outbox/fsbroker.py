@@ -20,6 +20,12 @@ from kombu.utils.json import dumps
 
 
 class Channel(filesystem.Channel):  # type: ignore[misc]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        for folder in {self.data_folder_in, self.data_folder_out, self.control_folder}:
+            if folder:  # made on first use, so that declaring a command leaves no folder behind
+                os.makedirs(folder, exist_ok=True)
+
     def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)

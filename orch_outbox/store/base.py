@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -114,6 +115,14 @@ def make_engine(url: str, **options: Any) -> sa.Engine:
 
 
 def _tune_sqlite(engine: sa.Engine) -> None:
+    @event.listens_for(engine, "do_connect")
+    def _make_folder(_dialect: Any, _record: Any, cargs: Any, _cparams: Any) -> None:
+        """The SQLite file's folder is made at the first connection (declaring a command makes none)."""
+        database = engine.url.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            folder = os.path.dirname(os.path.abspath(database))
+            os.makedirs(folder, exist_ok=True)
+
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None

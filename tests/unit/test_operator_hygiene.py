@@ -124,3 +124,13 @@ def test_a_push_into_a_database_without_the_tables_says_to_migrate(tmp_path: Pat
     outbox.create_tables()
     assert outbox.get(hello.push(outbox.engine)).status == "pending"
     outbox.engine.dispose()
+
+
+def test_declaring_a_command_leaves_no_folder_behind(tmp_path: Path) -> None:
+    """Proves the embedded default makes `.orch_outbox/` only when something is written there: importing a module
+    that declares a command on the ready app, in an empty folder, leaves it empty."""
+    (tmp_path / "declares.py").write_text("from orch_outbox import command\n\n@command\ndef hi() -> None: ...\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_OUTBOX_", "CELERY_"))}
+    done = subprocess.run([sys.executable, "-c", "import declares"], cwd=tmp_path, env=env, timeout=60)
+    assert done.returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["declares.py"]
