@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -17,6 +19,7 @@ from ..errors import OutboxError
 from ..jsoncodec import encode
 from ..outbox import BatchInfo, CommandInfo, Outbox, ScheduleInfo, outbox_of
 from ..render import table
+from ..store import ErrorInfo
 
 F = TypeVar("F", bound=Callable[..., Any])
 #: Widest error message shown in a table (``--json`` has them whole).
@@ -207,9 +210,14 @@ def commands_table(found: list[CommandInfo], empty: str) -> str:
 
 def error_text(info: CommandInfo) -> str:
     """A command's error on one line, clipped for a table."""
-    if info.error is None:
+    return error_line(info.error)
+
+
+def error_line(error: ErrorInfo | None) -> str:
+    """An error on one line, clipped to :data:`ERROR_WIDTH`."""
+    if error is None:
         return "-"
-    text = " ".join(f"{info.error.type}: {info.error.message}".split())
+    text = " ".join(f"{error.type}: {error.message}".split())
     return text if len(text) <= ERROR_WIDTH else text[: ERROR_WIDTH - 3] + "..."
 
 
@@ -248,3 +256,15 @@ def scope_of(target: str | None, tenant: str | None) -> tuple[str, str]:
 def scope_text(scope: str, value: str) -> str:
     """What a pause covers, in words."""
     return "everything" if scope == "all" else f"{scope} {value!r}"
+
+
+def ready_outbox(ctx: click.Context) -> tuple[Outbox, threading.Event]:
+    """The outbox of a long-running command, its database checked, and an event set by SIGINT or SIGTERM."""
+    outbox = _outbox(ctx)
+    problem = outbox.database_problem()
+    if problem:
+        raise click.ClickException(problem)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return outbox, stop

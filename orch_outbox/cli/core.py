@@ -8,14 +8,15 @@ import click
 
 from .. import demo as demo_mod
 from ..render import table
-from ..store import ErrorInfo
 from .base import (
     _masked,
     _outbox,
     describe,
     emit,
+    error_line,
     json_option,
     main,
+    ready_outbox,
     when,
 )
 
@@ -72,7 +73,7 @@ def show(ctx: click.Context, command_id: str, as_json: bool) -> None:
                 when(a.started_at),
                 when(a.finished_at),
                 a.outcome or "-",
-                _error_line(a.error),
+                error_line(a.error),
             )
             for a in attempts
         ]
@@ -81,13 +82,6 @@ def show(ctx: click.Context, command_id: str, as_json: bool) -> None:
         text += "\nchained:\n" + table(("id", "name", "status"), [(c.id, c.name, c.status) for c in children])
     data = {**info.to_json(), "attempts": [a.to_json() for a in attempts], "children": [c.to_json() for c in children]}
     emit(as_json, data, text)
-
-
-def _error_line(error: ErrorInfo | None) -> str:
-    if error is None:
-        return "-"
-    text = " ".join(f"{error.type}: {error.message}".split())
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @main.command()
@@ -110,16 +104,7 @@ def cancel(ctx: click.Context, command_id: str) -> None:
 @click.pass_context
 def relay(ctx: click.Context) -> None:
     """Run the relay and the lease rescuer in the foreground (instead of, or beside, beat)."""
-    import signal
-    import threading
-
-    outbox = _outbox(ctx)
-    problem = outbox.database_problem()
-    if problem:
-        raise click.ClickException(problem)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    outbox, stop = ready_outbox(ctx)
     if outbox.store.can_listen:
         click.echo(
             f"relaying on NOTIFY {outbox.settings.table_prefix}commands, polling every "

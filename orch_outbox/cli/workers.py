@@ -14,7 +14,7 @@ from ..operations import BULK_ACTIONS
 from ..render import table
 from ..schema import STATUSES
 from ..store import SORTS, Search
-from .base import _outbox, commands_table, emit, fields, json_option, main, paging_options, when
+from .base import _outbox, commands_table, emit, fields, json_option, main, paging_options, ready_outbox, when
 
 #: Most rows one ``bulk`` may touch.
 BULK_LIMIT = 10_000
@@ -233,18 +233,9 @@ def bulk(ctx: click.Context, /, action: str, yes: bool, **filters: Any) -> None:
 @click.pass_context
 def metrics(ctx: click.Context, port: int, address: str) -> None:
     """Serve the outbox's metrics for Prometheus (backlog by target and status, oldest pending, dead letters)."""
-    import signal
-    import threading
-
     from .. import metrics as metrics_mod
 
-    outbox = _outbox(ctx)
-    problem = outbox.database_problem()
-    if problem:
-        raise click.ClickException(problem)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    outbox, stop = ready_outbox(ctx)
     try:
         server = metrics_mod.serve(port, address)
     except OSError as exc:

@@ -340,6 +340,20 @@ class StoreBase:
             fence.append(t.c.lease_expires_at < self._now())
         return fence
 
+    def _select_lapsed(self) -> sa.Select[Any]:
+        """The columns of a :class:`Lapsed` attempt (the rescuer's and the reaper's reads)."""
+        t = self.table
+        return sa.select(
+            t.c.id,
+            t.c.name,
+            t.c.attempt,
+            t.c.input,
+            t.c.retries,
+            t.c.retries_left,
+            t.c.cancel_requested_at.is_not(None).label("cancel_requested"),
+            t.c.kind,
+        )
+
     def _paused(self) -> sa.ColumnElement[bool]:
         """True for a command row held back by a pause (everything, its target, or its tenant)."""
         t, p = self.table, self.pauses

@@ -243,16 +243,7 @@ class ClaimStatements(StoreBase):
         """Running rows whose lease ran out (read only; each is then settled by a fenced write)."""
         t = self.table
         stmt = (
-            sa.select(
-                t.c.id,
-                t.c.name,
-                t.c.attempt,
-                t.c.input,
-                t.c.retries,
-                t.c.retries_left,
-                t.c.cancel_requested_at.is_not(None).label("cancel_requested"),
-                t.c.kind,
-            )
+            self._select_lapsed()
             .where(t.c.status == Status.RUNNING, t.c.lease_expires_at < self._now())
             .order_by(t.c.lease_expires_at)
             .limit(limit)

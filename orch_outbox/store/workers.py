@@ -72,16 +72,7 @@ class WorkerStatements(StoreBase):
         """
         t = self.table
         stmt = (
-            sa.select(
-                t.c.id,
-                t.c.name,
-                t.c.attempt,
-                t.c.input,
-                t.c.retries,
-                t.c.retries_left,
-                t.c.cancel_requested_at.is_not(None).label("cancel_requested"),
-                t.c.kind,
-            )
+            self._select_lapsed()
             .where(t.c.status == Status.RUNNING, t.c.worker == worker)
             .order_by(t.c.started_at)
             .limit(limit)
