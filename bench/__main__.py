@@ -31,6 +31,7 @@ SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "push": ("bench.push", "cost of a push", ("postgresql", "rabbitmq")),
     "bigtable": ("bench.bigtable", "many finished rows in the table", ("postgresql", "redis", "rabbitmq")),
     "memory": ("bench.memory", "RSS of the relay and of the worker", ("postgresql", "redis", "rabbitmq")),
+    "flow": ("bench.flow", "the claim under flow control (limits, tenants in turns)", ("postgresql",)),
     "web": ("bench.web", "the operator's page over 100 000 commands", ("postgresql",)),
     # last: it leaves the OpenTelemetry SDK set up in the bench process
     "telemetry": ("bench.telemetry", "cost of tracing and metrics", ("postgresql", "redis", "rabbitmq")),

@@ -33,13 +33,14 @@ from .errors import (
     WorkerLeaving,
     WorkerNotFound,
 )
+from .flow import Limit
 from .manager import Jobs
 from .models import JobInfo, Page, RunningAttempt, WorkerInfo
 from .outbox import BatchInfo, BatchRef, CommandInfo, FailedAttempt, Outbox, ScheduleInfo
 from .schema import FINAL_STATUSES, STATUSES, metadata_for
 from .settings import Settings
 from .signals import command_failed
-from .store import ErrorInfo
+from .store import ErrorInfo, LimitState
 from .task import OutboxTask, Outcome
 
 __version__ = "0.1.0"
@@ -66,6 +67,8 @@ __all__ = [
     "JobNotFound",
     "Jobs",
     "LeaseLost",
+    "Limit",
+    "LimitState",
     "Outbox",
     "OutboxError",
     "OutboxTask",

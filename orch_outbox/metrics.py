@@ -4,7 +4,8 @@
 on a worker or beat) installs a meter provider with OpenTelemetry's Prometheus reader,
 unless the application installed one of its own, and serves ``/metrics`` with
 ``prometheus_client``. The backlog gauges (commands by target and status, the oldest
-pending command's age, dead letters by target) read numbers a thread refreshes every
+pending command's age, dead letters by target, and per limit key the commands in flight
+and those held back by it) read numbers a thread refreshes every
 ``outbox_metrics_interval`` seconds with two grouped, index-served queries: a scrape
 never runs a query.
 """
@@ -14,12 +15,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, StoreUnavailable
 
 if TYPE_CHECKING:
+    from .flow import Plan
     from .store import Store
 
 log = logging.getLogger("orch_outbox.metrics")
@@ -28,9 +30,13 @@ log = logging.getLogger("orch_outbox.metrics")
 class Backlog:
     """The numbers behind the backlog gauges, refreshed by a thread of its own."""
 
-    def __init__(self, store: Store, interval: float) -> None:
+    def __init__(self, store: Store, interval: float, plan: Callable[[], Plan] | None = None) -> None:
+        """``plan``: the flow control in force (the relay's), for the limit gauges."""
         self.store = store
         self.interval = interval
+        self.plan = plan
+        #: per limit key: (in flight, due commands held by it now)
+        self.limits: dict[str, tuple[int, int]] = {}
         self.counts: dict[tuple[str, str], int] = {}
         self.oldest: dict[str, float] = {}
         self.dead: dict[str, int] = {}
@@ -44,6 +50,8 @@ class Backlog:
             rows = self.store.backlog()
             dead = self.store.dead_letters()
             now = self.store.now()
+            plan = self.plan() if self.plan is not None else None
+            limits = self.store.limit_states(plan) if plan is not None and plan.limited else []
         except StoreUnavailable as exc:
             log.warning("metrics: backlog not refreshed: %s", exc)
             return False
@@ -54,6 +62,7 @@ class Backlog:
             if status == "pending" and isinstance(due, dt.datetime)
         }
         self.dead = dict(dead)
+        self.limits = {s.key: (s.in_flight, s.due if s.held else 0) for s in limits}
         self.refreshed.set()
         return True
 
@@ -84,7 +93,19 @@ def observe_backlog(backlog: Backlog) -> None:
     def dead(_: CallbackOptions) -> Iterable[Observation]:
         return [Observation(n, {"target": t}) for t, n in backlog.dead.items()]
 
+    def held(_: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, {"limit": key}) for key, (_, n) in backlog.limits.items()]
+
+    def limited(_: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(n, {"limit": key}) for key, (n, _) in backlog.limits.items()]
+
     meter = otel_metrics.get_meter("orch_outbox")
+    meter.create_observable_gauge(
+        "orch_outbox.limit.waiting", [held], unit="{command}", description="due commands held back by a limit"
+    )
+    meter.create_observable_gauge(
+        "orch_outbox.limit.in_flight", [limited], unit="{command}", description="commands in flight under a limit"
+    )
     meter.create_observable_gauge(
         "orch_outbox.backlog", [counts], unit="{command}", description="unfinished commands by target and status"
     )

@@ -43,7 +43,7 @@ from .scheduling import Scheduling
 from .settings import Settings
 from .settle import Settler
 from .signals import command_failed
-from .store import ErrorInfo, Store, make_engine
+from .store import ErrorInfo, LimitState, Store, make_engine
 from .telemetry import Telemetry
 from .validation import (
     PUSH_OPTIONS,
@@ -200,6 +200,12 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
     def worker(self, name: str) -> WorkerInfo:
         """One registered worker (by nodename), with what it runs now."""
         return self.monitor.worker(name)
+
+    def limits(self) -> list[LimitState]:
+        """The cluster-wide limits in force (settings and commands), each with what is in flight and due under it,
+        and whether it holds commands back now."""
+        plan = self.relay.plan()
+        return self.store.limit_states(plan) if plan.limited else []
 
     @functools.cached_property
     def relay(self) -> Relay:

@@ -23,6 +23,7 @@ from .errors import (
     TablesMissing,
     UnknownCommand,
 )
+from .flow import make_limit
 from .jsoncodec import argument_encoder, check_size, encode_arguments, encode_arguments_with_result
 from .models import BatchRef
 from .parts import OutboxParts
@@ -82,6 +83,8 @@ class Pushing(OutboxParts):
         priority: int = 0,
         backoff: Callable[[int, str], float] | None = None,
         hide_input: bool = False,
+        concurrency: int | None = None,
+        rate: str | None = None,
         **celery_options: Any,
     ) -> Any:
         """Declare a command: ``@outbox.command(target="email-worker", timeout=120, retries=5)``.
@@ -90,7 +93,9 @@ class Pushing(OutboxParts):
         suffix is dropped and CamelCase becomes snake_case). Other keyword arguments
         are Celery task options (``rate_limit``, ``time_limit``, ...). ``hide_input``
         keeps the arguments out of the broker message, worker logs and Flower (they stay
-        in the outbox row, where the handler reads them).
+        in the outbox row, where the handler reads them). ``concurrency`` and ``rate``
+        (``"100/m"``) are cluster-wide limits of this command, kept by the claim (see
+        ``flow.py``); ``outbox_limits["command:NAME"]`` in the settings wins over them.
         """
         if target is not None:
             validate_target(target)
@@ -99,10 +104,15 @@ class Pushing(OutboxParts):
         _check_priority(priority)
 
         def decorate(func: Callable[..., Any]) -> Any:
+            task_name = check_command_name(name if name is not None else command_name(func.__name__))
+            limit = None
+            if concurrency is not None or rate is not None:
+                limit = make_limit(f"command:{task_name}", concurrency, rate, where=f"@command {task_name}")
             return self.app.task(
                 func,
                 base=OutboxTask,
-                name=check_command_name(name if name is not None else command_name(func.__name__)),
+                name=task_name,
+                outbox_limit=limit,
                 shared=False,
                 outbox_target=target,
                 outbox_timeout=timeout,
@@ -240,20 +250,27 @@ class Pushing(OutboxParts):
         return self._with_connection(conn, lambda c: self.store.insert(c, rows))
 
     def _with_connection(self, conn: Connectable, work: Callable[[sa.Connection], _T]) -> _T:
-        if not self.__dict__.get("_tables_seen"):
-            self._check_tables()
         if isinstance(conn, Session):
-            return work(conn.connection())
+            return self._checked(conn.connection(), work)
         if isinstance(conn, sa.Connection):
-            return work(conn)
+            return self._checked(conn, work)
         if isinstance(conn, sa.Engine):
             with conn.begin() as own:
-                return work(own)
+                return self._checked(own, work)
         raise TypeError(f"push needs a SQLAlchemy Session, Connection or Engine, not {type(conn).__name__}")
 
-    def _check_tables(self) -> None:
-        """Once per outbox, before its first push: a database without the tables gets one clear error."""
-        missing = self.store.missing_tables()
+    def _checked(self, conn: sa.Connection, work: Callable[[sa.Connection], _T]) -> _T:
+        if not self.__dict__.get("_tables_seen"):
+            self._check_tables(conn)
+        return work(conn)
+
+    def _check_tables(self, conn: sa.Connection | None = None) -> None:
+        """Once per outbox, before its first push: a database without the tables gets one clear error.
+
+        Read on the caller's connection, inside its transaction: on SQLite another connection
+        would wait on the transaction's own write lock.
+        """
+        missing = self.store.missing_tables(conn)
         if missing:
             url = self.engine.url.render_as_string(hide_password=True)
             raise TablesMissing(

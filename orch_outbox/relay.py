@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import StoreUnavailable, UnknownCommand
+from .flow import Limit, Plan
 from .store import Dispatch, ErrorInfo
 from .telemetry import OFF, Telemetry
 
@@ -67,6 +68,8 @@ class Relay:
         #: target queues declared on the producer's current connection
         self._declared: set[str] = set()
         self._lock = threading.Lock()
+        self._plan: Plan | None = None
+        self._plan_tasks = -1
 
     def run_once(self, budget: float = RUN_BUDGET_SECONDS) -> int:
         """Claim and publish batches until none is full or the budget is spent; returns rows published.
@@ -91,6 +94,7 @@ class Relay:
                     self.settings.dispatch_timeout,
                     self.settings.max_in_flight,
                     on_expired=self._expired,
+                    plan=self.plan(),
                 )
             except StoreUnavailable as exc:
                 log.warning("relay: %s", exc)
@@ -102,6 +106,21 @@ class Relay:
             published += sent
             if sent < len(batch) or len(batch) < self.settings.batch_size or time.monotonic() > deadline:
                 return published
+
+    def plan(self) -> Plan:
+        """The flow control in force: the settings' limits, the commands' own, and fair shares between tenants.
+
+        Rebuilt when the app registers more tasks (a command's own limit comes with it);
+        a key in ``outbox_limits`` wins over a command's ``@command(concurrency=, rate=)``.
+        """
+        tasks = self.app.tasks
+        if self._plan is None or self._plan_tasks != len(tasks):
+            configured = {limit.key: limit for limit in self.settings.limits}
+            own = [getattr(task, "outbox_limit", None) for task in list(tasks.values())]
+            merged = {limit.key: limit for limit in own if isinstance(limit, Limit)} | configured
+            self._plan = Plan(tuple(merged.values()), self.settings.fair_tenants, self.settings.poll_interval)
+            self._plan_tasks = len(tasks)
+        return self._plan
 
     def publish(self, batch: list[Dispatch]) -> int:
         """Publish a claimed batch; rows the broker did not take (or confirm) go back to pending.

@@ -1,10 +1,12 @@
 """The outbox tables, as SQLAlchemy metadata (also Alembic's target metadata).
 
-Five tables per outbox: ``{prefix}commands`` (the outbox itself, commands and jobs),
+Seven tables per outbox: ``{prefix}commands`` (the outbox itself, commands and jobs),
 ``{prefix}batches`` (batches and chords, with their continuation), ``{prefix}schedules``
-(cron schedules), ``{prefix}pauses`` (what the relay holds back) and ``{prefix}workers``
-(the worker registry: which worker processes are alive, and what they may hold). The claim is served by a partial index
-over pending rows in claim order; the lease rescuer by a partial index over leased rows.
+(cron schedules), ``{prefix}pauses`` (what the relay holds back), ``{prefix}limits`` (the
+rate limits' buckets), ``{prefix}attempts`` (the attempt history) and ``{prefix}workers``
+(the worker registry: which worker processes are alive, and what they may hold). The
+claim is served by a partial index over pending rows in claim order; the lease rescuer by
+a partial index over leased rows.
 Users with their own Alembic setup can include :func:`metadata_for` in their
 ``target_metadata``.
 """
@@ -142,6 +144,15 @@ def metadata_for(prefix: str = "orch_") -> sa.MetaData:
     # Serves "is any member of this batch unfinished?" (one probe per finishing member) and batch statistics.
     sa.Index(f"{prefix}commands_batch_idx", c.batch_id, c.status, postgresql_where=c.batch_id.is_not(None))
     _partial(f"{prefix}commands_tenant_idx", c.tenant, c.status, where=c.tenant.is_not(None))
+    # Fair shares: the tenants with due rows (a skip scan) and each tenant's rows in claim order.
+    # Rows without a tenant (most, where tenants are not used) add no entry.
+    _partial(
+        f"{prefix}commands_due_tenant_idx",
+        c.tenant,
+        c.priority.desc(),
+        c.scheduled_at,
+        where=sa.and_(due_scope(commands), c.tenant.is_not(None)),
+    )
     _add_support_tables(metadata, prefix)
     attempts = _add_attempts_table(metadata, prefix)
     for ddl in notify_ddl(prefix):
@@ -288,6 +299,15 @@ def _add_support_tables(metadata: sa.MetaData, prefix: str) -> None:
         sa.Column("paused_at", UTCDateTime(), nullable=False),
         sa.CheckConstraint("scope IN ('all', 'target', 'tenant')", name=f"{prefix}pauses_scope_check"),
     )
+    # Flow control: the token bucket of each rate-limited key (a target, ``command:x``, ``tenant:y``).
+    # A bucket that refilled to full is deleted, so the table holds only the recently busy keys.
+    sa.Table(
+        f"{prefix}limits",
+        metadata,
+        sa.Column("key", sa.String(220), primary_key=True),
+        sa.Column("tokens", sa.Float(), nullable=False),
+        sa.Column("updated_at", UTCDateTime(), nullable=False),
+    )
     sa.Table(
         f"{prefix}workers",
         metadata,
@@ -354,6 +374,11 @@ def pauses_table(prefix: str = "orch_") -> sa.Table:
 def attempts_table(prefix: str = "orch_") -> sa.Table:
     """The ``{prefix}attempts`` table (the attempt history)."""
     return metadata_for(prefix).tables[f"{prefix}attempts"]
+
+
+def limits_table(prefix: str = "orch_") -> sa.Table:
+    """The ``{prefix}limits`` table (the rate limits' token buckets)."""
+    return metadata_for(prefix).tables[f"{prefix}limits"]
 
 
 def workers_table(prefix: str = "orch_") -> sa.Table:

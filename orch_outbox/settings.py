@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigurationError
+from .flow import Limit, parse_limits
 
 PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,29}")
 TARGET_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,199}")
@@ -73,6 +74,12 @@ class Settings:
     telemetry: bool = _doc("OpenTelemetry spans and metrics, when the `otel` extra is installed", True)
     metrics_port: int = _doc("a worker or beat serves its metrics for Prometheus on this port (0: none)", 0)
     metrics_interval: float = _doc("seconds between the backlog queries behind the backlog gauges", 15.0)
+    limits: tuple[Limit, ...] = _doc(
+        "cluster-wide limits by key (a target, `command:NAME`, `tenant:NAME`, `tenant:*`): "
+        "`{key: {'concurrency': N, 'rate': '100/m'}}`; the variable takes that mapping as JSON",
+        (),
+    )
+    fair_tenants: bool = _doc("due commands of different tenants are claimed in turns, within each priority", True)
 
     @classmethod
     def from_sources(
@@ -199,6 +206,8 @@ def _field(name: str) -> dataclasses.Field[Any]:
 
 def _coerce(f: dataclasses.Field[Any], value: Any, key: str) -> Any:
     kind: type = type(f.default)
+    if kind is tuple:
+        return parse_limits(value, key)
     try:
         if kind is bool:
             if isinstance(value, str):

@@ -19,6 +19,7 @@ from celery import Task
 
 from . import celery_meaning
 from .errors import ChainedPush
+from .flow import Limit
 from .registry import outbox_of
 from .store import ErrorInfo
 
@@ -76,6 +77,8 @@ class OutboxTask(Task):  # type: ignore[misc]
     outbox_backoff: Callable[[int, str], float] | None = None
     outbox_hooks: Hooks
     outbox_hide_input: bool = False
+    #: this command's own cluster-wide limit (``@command(concurrency=, rate=)``), if any
+    outbox_limit: Limit | None = None
 
     # -- pushing ------------------------------------------------------------------------
 

@@ -181,7 +181,7 @@ class Wiring(OutboxParts):
 
         metrics.serve(self.settings.metrics_port)
         if isinstance(sender, beat.Service):
-            backlog = metrics.Backlog(self.store, self.settings.metrics_interval)
+            backlog = metrics.Backlog(self.store, self.settings.metrics_interval, self.relay.plan)
             metrics.observe_backlog(backlog)
             backlog.start()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from typing import Any
 
 import click
 
@@ -46,12 +48,21 @@ def migrate(ctx: click.Context, sql: bool, revision: str) -> None:
 @json_option
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Counts of commands by target and status."""
-    counts = _outbox(ctx).store.counts()
-    data: dict[str, dict[str, int]] = {}
+    """Counts of commands by target and status, and the limits with what waits on them."""
+    outbox = _outbox(ctx)
+    counts = outbox.store.counts()
+    data: dict[str, Any] = {}
     for target, state, count in counts:
         data.setdefault(target, {})[state] = count
-    emit(as_json, data, table(("target", "status", "count"), counts, empty="the outbox is empty"))
+    text = table(("target", "status", "count"), counts, empty="the outbox is empty")
+    limits = outbox.limits()
+    if limits:
+        rows = [(s.key, s.limit, s.in_flight, s.due, "yes" if s.held else "no") for s in limits]
+        text += "\nlimits:\n" + table(("limit", "in force", "in flight", "due", "holding back"), rows)
+        held = sum(s.due for s in limits if s.held)
+        text += f"\n{held} due command(s) wait on a limit"
+    data_out = {"targets": data, "limits": [dataclasses.asdict(s) for s in limits]} if limits else data
+    emit(as_json, data_out, text)
 
 
 @main.command()

@@ -240,7 +240,7 @@ def metrics(ctx: click.Context, port: int, address: str) -> None:
         server = metrics_mod.serve(port, address)
     except OSError as exc:
         raise click.ClickException(f"cannot serve on {address}:{port}: {exc}") from None
-    backlog = metrics_mod.Backlog(outbox.store, outbox.settings.metrics_interval)
+    backlog = metrics_mod.Backlog(outbox.store, outbox.settings.metrics_interval, outbox.relay.plan)
     metrics_mod.observe_backlog(backlog)
     backlog.start()
     click.echo(f"serving metrics on http://{address}:{port}/metrics")

@@ -2,7 +2,7 @@
 
 Every statement the outbox runs is a method of :class:`Store` with a one-line purpose,
 in a room of its own by concern (base, hotpath, push, claims, attempts, batches,
-schedules, admin, listen, workers, browse). Each state change names the state (and, for a worker's
+schedules, admin, listen, workers, browse, flow). Each state change names the state (and, for a worker's
 write-back, the attempt) it expects, so a late, duplicate or zombie writer changes
 nothing: it finds no row to update.
 
@@ -19,6 +19,7 @@ from .base import Dispatch, ErrorInfo, Lapsed, Row, Started, StoreBase, make_eng
 from .batches import BatchStatements
 from .browse import SORTS, BrowseStatements, Search
 from .claims import ClaimStatements
+from .flow import FlowStatements, LimitState
 from .listen import ListenStatements
 from .push import COPY_CHUNK_ROWS, COPY_MIN_ROWS, PENDING, PushStatements
 from .schedules import ScheduleStatements
@@ -28,6 +29,7 @@ from .workers import WorkerStatements, job_key
 class Store(
     PushStatements,
     ClaimStatements,
+    FlowStatements,
     AttemptStatements,
     BatchStatements,
     ScheduleStatements,
@@ -48,6 +50,7 @@ __all__ = [
     "Dispatch",
     "ErrorInfo",
     "Lapsed",
+    "LimitState",
     "Row",
     "Search",
     "Started",

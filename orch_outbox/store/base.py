@@ -30,6 +30,9 @@ from ..schema import (
 from ..states import Status
 from .hotpath import _HotPath
 
+if TYPE_CHECKING:
+    from ..flow import Plan as FlowPlan
+
 Row = Mapping[str, Any]
 
 
@@ -226,6 +229,16 @@ class StoreBase:
 
         def settle_batches(self, batch_ids: Iterable[uuid.UUID | None]) -> int: ...
 
+        def _claim_update(self, ids: sa.Select[Any]) -> sa.Update: ...
+
+        def tenants_lately(self) -> bool: ...
+
+        def saw_tenants(self) -> None: ...
+
+        def claim_flow(
+            self, plan: FlowPlan, limit: int, dispatch_timeout: float, max_in_flight: int = 0
+        ) -> tuple[list[Dispatch], list[Any]]: ...
+
         def _settle(self, conn: sa.Connection, batch_id: uuid.UUID) -> int: ...
 
     def after_fork(self) -> None:
@@ -318,11 +331,12 @@ class StoreBase:
         with self._tx() as conn:
             self.metadata.create_all(conn)
 
-    def missing_tables(self) -> list[str]:
-        """The outbox tables the database lacks (run ``orch-outbox migrate``); StoreUnavailable if unreachable."""
+    def missing_tables(self, conn: sa.Connection | None = None) -> list[str]:
+        """The outbox tables the database lacks (run ``orch-outbox migrate``), read on ``conn`` or a connection of
+        its own; StoreUnavailable if unreachable."""
         try:
-            with self.engine.connect() as conn:
-                inspector = sa.inspect(conn)
+            with contextlib.nullcontext(conn) if conn is not None else self.engine.connect() as on:
+                inspector = sa.inspect(on)
                 return [name for name in self.metadata.tables if not inspector.has_table(name)]
         except sa.exc.DBAPIError as exc:
             raise StoreUnavailable(str(exc.orig or exc).strip().splitlines()[0]) from exc

@@ -10,6 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ..flow import Plan
 from ..states import AttemptOutcome, Status
 from .base import (
     Dispatch,
@@ -30,6 +31,7 @@ class ClaimStatements(StoreBase):
         dispatch_timeout: float,
         max_in_flight: int = 0,
         on_expired: Callable[[list[uuid.UUID]], None] | None = None,
+        plan: Plan | None = None,
     ) -> list[Dispatch]:
         """Claim up to ``limit`` due pending rows: each becomes dispatched with a new attempt.
 
@@ -38,7 +40,18 @@ class ClaimStatements(StoreBase):
         (0: no limit): targets with that many messages published and not yet started are
         skipped, so the backlog waits in the database (where it can be reordered and
         canceled) and no message waits in the broker past its dispatch lease.
+
+        ``plan``: flow control (limits, tenants in turns; see ``flow.py``). With limits, or
+        with due commands of some tenant, the claim is the flow claim of ``store/flow.py``;
+        otherwise the one statement below.
         """
+        if plan is not None and (plan.limited or (plan.fair and self.tenants_lately())):
+            claimed, expired = self.claim_flow(plan, limit, dispatch_timeout, max_in_flight)
+            if expired:
+                self.settle_batches(r.batch_id for r in expired)
+                if on_expired is not None:
+                    on_expired([r.id for r in expired])
+            return claimed
         params: dict[str, Any] = {"p_limit": limit}
         if max_in_flight:
             params["p_cap"] = max_in_flight
@@ -69,6 +82,8 @@ class ClaimStatements(StoreBase):
             if r.status == Status.DISPATCHED
         ]
         claimed.sort(key=lambda d: (-d.priority, d.id))  # within a priority, oldest first (ids are time-ordered)
+        if plan is not None and plan.fair and any(r.tenant is not None for r in rows):
+            self.saw_tenants()
         if len(claimed) < len(rows):
             self.settle_batches(r.batch_id for r in rows if r.status == Status.EXPIRED)
             if on_expired is not None:

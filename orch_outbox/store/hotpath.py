@@ -15,7 +15,8 @@ from ..errors import StoreUnavailable
 
 #: A claimed row as the claim statement returns it (its RETURNING list is these fields).
 _CLAIMED = collections.namedtuple(
-    "_CLAIMED", "id name target attempt input timeout priority status batch_id expires_at retries retries_left trace"
+    "_CLAIMED",
+    "id name target attempt input timeout priority status batch_id expires_at retries retries_left trace tenant",
 )
 
 

@@ -126,6 +126,26 @@ def test_a_push_into_a_database_without_the_tables_says_to_migrate(tmp_path: Pat
     outbox.engine.dispose()
 
 
+def test_the_first_push_inside_an_open_sqlite_transaction_does_not_lock_itself(tmp_path: Path) -> None:
+    """Proves the check for the tables runs on the caller's connection: on SQLite the first push inside the user's
+    own transaction (which holds the write lock) succeeds instead of waiting on itself and failing "locked"."""
+    from celery import Celery
+
+    from orch_outbox import Outbox
+
+    outbox = Outbox(Celery("own-tx", broker="memory://", set_as_current=False), f"sqlite:///{tmp_path}/x.db")
+    outbox.create_tables()
+
+    @outbox.command
+    def hello(i: int) -> None: ...
+
+    with outbox.engine.begin() as conn:
+        conn.exec_driver_sql("SELECT 1")
+        ids = outbox.push_many(conn, [hello.s(i) for i in range(3)])
+    assert [outbox.get(i).status for i in ids] == ["pending"] * 3
+    outbox.engine.dispose()
+
+
 def test_declaring_a_command_leaves_no_folder_behind(tmp_path: Path) -> None:
     """Proves the embedded default makes `.orch_outbox/` only when something is written there: importing a module
     that declares a command on the ready app, in an empty folder, leaves it empty."""
