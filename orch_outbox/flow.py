@@ -9,6 +9,11 @@ a command (``"command:send_email"``), one tenant (``"tenant:acme"``) or each ten
 (``"tenant:*"``). The claim counts what is in flight from the database in its own
 transaction, under one lock per outbox, so several relays together keep every limit.
 
+**Strict order** (``outbox_strict_order``): a worker started with ``-Q high,default,low``
+registers its queues in that order; the claim then publishes to ``default`` only while
+``high`` has nothing waiting (no due pending command, no message published and not yet
+started), and to ``low`` only while neither has, as a worker popping its queues in order.
+
 **Fairness**: the due commands of each tenant are taken in turns (the first of every
 tenant, then the second of every tenant, ...), within each priority: a tenant with 100 000
 queued commands delays one with 10 by at most one claim batch. Commands without a tenant
@@ -127,6 +132,8 @@ class Plan:
     fair: bool = True
     #: bucket capacity in seconds of rate (one poll interval's worth of starts, at least one)
     burst_seconds: float = 1.0
+    #: queues served in order (``outbox_strict_order``): in each, a target only while the earlier wait on nothing
+    strict: tuple[tuple[str, ...], ...] = ()
     by_key: dict[str, Limit] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +142,20 @@ class Plan:
     @property
     def limited(self) -> bool:
         return bool(self.limits)
+
+    @property
+    def ordered_targets(self) -> list[str]:
+        """Every target of a strict order (those the claim must look at first)."""
+        return sorted({target for group in self.strict for target in group})
+
+    def held_by_order(self, waiting: set[str]) -> set[str]:
+        """The targets a strict order holds back: in each group, those after the first target with work waiting."""
+        held: set[str] = set()
+        for group in self.strict:
+            first = next((i for i, target in enumerate(group) if target in waiting), None)
+            if first is not None:
+                held.update(group[first + 1 :])
+        return held
 
     @property
     def each_tenant(self) -> Limit | None:

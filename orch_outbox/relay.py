@@ -69,6 +69,9 @@ class Relay:
         self._declared: set[str] = set()
         self._lock = threading.Lock()
         self._plan: Plan | None = None
+        self._driver: str | None = None
+        self._strict: tuple[tuple[str, ...], ...] = ()
+        self._strict_until = 0.0
         self._plan_tasks = -1
 
     def run_once(self, budget: float = RUN_BUDGET_SECONDS) -> int:
@@ -114,13 +117,29 @@ class Relay:
         a key in ``outbox_limits`` wins over a command's ``@command(concurrency=, rate=)``.
         """
         tasks = self.app.tasks
-        if self._plan is None or self._plan_tasks != len(tasks):
+        strict = self._strict_groups()
+        if self._plan is None or self._plan_tasks != len(tasks) or self._plan.strict != strict:
             configured = {limit.key: limit for limit in self.settings.limits}
             own = [getattr(task, "outbox_limit", None) for task in list(tasks.values())]
             merged = {limit.key: limit for limit in own if isinstance(limit, Limit)} | configured
-            self._plan = Plan(tuple(merged.values()), self.settings.fair_tenants, self.settings.poll_interval)
+            s = self.settings
+            self._plan = Plan(tuple(merged.values()), s.fair_tenants, s.poll_interval, strict)
             self._plan_tasks = len(tasks)
         return self._plan
+
+    def _strict_groups(self) -> tuple[tuple[str, ...], ...]:
+        """With ``outbox_strict_order``: the queue orders of the registered workers (read once a heartbeat)."""
+        if not self.settings.strict_order:
+            return ()
+        now = time.monotonic()
+        if now >= self._strict_until:
+            try:
+                rows, _ = self.store.list_workers()
+            except StoreUnavailable:
+                return self._strict
+            self._strict = tuple(sorted({tuple(r["queues"]) for r in rows if len(r["queues"]) > 1}))
+            self._strict_until = now + self.settings.worker_heartbeat
+        return self._strict
 
     def publish(self, batch: list[Dispatch]) -> int:
         """Publish a claimed batch; rows the broker did not take (or confirm) go back to pending.
@@ -260,6 +279,7 @@ class Relay:
             headers={"outbox": [str(item.id), item.attempt, item.timeout], **carried},
             expires=item.expires_at,
             retries=item.retries - item.retries_left,
+            **self._priority(producer, item.priority),
             producer=producer,
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
@@ -268,6 +288,21 @@ class Relay:
             # connection is what that cache amounts to; a new connection declares again.
             **({"declare": []} if item.target in self._declared else {}),
         )
+
+    def _priority(self, producer: Any, priority: int) -> dict[str, int]:
+        """The message priority, with ``outbox_broker_priority``: the command's own on AMQP (a queue declared with
+        ``x-max-priority`` by Celery's ``task_queue_max_priority`` honours it), reversed into kombu's 0 (first)
+        to 9 on Redis; nothing otherwise (the database orders the backlog either way)."""
+        if not self.settings.broker_priority:
+            return {}
+        driver = self._driver
+        if driver is None:
+            driver = self._driver = producer.connection.transport.driver_type
+        if driver == "amqp":
+            return {"priority": priority}
+        if driver == "redis":
+            return {"priority": 9 - min(priority, 9)}
+        return {}
 
 
 def _kwargsrepr(data: Any, limit: int) -> str:

@@ -80,6 +80,15 @@ class Settings:
         (),
     )
     fair_tenants: bool = _doc("due commands of different tenants are claimed in turns, within each priority", True)
+    broker_priority: bool = _doc(
+        "messages carry their command's priority to the broker (RabbitMQ: with Celery's `task_queue_max_priority`)",
+        False,
+    )
+    strict_order: bool = _doc(
+        "a worker's queues (`-Q high,default,low`) are served in that order: a later one only while the earlier "
+        "have nothing waiting",
+        False,
+    )
 
     @classmethod
     def from_sources(

@@ -241,10 +241,11 @@ class Wiring(OutboxParts):
 
 
 def _consumed_queues(app: Celery) -> list[str]:
-    """The queues this worker consumes (``-Q``, else the app's queues)."""
+    """The queues this worker consumes, in the order of ``-Q`` (the order ``outbox_strict_order`` serves them in),
+    else the app's queues."""
     queues = app.amqp.queues
     chosen = getattr(queues, "consume_from", None) or queues
-    return sorted(str(name) for name in chosen)
+    return list(dict.fromkeys(str(name) for name in chosen))
 
 
 def _pool_name(pool_cls: Any) -> str:

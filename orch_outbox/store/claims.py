@@ -45,7 +45,7 @@ class ClaimStatements(StoreBase):
         with due commands of some tenant, the claim is the flow claim of ``store/flow.py``;
         otherwise the one statement below.
         """
-        if plan is not None and (plan.limited or (plan.fair and self.tenants_lately())):
+        if plan is not None and (plan.limited or plan.strict or (plan.fair and self.tenants_lately())):
             claimed, expired = self.claim_flow(plan, limit, dispatch_timeout, max_in_flight)
             if expired:
                 self.settle_batches(r.batch_id for r in expired)

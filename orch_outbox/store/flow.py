@@ -103,6 +103,8 @@ class FlowStatements(StoreBase):
             counts, buckets = self._read_state(conn, plan, max_in_flight, now)
             room = {key: self._room(plan, key, counts, buckets) for key in self._known_keys(plan, counts, buckets)}
             blocked = {key for key, n in room.items() if n <= 0}
+            if plan.strict:
+                blocked |= plan.held_by_order(self._waiting_targets(conn, plan.ordered_targets))
             if max_in_flight:
                 blocked.update(target for target, n in counts.dispatched.items() if n >= max_in_flight)
             times = self._p_times(p_lease=dispatch_timeout)
@@ -233,6 +235,29 @@ class FlowStatements(StoreBase):
         else:
             ids = t.c.id.in_(sa.bindparam("p_ids", expanding=True))
         return self._claim_update(sa.select(t.c.id).where(ids))
+
+    def _waiting_targets(self, conn: sa.Connection, targets: list[str]) -> set[str]:
+        """Of these targets, those with work waiting: a due pending command, or a message published and not started."""
+        t = self.table
+        probes = [
+            sa.select(sa.literal(target, sa.String()).label("target")).where(
+                sa.exists(
+                    sa.select(t.c.id).where(
+                        t.c.target == target,
+                        t.c.kind.is_(None),
+                        sa.or_(
+                            t.c.status == Status.DISPATCHED,
+                            sa.and_(t.c.status == Status.PENDING, t.c.scheduled_at <= self._now()),
+                        ),
+                    )
+                )
+            )
+            for target in targets
+        ]
+        if not probes:
+            return set()
+        stmt = probes[0] if len(probes) == 1 else sa.union_all(*probes)
+        return {r[0] for r in conn.execute(stmt)}
 
     # -- what is in flight, and the buckets ------------------------------------------------
 

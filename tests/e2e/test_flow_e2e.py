@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from .harness import Broker, Project, python, worker_argv
-from conftest import AMQP_URL, PG_URL, require, unique_prefix
+from conftest import AMQP_URL, PG_URL, REDIS_URL, require, unique_prefix
 from support.procs import beat_argv
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -24,28 +24,35 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 POLL = 0.2
 
 
+def make(root: Path, url: str, name: str) -> Project:
+    parts = urlsplit(url)
+    require(parts.hostname or "127.0.0.1", parts.port or 5672, name)
+    return Project.create(root, Broker(name, url, parts.hostname, parts.port), PG_URL, unique_prefix())
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Iterator[Project]:
-    parts = urlsplit(AMQP_URL)
-    require(parts.hostname or "127.0.0.1", parts.port or 5672, "RabbitMQ")
-    made = Project.create(tmp_path, Broker("rabbitmq", AMQP_URL, parts.hostname, parts.port), PG_URL, unique_prefix())
+    made = make(tmp_path, AMQP_URL, "rabbitmq")
     yield made
     made.close()
 
 
-def configure(project: Project, limits: dict[str, dict[str, object]]) -> None:
+def configure(project: Project, limits: dict[str, dict[str, object]] | None = None, **conf: object) -> None:
     with open(project.root / "celeryconfig.py", "a") as config:
-        config.write(f"outbox_limits = {limits!r}\n")
+        if limits is not None:
+            config.write(f"outbox_limits = {limits!r}\n")
+        for key, value in conf.items():
+            config.write(f"{key} = {value!r}\n")
 
 
-def push_slow(project: Project, count: int, seconds: float) -> None:
+def push_slow(project: Project, count: int, seconds: float, priority: int = 0) -> None:
     """Push ``count`` slow commands in one transaction, as the user's own process would."""
     script = (
         "import e2e_commands\n"
         "from orch_outbox import default_outbox\n"
         "outbox = default_outbox()\n"
         "with outbox.engine.begin() as conn:\n"
-        f"    outbox.push_many(conn, [e2e_commands.slow.s({seconds})] * {count})\n"
+        f"    outbox.push_many(conn, [e2e_commands.slow.s({seconds}).set(priority={priority})] * {count})\n"
     )
     project.run([python(), "-c", script])
 
@@ -108,3 +115,29 @@ def test_rate_limit_spaces_starts(project: Project) -> None:
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(starts)]  # type: ignore[operator]
     assert min(gaps) >= 1.0 - POLL - 0.1, gaps
     assert (starts[-1] - starts[0]).total_seconds() <= 7 + 1.0, gaps  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("broker", ["rabbitmq", "redis"])
+def test_priority_reaches_the_broker(tmp_path: Path, broker: str) -> None:
+    """Proves `outbox_broker_priority`: 20 low-priority commands published first, then 20 high-priority ones, all
+    waiting in the broker while no worker runs; the worker then starts every high one before any low one."""
+    url = AMQP_URL if broker == "rabbitmq" else REDIS_URL.rsplit("/", 1)[0] + "/13"
+    project = make(tmp_path, url, broker)
+    try:
+        configure(project, outbox_broker_priority=True, task_queue_max_priority=10)
+        project.migrate()
+        project.spawn("beat", beat_argv())
+
+        def dispatched(n: int) -> bool:
+            return project.store.count(status="dispatched") == n
+
+        push_slow(project, 20, 0.0, priority=0)
+        project.wait_for(lambda: dispatched(20), "20 low-priority messages in the broker")
+        push_slow(project, 20, 0.0, priority=9)
+        project.wait_for(lambda: dispatched(40), "20 high-priority messages in the broker too")
+        argv = worker_argv(project.queue, project.node, "threads", 1)
+        project.wait_for(project.spawn("worker", argv, ready_text=" ready.").ready, "the worker to be ready")
+        rows = sorted(finished_rows(project, 40), key=lambda r: r["started_at"])  # type: ignore[arg-type,return-value]
+        assert [r["priority"] for r in rows] == [9] * 20 + [0] * 20, [r["priority"] for r in rows]
+    finally:
+        project.close()

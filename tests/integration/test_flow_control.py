@@ -246,3 +246,49 @@ def test_bad_limits_are_refused_with_the_key() -> None:
     with pytest.raises(ConfigurationError, match="expected"):
         parse_limits({"q": {"concurency": 2}})
     assert Plan(parse_limits('{"q": {"concurrency": 2}}')).limited
+
+
+def test_strict_order_serves_a_workers_queues_in_order(make_outbox: Callable[..., Outbox]) -> None:
+    """Proves `outbox_strict_order` with a worker registered on `-Q high,default,low`: the claim publishes to
+    `default` only while `high` has nothing waiting (due or published and not started), and `low` last; a
+    running `high` command does not hold the others back."""
+    from orch_outbox.workers import Identity, Presence
+
+    outbox = make_outbox(strict_order=True, fair_tenants=False)
+
+    @outbox.command(name="noop")
+    def noop(i: int) -> int:
+        return i
+
+    high, default, low = unique_target("high"), unique_target("default"), unique_target("low")
+    Presence(outbox.store, outbox.settings, Identity.of("w@strict", "threads", 4, [high, default, low], 0)).beat_once()
+    push(outbox, "noop", 2, low)
+    push(outbox, "noop", 2, default)
+    push(outbox, "noop", 3, high)
+    first = claim(outbox)
+    assert {d.target for d in first} == {high}
+    assert claim(outbox) == []  # high's messages are in the broker, not started: default waits
+    for d in first:
+        assert outbox.store.start(d.id, d.attempt, d.name, "w@strict", 30.0) is not None
+    second = claim(outbox)  # high is running, nothing of it waits: default's turn, low still waits
+    assert {d.target for d in second} == {default}
+    for d in second:
+        assert outbox.store.start(d.id, d.attempt, d.name, "w@strict", 30.0) is not None
+    assert {d.target for d in claim(outbox)} == {low}
+
+
+def test_without_strict_order_every_queue_is_claimed(make_outbox: Callable[..., Outbox]) -> None:
+    """Proves the default: a worker's queue order changes nothing, every due command is claimed at once."""
+    from orch_outbox.workers import Identity, Presence
+
+    outbox = make_outbox()
+
+    @outbox.command(name="noop")
+    def noop(i: int) -> int:
+        return i
+
+    high, low = unique_target("high"), unique_target("low")
+    Presence(outbox.store, outbox.settings, Identity.of("w@plain", "threads", 4, [high, low], 0)).beat_once()
+    push(outbox, "noop", 2, low)
+    push(outbox, "noop", 2, high)
+    assert Counter(d.target for d in claim(outbox)) == {high: 2, low: 2}
