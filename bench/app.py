@@ -81,7 +81,10 @@ def build(broker_url: str, prefix: str, database_url: str | None = None, telemet
     url = database_url or os.environ.get("BENCH_DATABASE_URL", "postgresql://127.0.0.1/test")
     # No in-flight cap: the relay section publishes a backlog with no worker running, and
     # plain Celery, the baseline, fills the broker without one either.
-    outbox = Outbox(app, url, table_prefix=prefix, max_in_flight=0, telemetry=telemetry)
+    # BENCH_OUTBOX_DEFAULTS=1 (the redispatch section): the outbox's own defaults, in-flight cap included,
+    # with ORCH_OUTBOX_* from the environment (e.g. a short dispatch timeout).
+    caps = {} if os.environ.get("BENCH_OUTBOX_DEFAULTS") == "1" else {"max_in_flight": 0}
+    outbox = Outbox(app, url, table_prefix=prefix, telemetry=telemetry, **caps)
 
     @outbox.command(name="bench_noop", retries=0)
     def noop(key: str) -> None:
@@ -91,6 +94,11 @@ def build(broker_url: str, prefix: str, database_url: str | None = None, telemet
     def probe(key: str) -> None:
         started = time.time()
         redis().rpush(key, repr(started))
+
+    @outbox.command(name="bench_sleep", retries=0, timeout=30)
+    def sleep(key: str, seconds: float) -> None:
+        time.sleep(seconds)
+        redis().incr(key)
 
     @app.task(name="plain_noop", ignore_result=True, shared=False)
     def plain_noop(key: str) -> None:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import random
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -16,12 +21,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("orch_outbox.relay")
 
+#: Seconds a busy relay (its last pass published) waits before it looks again, without notifications.
+BUSY_POLL = 0.05
+#: Seconds an idle mark outlives the relay's poll interval (a relay that died stops being notified after).
+IDLE_MARGIN = 2.0
+
 
 class ListeningRelay:
     """Relays as soon as a transaction that pushed commands commits; polls as the fallback.
 
-    On PostgreSQL an INSERT trigger NOTIFYs on commit; this loop waits for that signal
-    (or ``outbox_poll_interval`` at most) and then relays, and runs the rescuer every
+    On PostgreSQL an INSERT trigger NOTIFYs on commit while a relay is marked idle; this
+    loop marks itself idle, waits for that signal (or ``outbox_poll_interval`` at most) and
+    then relays; while its passes publish it stays busy and looks again every
+    ``BUSY_POLL`` seconds, so under load pushes do not notify (a notifying transaction
+    takes a cluster-wide lock at commit). It runs the rescuer every
     ``outbox_rescue_interval``. When the listening connection fails it reconnects with
     backoff; meanwhile beat's polling relay keeps commands flowing.
     """
@@ -42,31 +55,66 @@ class ListeningRelay:
         self.listening = threading.Event()
         #: relay passes completed since start (tests wait on it instead of sleeping).
         self.passes = 0
+        #: this relay's row in ``{prefix}listeners``
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._next_rescue = 0.0
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:
         """Listen and relay until ``stop`` is set."""
         backoff = 0.2
-        next_rescue = 0.0
+        try:
+            while not self.stop.is_set():
+                try:
+                    if self.settings.notify == "never":
+                        self._poll()
+                    else:
+                        with self.store.listen() as wait:
+                            self.listening.set()
+                            backoff = 0.2
+                            self._listen(wait)
+                except StoreUnavailable as exc:
+                    log.warning("listening relay: %s; reconnecting in %.1fs", exc, backoff)
+                except Exception:
+                    log.exception("listening relay failed; restarting in %.1fs", backoff)
+                self.listening.clear()
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+        finally:
+            with contextlib.suppress(Exception):
+                self.store.forget_listener(self.name)
+
+    def _pass(self) -> int:
+        published = self.relay_once()
+        if time.monotonic() >= self._next_rescue:
+            self.rescue_once()
+            self._next_rescue = time.monotonic() + self.settings.rescue_interval
+        self.passes += 1
+        return published if isinstance(published, int) else 0
+
+    def _listen(self, wait: Callable[[float], bool]) -> None:
+        """Relay; while passes publish, look again after ``BUSY_POLL`` (pushes do not notify a busy relay); when one
+        publishes nothing, mark this relay idle (pushes notify it), look once more, and wait for a notification."""
+        poll = self.settings.poll_interval
+        always = self.settings.notify == "always"
         while not self.stop.is_set():
-            try:
-                with self.store.listen() as wait:
-                    self.listening.set()
-                    backoff = 0.2
-                    while not self.stop.is_set():
-                        self.relay_once()
-                        if time.monotonic() >= next_rescue:
-                            self.rescue_once()
-                            next_rescue = time.monotonic() + self.settings.rescue_interval
-                        self.passes += 1
-                        wait(self.settings.poll_interval)
-            except StoreUnavailable as exc:
-                log.warning("listening relay: %s; reconnecting in %.1fs", exc, backoff)
-            except Exception:
-                log.exception("listening relay failed; restarting in %.1fs", backoff)
-            self.listening.clear()
-            self.stop.wait(backoff)
-            backoff = min(backoff * 2, 30.0)
+            if self._pass() and not always:
+                wait(BUSY_POLL)
+                continue
+            self.store.mark_idle(self.name, poll + IDLE_MARGIN)
+            if not always and self._pass():  # a push that committed before it could see this relay idle
+                self.store.mark_busy(self.name)
+                continue
+            wait(poll)
+            if not always:
+                self.store.mark_busy(self.name)
+
+    def _poll(self) -> None:
+        """``outbox_notify = "never"``: relay every poll interval, with jitter (relays spread their claims)."""
+        self.listening.set()
+        while not self.stop.is_set():
+            self._pass()
+            self.stop.wait(self.settings.poll_interval * random.uniform(0.8, 1.2))
 
     def start(self) -> threading.Thread:
         """Run in a daemon thread; returns it."""

@@ -215,7 +215,14 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
     @functools.cached_property
     def rescuer(self) -> Rescuer:
         """Returns commands whose lease lapsed."""
-        return Rescuer(self.store, self.settler, self.results, telemetry=self.telemetry)
+        return Rescuer(
+            self.store,
+            self.settler,
+            self.results,
+            telemetry=self.telemetry,
+            queue_depth=self.relay.queue_depth,
+            dispatch_timeout=self.settings.dispatch_timeout,
+        )
 
     @functools.cached_property
     def scheduler(self) -> Scheduler:

@@ -71,6 +71,8 @@ class Relay:
         self._plan: Plan | None = None
         self._driver: str | None = None
         self._strict: tuple[tuple[str, ...], ...] = ()
+        self._depth_conn: Any = None
+        self._depth_lock = threading.Lock()
         self._strict_until = 0.0
         self._plan_tasks = -1
 
@@ -242,6 +244,26 @@ class Relay:
                 conn.release()
                 raise
         return self._producer
+
+    def queue_depth(self, target: str) -> int | None:
+        """Messages the broker holds for ``target`` (ready ones; on Redis every priority list), None if it cannot
+        say. On a connection of its own (the rescuer's thread), kept open across calls."""
+        with self._depth_lock:
+            try:
+                if self._depth_conn is None:
+                    self._depth_conn = self.app.connection_for_read()
+                    self._depth_conn.ensure_connection(max_retries=1)
+                channel = self._depth_conn.default_channel
+                return int(channel.queue_declare(queue=target, passive=True).message_count)
+            except Exception as exc:  # a missing queue (404 closes the channel), a broker down: it cannot say
+                log.debug("relay: depth of %s unknown: %s", target, exc)
+                conn, self._depth_conn = self._depth_conn, None
+                if conn is not None:
+                    try:
+                        conn.release()
+                    except Exception as close_exc:
+                        log.debug("relay: closing the depth connection: %s", close_exc)
+                return None
 
     def close(self) -> None:
         """Release the relay's broker connection (it reopens on the next run)."""

@@ -1,14 +1,13 @@
 """The outbox tables, as SQLAlchemy metadata (also Alembic's target metadata).
 
-Seven tables per outbox: ``{prefix}commands`` (the outbox itself, commands and jobs),
+Eight tables per outbox: ``{prefix}commands`` (the outbox itself, commands and jobs),
 ``{prefix}batches`` (batches and chords, with their continuation), ``{prefix}schedules``
 (cron schedules), ``{prefix}pauses`` (what the relay holds back), ``{prefix}limits`` (the
-rate limits' buckets), ``{prefix}attempts`` (the attempt history) and ``{prefix}workers``
-(the worker registry: which worker processes are alive, and what they may hold). The
-claim is served by a partial index over pending rows in claim order; the lease rescuer by
-a partial index over leased rows.
-Users with their own Alembic setup can include :func:`metadata_for` in their
-``target_metadata``.
+rate limits' buckets), ``{prefix}attempts`` (the attempt history), ``{prefix}listeners``
+(relays waiting for a NOTIFY) and ``{prefix}workers`` (the worker registry: which worker
+processes are alive, and what they may hold). The claim is served by a partial index over
+pending rows in claim order; the lease rescuer by a partial index over leased rows. Users
+with their own Alembic setup can include :func:`metadata_for` in their ``target_metadata``.
 """
 
 from __future__ import annotations
@@ -308,6 +307,13 @@ def _add_support_tables(metadata: sa.MetaData, prefix: str) -> None:
         sa.Column("tokens", sa.Float(), nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),
     )
+    # Relays waiting for a NOTIFY (the trigger notifies only while one waits; see notify_function).
+    sa.Table(
+        f"{prefix}listeners",
+        metadata,
+        sa.Column("name", sa.String(255), primary_key=True),
+        sa.Column("idle_until", UTCDateTime(), nullable=True),
+    )
     sa.Table(
         f"{prefix}workers",
         metadata,
@@ -331,16 +337,31 @@ def notify_channel(prefix: str) -> str:
     return f"{validate_prefix(prefix)}commands"
 
 
+def notify_function(prefix: str) -> str:
+    """The trigger's function: NOTIFY only while some relay waits for it (``{prefix}listeners``).
+
+    A transaction that notified takes a lock of the whole cluster at commit, so many
+    pushing transactions that all notify commit one at a time. A relay marks itself idle
+    just before it waits for a notification (until a little past its poll interval) and
+    busy when it wakes: under load the relay is busy, polling on its own, and pushes do
+    not notify; at rest a push wakes it at once.
+    """
+    channel, p = notify_channel(prefix), validate_prefix(prefix)
+    return (
+        f"CREATE OR REPLACE FUNCTION {p}commands_notify() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"IF EXISTS (SELECT 1 FROM {p}listeners WHERE idle_until > now()) THEN PERFORM pg_notify('{channel}', ''); "
+        "END IF; RETURN NULL; END $$"
+    )
+
+
 def notify_ddl(prefix: str) -> list[str]:
-    """A statement-level trigger: a transaction that inserts commands NOTIFYs the relay on commit.
+    """A statement-level trigger: a transaction that inserts commands NOTIFYs an idle relay on commit.
 
     Statement-level and with an empty payload, so PostgreSQL folds a transaction's
     notifications into one; a bulk push costs one notification, not one per row.
     """
-    channel = notify_channel(prefix)
     return [
-        f"CREATE OR REPLACE FUNCTION {prefix}commands_notify() RETURNS trigger LANGUAGE plpgsql AS $$ "
-        f"BEGIN PERFORM pg_notify('{channel}', ''); RETURN NULL; END $$",
+        notify_function(prefix),
         f"CREATE TRIGGER {prefix}commands_notify AFTER INSERT ON {prefix}commands "
         f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}commands_notify()",
     ]
@@ -374,6 +395,11 @@ def pauses_table(prefix: str = "orch_") -> sa.Table:
 def attempts_table(prefix: str = "orch_") -> sa.Table:
     """The ``{prefix}attempts`` table (the attempt history)."""
     return metadata_for(prefix).tables[f"{prefix}attempts"]
+
+
+def listeners_table(prefix: str = "orch_") -> sa.Table:
+    """The ``{prefix}listeners`` table (relays waiting for a NOTIFY)."""
+    return metadata_for(prefix).tables[f"{prefix}listeners"]
 
 
 def limits_table(prefix: str = "orch_") -> sa.Table:

@@ -21,6 +21,7 @@ from .flow import Limit, parse_limits
 PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,29}")
 TARGET_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:@-]{0,199}")
 BACKOFF_KINDS = ("exponential", "fixed")
+NOTIFY_MODES = ("idle", "always", "never")
 
 
 def _doc(text: str, default: Any) -> Any:
@@ -80,6 +81,11 @@ class Settings:
         (),
     )
     fair_tenants: bool = _doc("due commands of different tenants are claimed in turns, within each priority", True)
+    notify: str = _doc(
+        "when a push NOTIFYs the relay (PostgreSQL): `idle` (only while a relay waits for it), `always`, or `never` "
+        "(relays poll every `poll_interval`, with jitter)",
+        "idle",
+    )
     broker_priority: bool = _doc(
         "messages carry their command's priority to the broker (RabbitMQ: with Celery's `task_queue_max_priority`)",
         False,
@@ -173,6 +179,8 @@ class Settings:
         for name in ("max_jobs", "job_retries"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"outbox_{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.notify not in NOTIFY_MODES:
+            raise ConfigurationError(f"outbox_notify must be one of {NOTIFY_MODES}, got {self.notify!r}")
         if self.max_input_bytes < 1024:
             raise ConfigurationError("outbox_max_input_bytes must be >= 1024")
 

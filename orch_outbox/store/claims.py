@@ -212,12 +212,40 @@ class ClaimStatements(StoreBase):
         self.settle_batches([batch_id[0]])
         return True
 
-    def release_lapsed_dispatches(self, limit: int) -> int:
-        """Lapsed dispatch leases (the message never started): back to pending, no retry consumed."""
+    def lapsed_dispatch_targets(self) -> list[str]:
+        """The targets with a dispatched row whose lease lapsed (its message has not started in time)."""
+        t = self.table
+        stmt = (
+            sa.select(t.c.target)
+            .where(t.c.status == Status.DISPATCHED, t.c.lease_expires_at < self._now())
+            .group_by(t.c.target)
+        )
+        with self._one() as conn:
+            return [r[0] for r in conn.execute(stmt)]
+
+    def renew_lapsed_dispatches(self, targets: Sequence[str], seconds: float) -> int:
+        """Lapsed dispatch leases of these targets, whose messages the broker still holds: renewed, not redone."""
+        if not targets:
+            return 0
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(t.c.status == Status.DISPATCHED, t.c.lease_expires_at < self._now(), t.c.target.in_(targets))
+            .values(lease_expires_at=self._later(seconds))
+        )
+        with self._one(relaxed=True) as conn:
+            return conn.execute(stmt).rowcount
+
+    def release_lapsed_dispatches(self, limit: int, keep: Sequence[str] = ()) -> int:
+        """Lapsed dispatch leases (the message never started): back to pending, no retry consumed.
+
+        ``keep``: targets left alone (their leases were just renewed).
+        """
         t = self.table
         lapsed = (
             sa.select(t.c.id)
             .where(t.c.status == Status.DISPATCHED, t.c.lease_expires_at < self._now())
+            .where(*([t.c.target.not_in(keep)] if keep else []))
             .limit(limit)
             .with_for_update(skip_locked=True)
             .cte("lapsed")

@@ -3,19 +3,43 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
+import sqlalchemy as sa
+
 from ..errors import OutboxError, StoreUnavailable
-from ..schema import (
-    notify_channel,
-)
-from .base import (
-    StoreBase,
-)
+from ..schema import listeners_table, notify_channel
+from .base import StoreBase, _dialect_insert
 
 
 class ListenStatements(StoreBase):
     """LISTEN for pushes: the relay wakes when a pushing transaction commits."""
+
+    @functools.cached_property
+    def listeners(self) -> sa.Table:
+        return listeners_table(self.prefix)
+
+    def mark_idle(self, name: str, seconds: float) -> None:
+        """This relay waits for a NOTIFY for up to ``seconds``: pushes notify until then (or until it is busy)."""
+        t = self.listeners
+        with self._one(relaxed=True) as conn:
+            stmt = _dialect_insert(conn)(t).values(name=name, idle_until=self._later(seconds))
+            conn.execute(
+                stmt.on_conflict_do_update(index_elements=[t.c.name], set_={"idle_until": stmt.excluded.idle_until})
+            )
+
+    def mark_busy(self, name: str) -> None:
+        """This relay is relaying (and will look again on its own): pushes need not notify it."""
+        t = self.listeners
+        with self._one(relaxed=True) as conn:
+            conn.execute(sa.update(t).where(t.c.name == name).values(idle_until=None))
+
+    def forget_listener(self, name: str) -> None:
+        """This relay stops: its row goes."""
+        t = self.listeners
+        with self._one(relaxed=True) as conn:
+            conn.execute(sa.delete(t).where(t.c.name == name))
 
     @contextlib.contextmanager
     def listen(self) -> Iterator[Callable[[float], bool]]:

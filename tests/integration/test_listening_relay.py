@@ -104,3 +104,52 @@ def test_listener_reconnects_after_its_connection_is_killed(slow_poll_outbox: Ou
         wait_until(lambda: outbox.get(command_id).status == "dispatched", 10, what="dispatch after reconnect")
     finally:
         relay.close()
+
+
+def test_a_push_notifies_only_while_a_relay_is_idle(slow_poll_outbox: Outbox) -> None:
+    """Proves the trigger's condition: with no relay marked idle (or one marked busy) a push sends no NOTIFY, so its
+    commit takes no cluster-wide notify lock; with one marked idle it does, and an idle mark that ran out does not."""
+    outbox = slow_poll_outbox
+
+    @outbox.command(target="listen-q")
+    def ping(n: int) -> int:
+        return n
+
+    def notified_by_a_push() -> bool:
+        with outbox.store.listen() as wait:
+            ping.push(outbox.engine, 1)
+            return wait(0.5)
+
+    assert not notified_by_a_push()  # nobody listens
+    outbox.store.mark_idle("relay-a", 30)
+    assert notified_by_a_push()
+    outbox.store.mark_busy("relay-a")
+    assert not notified_by_a_push()
+    outbox.store.mark_idle("relay-a", -1)  # an idle mark from a relay that died long ago
+    assert not notified_by_a_push()
+    outbox.store.forget_listener("relay-a")
+
+
+def test_never_notify_polls_with_jitter(pg_engine: sa.Engine, celery_app: Celery) -> None:
+    """Proves `outbox_notify = "never"`: the relay does not LISTEN, marks nothing idle, and still relays a push
+    within its poll interval."""
+    outbox = Outbox(celery_app, pg_engine, table_prefix=unique_prefix(), poll_interval=0.3, notify="never")
+    outbox.create_tables()
+    published: list[str] = []
+    outbox.relay._send = lambda _producer, item, retry=True: published.append(str(item.id))  # type: ignore[method-assign]
+
+    @outbox.command(target="listen-q")
+    def ping(n: int) -> int:
+        return n
+
+    relay = outbox.listening_relay()
+    relay.start()
+    try:
+        wait_until(lambda: relay.passes >= 1, 10, what="the first relay pass")
+        command_id = ping.push(outbox.engine, 1)
+        wait_until(lambda: str(command_id) in published, 10, what="the polling relay to publish")
+        with outbox.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(outbox.store.listeners)).scalar_one() == 0
+    finally:
+        relay.close()
+        outbox.store.drop_all()

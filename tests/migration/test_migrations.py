@@ -61,7 +61,7 @@ def test_upgrade_matches_declared_metadata_on_postgresql(pg_engine: sa.Engine) -
         with pg_engine.connect() as conn:
             assert _shape(conn, migrated) == _shape(conn, declared)
             assert migrate.schema_diff(conn, migrated) == []
-            assert migrate.current_revision(conn, migrated) == "0009"
+            assert migrate.current_revision(conn, migrated) == "0010"
     finally:
         with pg_engine.begin() as conn:
             metadata_for(declared).drop_all(conn)
@@ -132,7 +132,7 @@ def test_plain_alembic_cli_from_the_checkout(pg_engine: sa.Engine) -> None:
         subprocess.run([*alembic, "upgrade", "head"], cwd=ROOT, check=True, timeout=120)
         with pg_engine.connect() as conn:
             assert migrate.schema_diff(conn, prefix) == []
-            assert migrate.current_revision(conn, prefix) == "0009"
+            assert migrate.current_revision(conn, prefix) == "0010"
         subprocess.run([*alembic, "downgrade", "base"], cwd=ROOT, check=True, timeout=120)
         with pg_engine.connect() as conn:
             assert not sa.inspect(conn).has_table(f"{prefix}commands")
