@@ -24,12 +24,12 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects import postgresql, sqlite
 
 from ..flow import EACH_TENANT, Candidate, Plan, admit, fair_order, fresh_room
 from ..schema import UTCDateTime, limits_table
 from ..states import Status
-from .base import Dispatch, StoreBase, _dialect_insert
+from .base import Dispatch, StoreBase
 from .hotpath import _CLAIMED
 
 #: Most tenants one claim visits (the next claim continues after the last one visited).
@@ -261,14 +261,9 @@ class FlowStatements(StoreBase):
 
     # -- what is in flight, and the buckets ------------------------------------------------
 
-    def _read_state(
-        self, conn: sa.Connection, plan: Plan, max_in_flight: int, now: datetime
-    ) -> tuple[Counts, dict[str, float]]:
-        """One read: what is in flight (dispatched or running) per limited key and dispatched per target, and the
-        tokens of each rate bucket now (refilled since its last claim, up to its capacity)."""
-        counts, tokens = Counts(), {}  # type: tuple[Counts, dict[str, float]]
-        want_counts = bool(max_in_flight) or any(lim.concurrency is not None for lim in plan.limits)
-        want_buckets = any(lim.per_second is not None for lim in plan.limits)
+    @functools.cache  # noqa: B019  (one store lives as long as its process)
+    def _state_stmt(self, want_counts: bool, want_buckets: bool) -> sa.Select[Any] | sa.CompoundSelect[Any]:
+        """The one read of ``_read_state``: in-flight counts, bucket rows, or both (UNION ALL)."""
         t, b = self.table, self.limits
         parts: list[sa.Select[Any]] = []
         if want_counts:
@@ -288,9 +283,19 @@ class FlowStatements(StoreBase):
         if want_buckets:
             nothing = sa.cast(sa.null(), sa.String())
             parts.append(sa.select(sa.literal("b"), b.c.key, nothing, nothing, nothing, b.c.tokens, b.c.updated_at))
-        if not parts:
+        return parts[0] if len(parts) == 1 else sa.union_all(*parts)
+
+    def _read_state(
+        self, conn: sa.Connection, plan: Plan, max_in_flight: int, now: datetime
+    ) -> tuple[Counts, dict[str, float]]:
+        """One read: what is in flight (dispatched or running) per limited key and dispatched per target, and the
+        tokens of each rate bucket now (refilled since its last claim, up to its capacity)."""
+        counts, tokens = Counts(), {}  # type: tuple[Counts, dict[str, float]]
+        want_counts = bool(max_in_flight) or any(lim.concurrency is not None for lim in plan.limits)
+        want_buckets = any(lim.per_second is not None for lim in plan.limits)
+        if not want_counts and not want_buckets:
             return counts, tokens
-        stmt = parts[0] if len(parts) == 1 else sa.union_all(*parts)
+        stmt = self._state_stmt(want_counts, want_buckets)
         for part, key, name, tenant, status, n, updated_at in conn.execute(stmt):
             if part == "b":
                 limit = plan.find(key)
@@ -335,22 +340,23 @@ class FlowStatements(StoreBase):
                     spent[key] = spent.get(key, 0) + 1
         if not spent:
             return
-        b = self.limits
-        upsert = _dialect_insert(conn)(b)
         values = [
             {"key": key, "tokens": buckets.get(key, plan.capacity(plan.limit_of(key))) - n, "updated_at": now}
             for key, n in spent.items()
         ]
-        conn.execute(
-            upsert.on_conflict_do_update(
-                index_elements=[b.c.key],
-                set_={"tokens": upsert.excluded.tokens, "updated_at": upsert.excluded.updated_at},
-            ),
-            values,
-        )
+        conn.execute(self._upsert_bucket, values)
         full = [key for key, left in buckets.items() if key not in spent and left >= plan.capacity(plan.limit_of(key))]
         if full:
-            conn.execute(sa.delete(b).where(b.c.key.in_(full)))
+            conn.execute(sa.delete(self.limits).where(self.limits.c.key.in_(full)))
+
+    @functools.cached_property
+    def _upsert_bucket(self) -> Any:
+        b = self.limits
+        upsert = _dialect_insert_for(self.engine.dialect.name)(b)
+        return upsert.on_conflict_do_update(
+            index_elements=[b.c.key],
+            set_={"tokens": upsert.excluded.tokens, "updated_at": upsert.excluded.updated_at},
+        )
 
     # -- the candidates --------------------------------------------------------------------
 
@@ -461,6 +467,10 @@ class FlowStatements(StoreBase):
                 room = self._room(plan, key, counts, buckets)
                 states.append(LimitState(key, limit.describe(), in_flight, due, room <= 0 and due > 0))
         return states
+
+
+def _dialect_insert_for(dialect: str) -> Any:
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 def _dispatch(r: Any) -> Dispatch:
