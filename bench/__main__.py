@@ -32,6 +32,7 @@ SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "bigtable": ("bench.bigtable", "many finished rows in the table", ("postgresql", "redis", "rabbitmq")),
     "memory": ("bench.memory", "RSS of the relay and of the worker", ("postgresql", "redis", "rabbitmq")),
     "redispatch": ("bench.redispatch", "no redispatch storm behind slow handlers", ("postgresql", "redis", "rabbitmq")),
+    "scaling": ("bench.scaling", "relays and workers added, one outbox table", ("postgresql", "redis", "rabbitmq")),
     "notify": ("bench.notify", "NOTIFY and the application's commits, 32 committers", ("postgresql",)),
     "flow": ("bench.flow", "the claim under flow control (limits, tenants in turns)", ("postgresql",)),
     "web": ("bench.web", "the operator's page over 100 000 commands", ("postgresql",)),

@@ -207,7 +207,9 @@ class Relay:
         one: a name this app knows as a task the outbox may not run (``celery.*``, the
         outbox's own services, plain Celery tasks when ``outbox_plain_tasks`` is off; see
         ``Outbox.runnable``) must never run from a row; nor can an input that is not a
-        JSON object be a command's arguments.
+        JSON object be a command's arguments; nor, with Celery's ``task_create_missing_queues``
+        off, a target with no queue in the user's ``task_queues`` (the relay declares the
+        user's queues as Celery does, quorum or not, and makes no other).
         """
         if item.name in self.app.tasks:
             try:
@@ -217,6 +219,12 @@ class Relay:
         if not isinstance(item.input, dict):
             kind = type(item.input).__name__
             return "failure", ErrorInfo("InvalidInput", f"the stored input is a {kind}, not a JSON object of arguments")
+        if not self.app.conf.task_create_missing_queues and item.target not in self.app.amqp.queues:
+            return "failure", ErrorInfo(
+                "QueueNotFound",
+                f"target {item.target!r} has no queue in task_queues and task_create_missing_queues is False: "
+                "declare it there (then requeue this command)",
+            )
         return None
 
     def _refuse(self, item: Dispatch, refusal: tuple[str, ErrorInfo]) -> None:
