@@ -53,8 +53,10 @@ class ListenStatements(StoreBase):
         import psycopg
         from psycopg import sql
 
-        args = self.engine.url.translate_connect_args(username="user", database="dbname")
-        args.update(self.engine.url.query)
+        # The dialect's own translation of the URL: multi-host URLs (``?host=a:1&host=b:2`` with
+        # ``target_session_attrs=read-write``) become libpq's ``host=a,b port=1,2``.
+        _, args = self.engine.dialect.create_connect_args(self.engine.url)
+        args.pop("context", None)
         try:
             conn = psycopg.connect(autocommit=True, **args)
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(notify_channel(self.prefix))))
