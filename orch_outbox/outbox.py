@@ -8,6 +8,7 @@ with an Outbox attached; library mode attaches one to an application's own app.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import threading
@@ -121,6 +122,24 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
         if self.telemetry.on:  # records once the process has an OpenTelemetry SDK set up (see telemetry.py)
             store.on_insert = self.telemetry.on_insert
         return store
+
+    @functools.cached_property
+    def reads(self) -> Outbox:
+        """This outbox for the operator's reads: on ``outbox_read_database_url`` (a standby) when set, else itself.
+
+        The CLI's read commands, the web page's pages and the metrics' backlog read through
+        it; claims, pushes, write-backs and every action stay on the outbox database.
+        """
+        url = self.settings.read_database_url
+        if not url:
+            return self
+        view = copy.copy(self)
+        keep = {"settings", "telemetry", "backoff"}
+        cached = {n for n, v in vars(type(self)).items() if isinstance(v, functools.cached_property)}
+        view.__dict__ = {k: v for k, v in self.__dict__.items() if k not in cached or k in keep}
+        view.__dict__["engine"] = make_engine(url)
+        view.__dict__["reads"] = view
+        return view
 
     @functools.cached_property
     def telemetry(self) -> Telemetry:

@@ -68,6 +68,9 @@ class OutboxParts:
         def relay(self) -> Relay: ...
 
         @property
+        def reads(self) -> OutboxParts: ...
+
+        @property
         def rescuer(self) -> Rescuer: ...
 
         @property

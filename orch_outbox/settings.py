@@ -36,6 +36,11 @@ class Settings:
         "SQLAlchemy URL of the outbox database; empty means a SQLite file under `home`",
         "",
     )
+    read_database_url: str = _doc(
+        "SQLAlchemy URL of a standby for the operator's reads (the CLI's, the web page's, the metrics'); empty: the "
+        "outbox database",
+        "",
+    )
     home: str = _doc("folder for the embedded default's SQLite file and broker", ".orch_outbox")
     table_prefix: str = _doc("prefix of the outbox tables (a plain SQL identifier)", "orch_")
     default_target: str = _doc("queue of commands that name none; empty: Celery's default queue", "")

@@ -181,7 +181,8 @@ class Wiring(OutboxParts):
 
         metrics.serve(self.settings.metrics_port)
         if isinstance(sender, beat.Service):
-            backlog = metrics.Backlog(self.store, self.settings.metrics_interval, self.relay.plan)
+            reads = self.reads
+            backlog = metrics.Backlog(reads.store, self.settings.metrics_interval, reads.relay.plan)
             metrics.observe_backlog(backlog)
             backlog.start()
 

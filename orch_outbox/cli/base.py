@@ -71,6 +71,11 @@ def _outbox(ctx: click.Context) -> Outbox:
         raise click.ClickException(str(exc)) from exc
 
 
+def _reader(ctx: click.Context) -> Outbox:
+    """The outbox for a read-only command: on ``outbox_read_database_url`` (a standby) when set."""
+    return _outbox(ctx).reads
+
+
 # -- shared options -----------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from ..render import table
 from .base import (
     _masked,
     _outbox,
+    _reader,
     describe,
     emit,
     error_line,
@@ -49,7 +50,7 @@ def migrate(ctx: click.Context, sql: bool, revision: str) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Counts of commands by target and status, and the limits with what waits on them."""
-    outbox = _outbox(ctx)
+    outbox = _reader(ctx)
     counts = outbox.store.counts()
     data: dict[str, Any] = {}
     for target, state, count in counts:
@@ -71,7 +72,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def show(ctx: click.Context, command_id: str, as_json: bool) -> None:
     """One command: state, attempts, output or error, and the commands chained from it."""
-    outbox = _outbox(ctx)
+    outbox = _reader(ctx)
     info = outbox.get(command_id)
     children = outbox.children(info.id)
     attempts = outbox.attempts(info.id)

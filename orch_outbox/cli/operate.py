@@ -10,6 +10,7 @@ from ..render import table
 from ..schema import BATCH_STATUSES, FINAL_STATUSES
 from .base import (
     _outbox,
+    _reader,
     commands_table,
     counted,
     describe_batch,
@@ -44,7 +45,7 @@ def batches_list(
     ctx: click.Context, tenant: str | None, status: str | None, limit: int, offset: int, as_json: bool
 ) -> None:
     """Batches, newest first, with their progress."""
-    found = _outbox(ctx).batches(tenant=tenant, status=status, limit=limit, offset=offset)
+    found = _reader(ctx).batches(tenant=tenant, status=status, limit=limit, offset=offset)
     rows = [
         (b.id, b.tenant or "-", b.kind, b.status, f"{b.done}/{b.total}", percent(b.progress), when(b.created_at))
         for b in found
@@ -61,7 +62,7 @@ def batches_list(
 @click.pass_context
 def batches_show(ctx: click.Context, batch_id: str, members: bool, limit: int, offset: int, as_json: bool) -> None:
     """One batch: state, counts by status, progress, timings and continuation."""
-    outbox = _outbox(ctx)
+    outbox = _reader(ctx)
     info = outbox.batch(batch_id)
     data = info.to_json()
     text = describe_batch(info)
@@ -91,7 +92,7 @@ def batches_cancel(ctx: click.Context, batch_id: str) -> None:
 @click.pass_context
 def tenant(ctx: click.Context, tenant: str, as_json: bool) -> None:
     """A tenant's commands and batches counted by state, and the mean run time of its completed commands."""
-    stats = _outbox(ctx).tenant_stats(tenant)
+    stats = _reader(ctx).tenant_stats(tenant)
     mean = stats["mean_run_seconds"]
     text = fields(
         [
@@ -141,7 +142,7 @@ def resume(ctx: click.Context, target: str | None, tenant: str | None) -> None:
 @click.pass_context
 def paused(ctx: click.Context, limit: int, offset: int, as_json: bool) -> None:
     """The pauses in force."""
-    found = _outbox(ctx).paused()[offset : offset + limit]
+    found = _reader(ctx).paused()[offset : offset + limit]
     rows = [(p["scope"], p["value"] or "-", when(p["paused_at"])) for p in found]
     emit(as_json, found, table(("scope", "value", "paused at"), rows, empty="nothing is paused"))
 
@@ -164,7 +165,7 @@ def failed(
     as_json: bool,
 ) -> None:
     """The dead letters: failed commands with their errors, newest first (messages whole with --json)."""
-    found = _outbox(ctx).failed(name=name, target=target, tenant=tenant, limit=limit, offset=offset)
+    found = _reader(ctx).failed(name=name, target=target, tenant=tenant, limit=limit, offset=offset)
     emit(as_json, [c.to_json() for c in found], commands_table(found, empty="no failed commands"))
 
 

@@ -9,6 +9,7 @@ import click
 from ..render import table
 from .base import (
     _outbox,
+    _reader,
     describe_schedule,
     emit,
     json_of,
@@ -32,7 +33,7 @@ def schedules() -> None:
 @click.pass_context
 def schedules_list(ctx: click.Context, limit: int, offset: int, as_json: bool) -> None:
     """Every schedule, by name."""
-    found = _outbox(ctx).schedules()[offset : offset + limit]
+    found = _reader(ctx).schedules()[offset : offset + limit]
     rows = [
         (s.name, s.command, s.cron, s.timezone, s.target, "yes" if s.enabled else "no", when(s.next_run_at))
         for s in found
@@ -81,7 +82,7 @@ def schedules_add(
 @click.pass_context
 def schedules_show(ctx: click.Context, name: str, as_json: bool) -> None:
     """One schedule: what it pushes, when, and its last run."""
-    info = _outbox(ctx).schedule(name)
+    info = _reader(ctx).schedule(name)
     emit(as_json, info.to_json(), describe_schedule(info))
 
 

@@ -14,7 +14,7 @@ from ..operations import BULK_ACTIONS
 from ..render import table
 from ..schema import STATUSES
 from ..store import SORTS, Search
-from .base import _outbox, commands_table, emit, fields, json_option, main, paging_options, ready_outbox, when
+from .base import _outbox, _reader, commands_table, emit, fields, json_option, main, paging_options, ready_outbox, when
 
 #: Most rows one ``bulk`` may touch.
 BULK_LIMIT = 10_000
@@ -50,7 +50,7 @@ def _running_table(worker: WorkerInfo) -> str:
 @click.pass_context
 def workers(ctx: click.Context, name: str | None, limit: int, offset: int, as_json: bool) -> None:
     """Live workers (the registry) with what each runs now; NAME: one worker, by nodename."""
-    outbox = _outbox(ctx)
+    outbox = _reader(ctx)
     if name is not None:
         worker = outbox.worker(name)
         emit(as_json, worker.to_json(), fields(_worker_lines(worker)) + "\n\n" + _running_table(worker))
@@ -91,7 +91,7 @@ def jobs_list(
     ctx: click.Context, status: str | None, worker: str | None, limit: int, offset: int, as_json: bool
 ) -> None:
     """Jobs, newest first."""
-    page = _outbox(ctx).jobs.list(status=status, worker=worker, limit=limit, offset=offset)
+    page = _reader(ctx).jobs.list(status=status, worker=worker, limit=limit, offset=offset)
     text = f"{_jobs_table(page.items)}\n{_shown(len(page), offset, page.total)}"
     emit(as_json, {"total": page.total, "jobs": [j.to_json() for j in page]}, text)
 
@@ -131,7 +131,7 @@ def jobs_stop(ctx: click.Context, name_or_id: str) -> None:
 @click.pass_context
 def jobs_show(ctx: click.Context, name_or_id: str, as_json: bool) -> None:
     """One job, by name or id."""
-    job = _outbox(ctx).jobs.get(name_or_id)
+    job = _reader(ctx).jobs.get(name_or_id)
     lines = [
         ("job", job.name),
         ("id", job.id),
@@ -198,7 +198,7 @@ def _instant(text: str | None) -> dt.datetime | None:
 @click.pass_context
 def list_commands(ctx: click.Context, /, sort: str, limit: int, offset: int, as_json: bool, **filters: Any) -> None:
     """Commands by state (pending, running, failed, ...) and the other filters, with the total."""
-    outbox = _outbox(ctx)
+    outbox = _reader(ctx)
     rows, total = outbox.store.search(_search(**filters), limit, offset, sort)
     found = [CommandInfo.from_row(r) for r in rows]
     text = f"{commands_table(found, empty='no commands')}\n{_shown(len(found), offset, total)}"
@@ -240,7 +240,8 @@ def metrics(ctx: click.Context, port: int, address: str) -> None:
         server = metrics_mod.serve(port, address)
     except OSError as exc:
         raise click.ClickException(f"cannot serve on {address}:{port}: {exc}") from None
-    backlog = metrics_mod.Backlog(outbox.store, outbox.settings.metrics_interval, outbox.relay.plan)
+    reads = outbox.reads
+    backlog = metrics_mod.Backlog(reads.store, outbox.settings.metrics_interval, reads.relay.plan)
     metrics_mod.observe_backlog(backlog)
     backlog.start()
     click.echo(f"serving metrics on http://{address}:{port}/metrics")

@@ -28,6 +28,11 @@ def outbox() -> Outbox:
     return current_app.config["OUTBOX"]  # type: ignore[no-any-return]
 
 
+def reader() -> Outbox:
+    """The outbox the pages read from: on ``outbox_read_database_url`` (a standby) when set."""
+    return outbox().reads
+
+
 def search_from(args: Any) -> Search:
     """The filters of a search from a query string (or a form): unknown or blank values are no filter."""
     status = args.get("status") or None
@@ -67,7 +72,7 @@ def bad_filter(exc: Exception) -> tuple[str, int]:
 
 @pages.route("/")
 def overview() -> str:
-    box = outbox()
+    box = reader()
     counts = box.store.overview()
     targets: dict[str, dict[str, Any]] = {}
     for target, status, n, due in counts["unfinished"]:
@@ -88,7 +93,7 @@ def overview() -> str:
 
 @pages.route("/commands")
 def commands() -> str:
-    box = outbox()
+    box = reader()
     search = search_from(request.args)
     sort = request.args.get("sort") or "created"
     if sort not in SORTS:
@@ -115,7 +120,7 @@ def dead() -> Response:
 
 @pages.route("/commands/<command_id>")
 def command(command_id: str) -> str:
-    box = outbox()
+    box = reader()
     try:
         info = box.get(command_id)
     except (CommandNotFound, ValueError):
@@ -149,14 +154,14 @@ def _tree(box: Outbox, root: CommandInfo) -> list[tuple[int, CommandInfo]]:
 def batches() -> str:
     offset = max(int(request.args.get("offset") or 0), 0)
     tenant = request.args.get("tenant") or None
-    found = outbox().batches(tenant=tenant, limit=PAGE, offset=offset)
+    found = reader().batches(tenant=tenant, limit=PAGE, offset=offset)
     return render_template("batches.html", found=found, offset=offset, page=PAGE, tenant=tenant)
 
 
 @pages.route("/batches/<batch_id>")
 def batch(batch_id: str) -> Response:
     try:
-        outbox().batch(batch_id)
+        reader().batch(batch_id)
     except (BatchNotFound, ValueError):
         abort(404)
     return redirect(url_for("pages.commands", batch=batch_id))
@@ -164,9 +169,9 @@ def batch(batch_id: str) -> Response:
 
 @pages.route("/schedules")
 def schedules() -> str:
-    return render_template("schedules.html", found=outbox().schedules())
+    return render_template("schedules.html", found=reader().schedules())
 
 
 @pages.route("/workers")
 def workers() -> str:
-    return render_template("workers.html", found=outbox().workers(limit=200))
+    return render_template("workers.html", found=reader().workers(limit=200))
