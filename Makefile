@@ -17,8 +17,8 @@ demo: $(BIN)/orch-outbox
 	$(BIN)/orch-outbox demo
 
 lint: $(BIN)/orch-outbox
-	$(BIN)/ruff check orch_outbox tests bench scripts
-	$(BIN)/ruff format --check orch_outbox tests bench scripts
+	$(BIN)/ruff check orch_outbox tests bench scripts examples
+	$(BIN)/ruff format --check orch_outbox tests bench scripts examples
 	$(BIN)/mypy
 
 test: lint

@@ -5,10 +5,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -74,6 +76,57 @@ def _outbox(ctx: click.Context) -> Outbox:
 def _reader(ctx: click.Context) -> Outbox:
     """The outbox for a read-only command: on ``outbox_read_database_url`` (a standby) when set."""
     return _outbox(ctx).reads
+
+
+# -- which outbox: said on stderr by migrate and status -------------------------------------
+
+#: ``name = Outbox(`` (or ``name: Outbox = orch_outbox.Outbox(``) at the start of a line: an outbox a module builds.
+_BUILDS_OUTBOX = re.compile(r"^(\w+)\s*(?::[^=\n]*)?=\s*(?:\w+\.)*Outbox\(", re.M)
+#: Files larger than this are not read by the scan (it must stay cheap).
+_SCAN_LIMIT = 256 * 1024
+
+
+def outboxes_here(folder: str) -> list[str]:
+    """``module:attr`` of each outbox the ``*.py`` files of ``folder`` build (``Outbox(`` in their text).
+
+    A cheap text scan, nothing imported: the attribute is the name the outbox is assigned to
+    (``outbox`` when the file builds one some other way)."""
+    found = []
+    for path in sorted(Path(folder).glob("*.py")):
+        if not path.stem.isidentifier() or path.stem == "celeryconfig":
+            continue
+        try:
+            if not path.is_file() or path.stat().st_size > _SCAN_LIMIT:
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        if "Outbox(" not in text:
+            continue
+        assigned = _BUILDS_OUTBOX.search(text)
+        found.append(f"{path.stem}:{assigned.group(1) if assigned else 'outbox'}")
+    return found
+
+
+def which_outbox(ctx: click.Context, outbox: Outbox) -> str:
+    """One line saying which outbox and database a command used (password hidden), with a hint when no ``-A``
+    was given but a module of the current directory builds its own outbox."""
+    url = outbox.engine.url.render_as_string(hide_password=True)
+    if ctx.obj:
+        return f"using the outbox {ctx.obj} ({url})"
+    config = sys.modules.get(os.environ.get("ORCH_OUTBOX_CONFIG_MODULE") or "celeryconfig")
+    origin = getattr(config, "__file__", None)
+    line = f"using the default outbox ({url}{f', configured by {os.path.relpath(origin)}' if origin else ''})"
+    others = outboxes_here(os.getcwd())
+    if others:
+        module = others[0].partition(":")[0]
+        line += f"; for the outbox in {module}.py pass -A {others[0]}"
+    return line
+
+
+def say_which_outbox(ctx: click.Context, outbox: Outbox) -> None:
+    """Print :func:`which_outbox` on stderr (stdout stays the command's own output, ``--json`` included)."""
+    click.echo(which_outbox(ctx, outbox), err=True)
 
 
 # -- shared options -----------------------------------------------------------------------

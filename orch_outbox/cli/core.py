@@ -20,6 +20,7 @@ from .base import (
     json_option,
     main,
     ready_outbox,
+    say_which_outbox,
     when,
 )
 
@@ -35,6 +36,7 @@ def migrate(ctx: click.Context, sql: bool, revision: str) -> None:
     from .. import migrate as migrations
 
     outbox = _outbox(ctx)
+    say_which_outbox(ctx, outbox)
     url = outbox.engine.url.render_as_string(hide_password=False)
     prefix = outbox.settings.table_prefix
     if sql:
@@ -51,6 +53,7 @@ def migrate(ctx: click.Context, sql: bool, revision: str) -> None:
 def status(ctx: click.Context, as_json: bool) -> None:
     """Counts of commands by target and status, and the limits with what waits on them."""
     outbox = _reader(ctx)
+    say_which_outbox(ctx, outbox)
     counts = outbox.store.counts()
     data: dict[str, Any] = {}
     for target, state, count in counts:

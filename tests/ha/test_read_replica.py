@@ -71,7 +71,7 @@ def test_reads_go_to_the_standby_and_writes_to_the_primary(
     runner = CliRunner()
     status = runner.invoke(main, ["-A", "ha_reads:outbox", "status", "--json"])
     assert status.exit_code == 0, status.output
-    assert json.loads(status.output) == {"reads-q": {"pending": 3}}
+    assert json.loads(status.stdout) == {"reads-q": {"pending": 3}}
     listed = runner.invoke(main, ["-A", "ha_reads:outbox", "list", "--json"])
     assert listed.exit_code == 0, listed.output
     assert str(late[0]) not in listed.output

@@ -91,7 +91,7 @@ def test_status_show_and_cancel(cli_app: Any) -> None:
 
     status = run("-A", path, "status", "--json")
     assert status.exit_code == 0, status.output
-    assert json.loads(status.output) == {"mail": {"pending": 1}}
+    assert json.loads(status.stdout) == {"mail": {"pending": 1}}
 
     canceled = run("-A", path, "cancel", str(command_id))
     assert canceled.exit_code == 0 and f"canceled {command_id}" in canceled.output
