@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -21,10 +22,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("orch_outbox.relay")
 
-#: Seconds a busy relay (its last pass published) waits before it looks again, without notifications.
-BUSY_POLL = 0.05
-#: Seconds an idle mark outlives the relay's poll interval (a relay that died stops being notified after).
-IDLE_MARGIN = 2.0
+#: Commands a second above which the relay is busy: it polls every ``BUSY_POLL`` seconds and pushes do not notify.
+BUSY_RATE = 500
+#: Seconds a busy relay waits before it looks again, without notifications.
+BUSY_POLL = 0.02
+#: Seconds over which the rate of published commands is measured.
+RATE_WINDOW = 0.25
+#: Seconds an idle mark holds unless renewed (a relay that died is notified for that long at most).
+IDLE_MARK = 30.0
 
 
 class ListeningRelay:
@@ -32,8 +37,8 @@ class ListeningRelay:
 
     On PostgreSQL an INSERT trigger NOTIFYs on commit while a relay is marked idle; this
     loop marks itself idle, waits for that signal (or ``outbox_poll_interval`` at most) and
-    then relays; while its passes publish it stays busy and looks again every
-    ``BUSY_POLL`` seconds, so under load pushes do not notify (a notifying transaction
+    then relays; while commands arrive faster than ``BUSY_RATE`` a second it stays busy
+    and looks again every ``BUSY_POLL`` seconds, so under load pushes do not notify (a notifying transaction
     takes a cluster-wide lock at commit). It runs the rescuer every
     ``outbox_rescue_interval``. When the listening connection fails it reconnects with
     backoff; meanwhile beat's polling relay keeps commands flowing.
@@ -58,6 +63,8 @@ class ListeningRelay:
         #: this relay's row in ``{prefix}listeners``
         self.name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._next_rescue = 0.0
+        #: (monotonic time, commands published) of the recent passes
+        self._window: collections.deque[tuple[float, int]] = collections.deque()
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:
@@ -93,21 +100,35 @@ class ListeningRelay:
         return published if isinstance(published, int) else 0
 
     def _listen(self, wait: Callable[[float], bool]) -> None:
-        """Relay; while passes publish, look again after ``BUSY_POLL`` (pushes do not notify a busy relay); when one
-        publishes nothing, mark this relay idle (pushes notify it), look once more, and wait for a notification."""
+        """Relay; while commands arrive faster than ``BUSY_RATE`` a second, this relay is marked busy (pushes do not
+        notify it) and looks again every ``BUSY_POLL`` seconds; below that rate it stays marked idle (every push
+        notifies it at once) and waits for a notification, ``outbox_poll_interval`` at most."""
         poll = self.settings.poll_interval
         always = self.settings.notify == "always"
+        idle_until = 0.0  # until when this relay's idle mark holds (monotonic); 0: marked busy or not at all
         while not self.stop.is_set():
-            if self._pass() and not always:
+            published = self._pass()
+            if not always and self._busy(published):
+                if idle_until:
+                    self.store.mark_busy(self.name)
+                    idle_until = 0.0
                 wait(BUSY_POLL)
                 continue
-            self.store.mark_idle(self.name, poll + IDLE_MARGIN)
-            if not always and self._pass():  # a push that committed before it could see this relay idle
-                self.store.mark_busy(self.name)
-                continue
+            if time.monotonic() > idle_until - poll - 1.0:  # mark (or renew the mark) before it runs out
+                was_busy = not idle_until
+                self.store.mark_idle(self.name, IDLE_MARK)
+                idle_until = time.monotonic() + IDLE_MARK
+                if was_busy and self._pass():  # a push that committed before it could see this relay idle
+                    continue
             wait(poll)
-            if not always:
-                self.store.mark_busy(self.name)
+
+    def _busy(self, published: int) -> bool:
+        """True while the rate of commands published over the last ``RATE_WINDOW`` seconds is above ``BUSY_RATE``."""
+        now = time.monotonic()
+        self._window.append((now, published))
+        while self._window and self._window[0][0] < now - RATE_WINDOW:
+            self._window.popleft()
+        return published > 0 and sum(n for _, n in self._window) > BUSY_RATE * RATE_WINDOW
 
     def _poll(self) -> None:
         """``outbox_notify = "never"``: relay every poll interval, with jitter (relays spread their claims)."""
@@ -123,7 +144,10 @@ class ListeningRelay:
         return self._thread
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the loop and wait for its thread."""
+        """Stop the loop and wait for its thread (a notification wakes it from its wait)."""
         self.stop.set()
         if self._thread is not None:
+            if self.listening.is_set() and self.settings.notify != "never":
+                with contextlib.suppress(Exception):
+                    self.store.wake_listeners()
             self._thread.join(timeout)

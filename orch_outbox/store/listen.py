@@ -35,6 +35,11 @@ class ListenStatements(StoreBase):
         with self._one(relaxed=True) as conn:
             conn.execute(sa.update(t).where(t.c.name == name).values(idle_until=None))
 
+    def wake_listeners(self) -> None:
+        """Notify the relays listening on this outbox's channel (one stopping wakes itself so)."""
+        with self._one() as conn:
+            conn.execute(sa.select(sa.func.pg_notify(notify_channel(self.prefix), "")))
+
     def forget_listener(self, name: str) -> None:
         """This relay stops: its row goes."""
         t = self.listeners
