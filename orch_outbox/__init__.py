@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+from .connections import ConnectionAdapter, Connections
 from .context import CommandContext, current
 from .default import command, default_outbox
 from .errors import (
@@ -58,6 +59,8 @@ __all__ = [
     "CommandNotFound",
     "CommandTimeout",
     "ConfigurationError",
+    "ConnectionAdapter",
+    "Connections",
     "ErrorInfo",
     "FailedAttempt",
     "InvalidInput",
@@ -99,17 +102,17 @@ __all__ = [
 ]
 
 
-def push(conn: Any, call: Any, *, tenant: str | None = None) -> uuid.UUID:
+def push(conn: Any, call: Any = None, *, tenant: str | None = None) -> uuid.UUID:
     """Push a command signature (``send_email.s(...)``) or a canvas through the ready app's outbox."""
     return default_outbox().push(conn, call, tenant=tenant)
 
 
-def push_batch(conn: Any, calls: Any, *, tenant: str | None = None, then: Any = None) -> BatchRef:
+def push_batch(conn: Any, calls: Any = None, *, tenant: str | None = None, then: Any = None) -> BatchRef:
     """Push commands as one batch through the ready app's outbox (see :meth:`Outbox.push_batch`)."""
     return default_outbox().push_batch(conn, calls, tenant=tenant, then=then)
 
 
-def push_many(conn: Any, calls: Any) -> list[uuid.UUID]:
+def push_many(conn: Any, calls: Any = None) -> list[uuid.UUID]:
     """Push many command signatures in one statement through the ready app's outbox."""
     return default_outbox().push_many(conn, calls)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import uuid
@@ -15,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from . import canvas, celery_meaning
 from .canvas import NOTHING, Plan, Step
+from .connections import Connections
 from .errors import (
     BatchNotFound,
     ConfigurationError,
@@ -133,14 +135,24 @@ class Pushing(OutboxParts):
             raise UnknownCommand(f"no outbox command is registered as {name!r}")
         return task
 
-    def push(self, conn: Connectable, call: Signature, *, tenant: str | None = None) -> uuid.UUID:
+    @functools.cached_property
+    def connections(self) -> Connections:
+        """What a push writes on besides SQLAlchemy's Session, Connection and Engine: connection adapters, and
+        the current connection a push given none writes on (see ``connections.py``)."""
+        return Connections()
+
+    def push(self, conn: Any, call: Signature | None = None, *, tenant: str | None = None) -> uuid.UUID:
         """Insert a command, a Celery task signature or a canvas, in the caller's transaction.
 
-        A signature (of an outbox command or of a plain Celery task) is one command;
+        ``conn``: a SQLAlchemy Session, Connection or Engine, or what a connection adapter of
+        this outbox recognises; ``push(call)`` pushes on the current connection (see
+        :attr:`connections`). A signature (of an outbox command or of a plain Celery task) is one command;
         returns its id. A ``chain`` returns the id of its first command (the next ones
         are inserted as each completes: follow them with :meth:`children`); a ``group``
         or ``chord`` returns its batch's id (see :meth:`batch`). See ``canvas.py``.
         """
+        if call is None:
+            conn, call = None, conn
         if not isinstance(call, (_chain, _chord, group)):
             row = self.row_for(call)
             if tenant is not None:
@@ -150,8 +162,10 @@ class Pushing(OutboxParts):
         ids = self._insert(conn, plan)
         return plan.batches[0]["id"] if plan.batches else ids[0]
 
-    def push_many(self, conn: Connectable, calls: Iterable[Signature]) -> list[uuid.UUID]:
+    def push_many(self, conn: Any, calls: Iterable[Signature] | None = None) -> list[uuid.UUID]:
         """Insert many commands at once in the caller's transaction (COPY on PostgreSQL from 50 rows).
+
+        ``push_many(calls)``: on the current connection (see :meth:`push`).
 
         A call that cannot be pushed raises :class:`InvalidInput` (or the like) and
         nothing of the push stays written: the calls are checked before anything is
@@ -159,6 +173,8 @@ class Pushing(OutboxParts):
         what it wrote is undone (a savepoint). Either way the caller's transaction stays
         usable.
         """
+        if calls is None:
+            conn, calls = None, conn
         calls = list(calls)
         templates, items = self._templated_rows(calls)
         return self._with_connection(conn, lambda c: self.store.insert_templated(c, items, len(calls), templates))
@@ -204,8 +220,8 @@ class Pushing(OutboxParts):
 
     def push_batch(
         self,
-        conn: Connectable,
-        calls: Iterable[Signature],
+        conn: Any,
+        calls: Iterable[Signature] | None = None,
         *,
         tenant: str | None = None,
         then: Signature | None = None,
@@ -216,8 +232,10 @@ class Pushing(OutboxParts):
         has reached a final state (unless the batch is canceled). Its first argument is
         the list of the members' outcomes, in push order: ``{"id", "name", "status",
         "output", "error"}`` each. Members can be added while the batch is open
-        (:meth:`append_to_batch`).
+        (:meth:`append_to_batch`). ``push_batch(calls)``: on the current connection (see :meth:`push`).
         """
+        if calls is None:
+            conn, calls = None, conn
         members = [self.row_for(call) for call in calls]
         continuation = self._call_step(then, pass_result=True) if then is not None else None
         plan = canvas.batch_plan(members, tenant=_tenant(tenant), continuation=continuation, chord=False)
@@ -225,10 +243,13 @@ class Pushing(OutboxParts):
         batch = plan.batches[0]
         return BatchRef(batch["id"], ids, batch["continuation_id"])
 
-    def append_to_batch(
-        self, conn: Connectable, batch_id: uuid.UUID | str, calls: Iterable[Signature]
-    ) -> list[uuid.UUID]:
-        """Add members to an open batch in the caller's transaction; :class:`BatchClosed` once it finished."""
+    def append_to_batch(self, conn: Any, batch_id: Any, calls: Iterable[Signature] | None = None) -> list[uuid.UUID]:
+        """Add members to an open batch in the caller's transaction; :class:`BatchClosed` once it finished.
+
+        ``append_to_batch(batch_id, calls)``: on the current connection (see :meth:`push`).
+        """
+        if calls is None:
+            conn, batch_id, calls = None, conn, batch_id
         rows = [self.row_for(call) for call in calls]
         bid = _as_uuid(batch_id, BatchNotFound)
         return self._with_connection(conn, lambda c: self.store.append(c, bid, rows))
@@ -246,18 +267,11 @@ class Pushing(OutboxParts):
         calls = list(calls)
         return await _on_async(conn, lambda sync: self.push_many(sync, calls))
 
-    def _insert(self, conn: Connectable, rows: list[dict[str, Any]] | Plan) -> list[uuid.UUID]:
+    def _insert(self, conn: Any, rows: list[dict[str, Any]] | Plan) -> list[uuid.UUID]:
         return self._with_connection(conn, lambda c: self.store.insert(c, rows))
 
-    def _with_connection(self, conn: Connectable, work: Callable[[sa.Connection], _T]) -> _T:
-        if isinstance(conn, Session):
-            return self._checked(conn.connection(), work)
-        if isinstance(conn, sa.Connection):
-            return self._checked(conn, work)
-        if isinstance(conn, sa.Engine):
-            with conn.begin() as own:
-                return self._checked(own, work)
-        raise TypeError(f"push needs a SQLAlchemy Session, Connection or Engine, not {type(conn).__name__}")
+    def _with_connection(self, conn: Any, work: Callable[[sa.Connection], _T]) -> _T:
+        return self.connections.run(conn, lambda c: self._checked(c, work))
 
     def _checked(self, conn: sa.Connection, work: Callable[[sa.Connection], _T]) -> _T:
         if not self.__dict__.get("_tables_seen"):

@@ -24,9 +24,6 @@ from .registry import outbox_of
 from .store import ErrorInfo
 
 if TYPE_CHECKING:
-    import sqlalchemy as sa
-    from sqlalchemy.orm import Session
-
     from .outbox import Outbox
 
 HOOK_KINDS = ("then", "if_failed", "if_canceled")
@@ -82,8 +79,15 @@ class OutboxTask(Task):  # type: ignore[misc]
 
     # -- pushing ------------------------------------------------------------------------
 
-    def push(self, conn: Session | sa.Connection | sa.Engine, /, *args: Any, **kwargs: Any) -> uuid.UUID:
-        """Insert this command into the outbox in the caller's transaction; returns its id."""
+    def push(self, *args: Any, **kwargs: Any) -> uuid.UUID:
+        """Insert this command into the outbox in the caller's transaction; returns its id.
+
+        ``cmd.push(session, *args, **kwargs)``: the first argument is what the push writes on (a
+        SQLAlchemy Session, Connection or Engine, or what a connection adapter of the outbox
+        recognises); on an outbox with a current connection (``outbox.connections.current``,
+        e.g. ``DjangoOutbox``) it may be left out: ``cmd.push(*args, **kwargs)``.
+        """
+        conn, args = self.outbox.connections.split(args)
         return self.outbox.push(conn, self.s(*args, **kwargs))
 
     async def push_async(self, conn: Any, /, *args: Any, **kwargs: Any) -> uuid.UUID:
@@ -249,8 +253,9 @@ class PushWith:
         """A Celery signature carrying these options."""
         return self.task.s(*args, **kwargs).set(**self._options)
 
-    def push(self, conn: Session | sa.Connection | sa.Engine, /, *args: Any, **kwargs: Any) -> uuid.UUID:
-        """Insert the command with these options; returns its id."""
+    def push(self, *args: Any, **kwargs: Any) -> uuid.UUID:
+        """Insert the command with these options; returns its id (the connection as in :meth:`OutboxTask.push`)."""
+        conn, args = self.task.outbox.connections.split(args)
         return self.task.outbox.push(conn, self.s(*args, **kwargs))
 
     async def push_async(self, conn: Any, /, *args: Any, **kwargs: Any) -> uuid.UUID:

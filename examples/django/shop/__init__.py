@@ -1,0 +1,1 @@
+"""The shop: orders, each confirmed by a command pushed in the order's own transaction."""

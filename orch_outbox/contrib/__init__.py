@@ -1,0 +1,1 @@
+"""Integrations with frameworks: each imports the core, which never imports them."""
