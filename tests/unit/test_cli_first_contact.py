@@ -35,6 +35,8 @@ def folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(default_module, "_default", None)
     monkeypatch.delitem(sys.modules, "celeryconfig", raising=False)
+    # no celeryconfig anywhere on the path (the checkout's own must not be found from here)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p or ".") / "celeryconfig.py").exists()])
     for key in ("ORCH_OUTBOX_APP", "ORCH_OUTBOX_DATABASE_URL", "ORCH_OUTBOX_CONFIG_MODULE", "CELERY_BROKER_URL"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("ORCH_OUTBOX_HOME", str(tmp_path / "home"))
