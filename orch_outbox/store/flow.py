@@ -1,9 +1,10 @@
 """The claim under flow control: cluster-wide limits and tenants in turns (the plan is in ``flow.py``).
 
-One transaction per claim. On PostgreSQL it first takes a transaction-level advisory lock
-of this outbox, so the claims of several relays under flow control follow one another
-and each one's counts, read in a statement after the lock, include every claim committed
-before it: a limit holds across the cluster, not per process. Then: what is in flight per
+On PostgreSQL each claim first takes a session advisory lock of this outbox on an
+autocommit connection (released before the connection goes back to its pool), so the
+claims of several relays under flow control follow one another and each one's counts,
+read in a statement after the lock, include every claim committed before it: a limit
+holds across the cluster, not per process. On SQLite the claim is one transaction. Then: what is in flight per
 limited key, the rate buckets, the tenants with due rows (a skip scan of an index over
 pending rows with a tenant, continuing after the tenant the last claim ended on), a few
 due rows of each, the admission in Python, one UPDATE of the rows taken (re-checking
