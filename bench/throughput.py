@@ -22,10 +22,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import common
+from bench import common, cpu
 from bench.app import BenchApp, build
 from bench.common import BROKERS, BenchError, Run, Section, Sizes, Target
 
@@ -41,6 +41,8 @@ class Timed:
 
     n: int
     seconds: float
+    #: milliseconds of CPU per command of each process group (see bench/cpu.py)
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -98,12 +100,14 @@ def start_outbox_services(
     tag: str,
     procs: list[common.Proc],
     otel: str = "",
+    options: dict[str, str] | None = None,
 ) -> tuple[common.Proc, common.Proc]:
     """Start the relay and a worker for ``queue``; returns (relay, worker) once a warm-up went through.
 
     ``otel``: ``"1"`` sets the OpenTelemetry SDK up in both, ``"0"`` switches the outbox's telemetry off.
     """
     extra = {"BENCH_OTEL": otel} if otel else {}
+    extra.update(options or {})
     if otel == "absent":  # a sitecustomize that makes opentelemetry unimportable, as without the extra
         extra["PYTHONPATH"] = os.pathsep.join(p for p in (str(no_otel_dir(run)), os.environ.get("PYTHONPATH")) if p)
     env = common.subprocess_env(BROKERS[broker], bench.outbox.settings.table_prefix, **extra)
@@ -133,19 +137,26 @@ def outbox_run(
     warmup: int,
     tag: str,
     otel: str = "",
+    options: dict[str, str] | None = None,
 ) -> Timed:
-    """orch_outbox end to end: push N (batches of 1 000, committed) → last row completed."""
+    """orch_outbox end to end: push N (batches of 1 000, committed) → last row completed.
+
+    ``options``: ``ORCH_OUTBOX_*`` variables for the relay and the worker (settings other than the defaults).
+    """
     queue = run.queue(tag)
     with common.processes() as procs:
-        start_outbox_services(run, bench, broker, queue, pool, concurrency, tag, procs, otel)
+        relay, worker = start_outbox_services(run, bench, broker, queue, pool, concurrency, tag, procs, otel, options)
         warm_outbox(run, bench, queue, warmup, tag, procs)
         key = run.key(tag)
+        meter = cpu.CpuMeter({"worker": worker.pid, "relay": relay.pid})
+        meter.start()
         t0 = time.perf_counter()
         push_commands(bench, queue, key, n)
         wait_outbox_done(bench, key, n, procs)
         seconds = time.perf_counter() - t0
+        spent = meter.stop()
     common.purge_queue(bench.app, queue, delete=True)
-    return Timed(n, seconds)
+    return Timed(n, seconds, cpu.per_command_ms(spent, n))
 
 
 def celery_run(
@@ -156,19 +167,23 @@ def celery_run(
     env = common.subprocess_env(BROKERS[broker], bench.outbox.settings.table_prefix)
     common.purge_queue(bench.app, queue)
     with common.processes() as procs:
-        procs.append(common.celery_worker(run, f"{tag}-worker", env, queue, pool, concurrency))
+        worker = common.celery_worker(run, f"{tag}-worker", env, queue, pool, concurrency)
+        procs.append(worker)
         warm = run.key(f"{tag}:warm")
         for _ in range(warmup):
             bench.plain_noop.apply_async((warm,), queue=queue)
         common.wait_until(lambda: common.counter(warm) >= warmup, common.START_TIMEOUT, "warm-up tasks", watch=procs)
         key = run.key(tag)
+        meter = cpu.CpuMeter({"worker": worker.pid})
+        meter.start()
         t0 = time.perf_counter()
         for _ in range(n):
             bench.plain_noop.apply_async((key,), queue=queue)
         common.wait_until(lambda: common.counter(key) >= n, wait_budget(n), f"{n} tasks to run", watch=procs)
         seconds = time.perf_counter() - t0
+        spent = meter.stop()
     common.purge_queue(bench.app, queue, delete=True)
-    return Timed(n, seconds)
+    return Timed(n, seconds, cpu.per_command_ms(spent, n))
 
 
 def procrastinate_run(run: Run, concurrency: int, n: int, warmup: int) -> Timed:
@@ -203,6 +218,24 @@ def procrastinate_run(run: Run, concurrency: int, n: int, warmup: int) -> Timed:
     return Timed(n, seconds)
 
 
+#: The settings of the opt-in rows: attempts claimed by the worker's main process (see orch_outbox/starting.py).
+IN_CONSUMER = {"ORCH_OUTBOX_START_IN_CONSUMER": "1"}
+
+#: The process groups of the CPU breakdown, in the order printed.
+CPU_GROUPS = ("worker", "relay", "postgres", "rabbitmq", "redis", "bench", "total")
+
+
+def cpu_rows(scenario: str, ours: Timed, base: Timed, groups: tuple[str, ...] = CPU_GROUPS) -> list[common.Metric]:
+    """CPU milliseconds per command of each process group, ours beside Celery's (same runs as the rate)."""
+    rows = []
+    for group in groups:
+        value, baseline = ours.cpu.get(group, 0.0), base.cpu.get(group, 0.0)
+        if value or baseline:
+            name = f"  CPU per command, {scenario}: {group}"
+            rows.append(common.Metric(name, value, baseline, "ms", "Celery", compare=baseline > 0))
+    return rows
+
+
 def run_section(run: Run, sizes: Sizes, section: Section) -> None:
     n, warm = sizes.throughput_n, sizes.warmup
     section.setup.update(
@@ -220,12 +253,14 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
         try:
             for pool, conc in POOLS:
                 tag = f"tp-{broker}-{pool}"
-                runs: list[tuple[Timed, Timed]] = []
+                runs: list[tuple[Timed, Timed, Timed]] = []
                 for i in range(sizes.rounds):
                     ours = outbox_run(run, bench, broker, pool, conc, n, warm, f"{tag}-o{i}")
-                    runs.append((ours, celery_run(run, bench, broker, pool, conc, n, warm, f"{tag}-c{i}")))
-                ours = max((o for o, _ in runs), key=lambda t: t.rate)
-                base = max((c for _, c in runs), key=lambda t: t.rate)
+                    early = outbox_run(run, bench, broker, pool, conc, n, warm, f"{tag}-s{i}", options=IN_CONSUMER)
+                    runs.append((ours, celery_run(run, bench, broker, pool, conc, n, warm, f"{tag}-c{i}"), early))
+                ours = max((o for o, _, _ in runs), key=lambda t: t.rate)
+                base = max((c for _, c, _ in runs), key=lambda t: t.rate)
+                early = max((e for _, _, e in runs), key=lambda t: t.rate)
                 rates[f"{broker}/{pool}"] = ours.rate
                 section.metrics.append(
                     common.Metric(
@@ -237,6 +272,17 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
                         Target("ratio_min", 0.8, "≥ 0.8x"),
                     )
                 )
+                section.metrics.extend(cpu_rows(f"{broker}, {pool}", ours, base))
+                section.metrics.append(
+                    common.Metric(
+                        f"  same, outbox_start_in_consumer (opt-in), {broker}, {pool}",
+                        early.rate,
+                        base.rate,
+                        "cmd/s",
+                        "Celery",
+                    )
+                )
+                section.metrics.extend(cpu_rows(f"{broker}, {pool}, in consumer", early, base, ("worker", "postgres")))
         finally:
             common.drop_outbox(bench.outbox)
     threads = dict(POOLS)["threads"]

@@ -61,10 +61,12 @@ class WriteBack:
     def submit(self, started: Started, output: Any) -> None:
         """Hand over a success; the write-back thread records it (fenced) as soon as it can."""
         with self._lock:
-            if not self._held:
+            held = self._held
+            if not held:
                 self._since = time.monotonic()
-            self._held.append((started, output))
-            self._written.notify_all()
+            held.append((started, output))
+            if len(held) == 1 or len(held) >= WRITE_BACK_BATCH:  # the writer waits for the first, or is holding
+                self._written.notify_all()
 
     def flush(self, timeout: float) -> bool:
         """Wait until every success handed over is written; False on timeout."""

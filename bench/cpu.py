@@ -1,0 +1,93 @@
+"""Where the CPU goes: user + system time per process group over a timed window, from ``/proc``.
+
+A :class:`CpuMeter` reads every process's ``/proc/<pid>/stat`` before and after a run and
+charges each one's CPU to a group: the trees of the subprocesses it was given (a worker and
+its pool children, a relay), the PostgreSQL server, the broker (RabbitMQ's Erlang VM or
+Redis), and this benchmark process (the pusher, or Celery's ``apply_async`` loop). A process
+that ended inside the window loses what it used; the workers and relays measured here live
+through it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+CLOCK = os.sysconf("SC_CLK_TCK")
+#: Process names (``comm``) of each server group.
+SERVERS = {"postgres": ("postgres",), "rabbitmq": ("beam.smp", "erl_child_setup"), "redis": ("redis-server",)}
+
+
+@dataclass(frozen=True)
+class Stat:
+    ppid: int
+    comm: str
+    ticks: int  # utime + stime of the process and its threads
+
+
+def snapshot() -> dict[int, Stat]:
+    """Every process's parent, name and CPU ticks so far."""
+    stats: dict[int, Stat] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        head, _, tail = text.rpartition(")")
+        comm = head.split("(", 1)[1]
+        fields = tail.split()
+        stats[int(entry)] = Stat(int(fields[1]), comm, int(fields[11]) + int(fields[12]))
+    return stats
+
+
+def _tree(stats: Mapping[int, Stat], root: int) -> set[int]:
+    members, grew = {root}, True
+    while grew:
+        more = {pid for pid, s in stats.items() if s.ppid in members} - members
+        members |= more
+        grew = bool(more)
+    return members
+
+
+class CpuMeter:
+    """CPU seconds per group between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, roots: Mapping[str, int]) -> None:
+        """``roots``: group name → the pid of a subprocess whose whole tree is that group."""
+        self.roots = dict(roots)
+        self._before: dict[int, Stat] = {}
+        self.seconds: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = snapshot()
+
+    def stop(self) -> dict[str, float]:
+        after = snapshot()
+        own = os.getpid()
+        groups: dict[int, str] = {own: "bench"}
+        for name, root in self.roots.items():
+            for pid in _tree(after, root) | _tree(self._before, root):
+                groups[pid] = name
+        for pid, stat in after.items():
+            for name, comms in SERVERS.items():
+                if pid not in groups and stat.comm in comms:
+                    groups[pid] = name
+        spent: dict[str, float] = {}
+        for pid, name in groups.items():
+            if pid not in after:
+                continue
+            used = after[pid].ticks - (self._before[pid].ticks if pid in self._before else 0)
+            spent[name] = spent.get(name, 0.0) + used / CLOCK
+        self.seconds = spent
+        return spent
+
+
+def per_command_ms(seconds: Mapping[str, float], n: int) -> dict[str, float]:
+    """Milliseconds of CPU per command of each group, and their ``total``."""
+    out = {name: s * 1000 / n for name, s in seconds.items()}
+    out["total"] = sum(out.values())
+    return out
