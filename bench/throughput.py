@@ -218,9 +218,6 @@ def procrastinate_run(run: Run, concurrency: int, n: int, warmup: int) -> Timed:
     return Timed(n, seconds)
 
 
-#: The settings of the opt-in rows: attempts claimed by the worker's main process (see orch_outbox/starting.py).
-IN_CONSUMER = {"ORCH_OUTBOX_START_IN_CONSUMER": "1"}
-
 #: The process groups of the CPU breakdown, in the order printed.
 CPU_GROUPS = ("worker", "relay", "postgres", "rabbitmq", "redis", "bench", "total")
 
@@ -253,14 +250,12 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
         try:
             for pool, conc in POOLS:
                 tag = f"tp-{broker}-{pool}"
-                runs: list[tuple[Timed, Timed, Timed]] = []
+                runs: list[tuple[Timed, Timed]] = []
                 for i in range(sizes.rounds):
                     ours = outbox_run(run, bench, broker, pool, conc, n, warm, f"{tag}-o{i}")
-                    early = outbox_run(run, bench, broker, pool, conc, n, warm, f"{tag}-s{i}", options=IN_CONSUMER)
-                    runs.append((ours, celery_run(run, bench, broker, pool, conc, n, warm, f"{tag}-c{i}"), early))
-                ours = max((o for o, _, _ in runs), key=lambda t: t.rate)
-                base = max((c for _, c, _ in runs), key=lambda t: t.rate)
-                early = max((e for _, _, e in runs), key=lambda t: t.rate)
+                    runs.append((ours, celery_run(run, bench, broker, pool, conc, n, warm, f"{tag}-c{i}")))
+                ours = max((o for o, _ in runs), key=lambda t: t.rate)
+                base = max((c for _, c in runs), key=lambda t: t.rate)
                 rates[f"{broker}/{pool}"] = ours.rate
                 section.metrics.append(
                     common.Metric(
@@ -273,16 +268,6 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
                     )
                 )
                 section.metrics.extend(cpu_rows(f"{broker}, {pool}", ours, base))
-                section.metrics.append(
-                    common.Metric(
-                        f"  same, outbox_start_in_consumer (opt-in), {broker}, {pool}",
-                        early.rate,
-                        base.rate,
-                        "cmd/s",
-                        "Celery",
-                    )
-                )
-                section.metrics.extend(cpu_rows(f"{broker}, {pool}, in consumer", early, base, ("worker", "postgres")))
         finally:
             common.drop_outbox(bench.outbox)
     threads = dict(POOLS)["threads"]

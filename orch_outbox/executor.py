@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 
-from . import celery_meaning, starting
+from . import celery_meaning
 from .canvas import Plan, next_in_chain
 from .context import CommandContext, _set
 from .errors import CommandCanceled, CommandTimeout, InvalidOption, LeaseLost, StoreUnavailable
@@ -124,10 +124,8 @@ class Executor:
             raise AttemptDropped("malformed")
         command_id, attempt, timeout = fence
         lease = timeout + self.settings.lock_buffer
-        started = self._claimed(request, command_id, attempt, lease)
-        if started is None:
-            worker = self.worker_name() or str(getattr(request, "hostname", None) or "unknown")
-            started = self._write(lambda: self.store.start(command_id, attempt, task.name, worker, lease))
+        worker = self.worker_name() or str(getattr(request, "hostname", None) or "unknown")
+        started = self._write(lambda: self.store.start(command_id, attempt, task.name, worker, lease))
         if started is None:
             raise self._not_started(task.name, command_id, attempt)
         telemetry = self.telemetry
@@ -139,28 +137,6 @@ class Executor:
         )
         with telemetry.process(task.name, started.target, started.id, started.attempt, request):
             return self._run(task, started)
-
-    def _claimed(self, request: Any, command_id: uuid.UUID, attempt: int, lease: float) -> Started | None:
-        """The claim the worker's main process made for this message (see starting.py), or None if it made none.
-
-        A claim that waited in the pool's queue past ``FRESH_SECONDS`` is renewed first; if
-        the attempt no longer holds its command (rescued, canceled), the message runs nothing.
-        """
-        claim = starting.claim_of(request)
-        if claim is None:
-            return None
-        at, started = claim
-        if started.id != command_id or started.attempt != attempt:
-            return None
-        if time.monotonic() - at > starting.FRESH_SECONDS:
-            held = self._write(lambda: self.store.renew([(command_id, attempt)], lease))
-            if (command_id, attempt) not in held:
-                self._drop("stale")
-                log.info("dropped %s attempt %s: it lost its command while it waited in the pool", command_id, attempt)
-                raise AttemptDropped("stale")
-            if held[(command_id, attempt)]:  # canceled while it waited: it ends canceled, nothing runs
-                self._canceled(started)
-        return started
 
     def _drop(self, reason: str) -> None:
         """Count a message dropped without running (``dropped``, and the ``dropped`` metric by reason)."""

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from celery import Celery, signals
 
 from . import backoff as backoff_mod
-from . import control, request, starting
+from . import control, request
 from .cleaner import Cleaner
 from .clock import Clock
 from .errors import (
@@ -102,8 +102,6 @@ class Outbox(Pushing, Operations, Scheduling, Wiring):
         signals.worker_process_init.connect(self._serve_child_metrics, weak=False)
         control.REVOKERS[app] = self.revoke
         request.WATCHDOG_READERS[app] = lambda header: self.executor.retried_by_watchdog(header)
-        starting.STARTERS[app] = self._starter_for
-        signals.worker_shutdown.connect(self._stop_starter, weak=False)
 
     @functools.cached_property
     def settings(self) -> Settings:

@@ -29,7 +29,6 @@ from celery.utils.saferepr import saferepr
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
-from . import starting
 from .store import ErrorInfo
 
 log = logging.getLogger("orch_outbox.request")
@@ -54,12 +53,7 @@ class AttemptDropped(Ignore):  # type: ignore[misc]
 class OutboxRequest(Request):  # type: ignore[misc]
     """Celery's request, reporting the outbox's endings truthfully (see the module docstring)."""
 
-    def on_accepted(self, pid: Any, time_accepted: Any) -> None:
-        starting.accepted(self._app, self._request_dict)
-        super().on_accepted(pid, time_accepted)
-
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> Any:
-        starting.accepted(self._app, self._request_dict)  # (a pool process lost before it took the message)
         exc = _unwrap(exc_info.exception)
         if isinstance(exc, CommandRevoked):
             if not self._already_revoked:

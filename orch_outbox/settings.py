@@ -64,12 +64,6 @@ class Settings:
         "PostgreSQL: claims, attempt starts and heartbeats commit without waiting for the WAL flush",
         True,
     )
-    start_in_consumer: bool = _doc(
-        "PostgreSQL, prefork and threads pools: the worker's main process claims the attempts of the messages it "
-        "receives, many per round trip, before its pool runs them (a cancel or pause then reaches a message the "
-        "worker holds as it reaches a running attempt)",
-        False,
-    )
     schedule_interval: float = _doc("seconds between checks for due cron schedules, driven by beat", 1.0)
     retention: float = _doc("seconds completed, canceled and expired rows are kept (0: forever)", 7 * 24 * 3600.0)
     failed_retention: float = _doc("seconds failed rows (the dead letters) are kept (0: forever)", 30 * 24 * 3600.0)

@@ -65,9 +65,8 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     # pending, no retry used); an unknown name at the worker (retried or failed); a row the relay
     # refuses (failed); expired before it started; canceled
     Status.DISPATCHED: frozenset({Status.RUNNING, Status.PENDING, Status.FAILED, Status.EXPIRED, Status.CANCELED}),
-    # the attempt's ending: success, retry (pending), failure, cancellation; or, claimed by a
-    # worker's main process for a message its pool never took, given back at its warm shutdown
-    Status.RUNNING: frozenset({Status.COMPLETED, Status.PENDING, Status.FAILED, Status.CANCELED, Status.DISPATCHED}),
+    # the attempt's ending: success, retry (pending), failure, cancellation
+    Status.RUNNING: frozenset({Status.COMPLETED, Status.PENDING, Status.FAILED, Status.CANCELED}),
     # an operator re-queues a dead letter; a chord body whose members did not all complete fails
     Status.FAILED: frozenset({Status.PENDING}),
     Status.COMPLETED: frozenset(),

@@ -54,8 +54,6 @@ class Hooks:
 
 #: Celery builds each message's request from this class (see ``request.py``).
 REQUEST_CLASS = "orch_outbox.request:OutboxRequest"
-#: How a worker receives outbox messages: Celery's strategy, with attempts claimed by the main process (starting.py).
-STRATEGY = "orch_outbox.starting:strategy"
 
 
 class OutboxTask(Task):  # type: ignore[misc]
@@ -68,7 +66,6 @@ class OutboxTask(Task):  # type: ignore[misc]
     """
 
     Request = REQUEST_CLASS
-    Strategy = STRATEGY
     typing = False
     outbox_target: str | None = None
     outbox_timeout: float | None = None
@@ -242,7 +239,6 @@ def adopt(task: Any, execute: Callable[[Any, Any], Any]) -> bool:
     task.run = run
     task.retry = retry
     task.Request = REQUEST_CLASS  # only changes how outbox messages report; others as before (see request.py)
-    task.Strategy = STRATEGY  # only outbox messages are claimed by the main process; others as before
     return True
 
 

@@ -7,13 +7,10 @@ from typing import Any
 
 from celery import Celery, beat
 
-from . import starting
 from .errors import ConfigurationError, StoreUnavailable
-from .executor import parse_header
 from .jobs import JobRunner
 from .parts import OutboxParts
 from .running import RUNNING
-from .starting import Starter
 from .task import adopt
 from .workers import Identity, Presence
 
@@ -219,34 +216,6 @@ class Wiring(OutboxParts):
             runner.leave(JOBS_LEAVE_SECONDS)
         if presence is not None:
             presence.leave()
-
-    def _starter_for(self, consumer: Any) -> Starter | None:
-        """This worker main process's starter (see starting.py), or None where the pool claims for itself."""
-        if not self.settings.start_in_consumer or getattr(consumer, "app", None) is not self.app:
-            return None
-        kind = starting.pool_kind(consumer)
-        if kind is None or not self.store.batches_starts:
-            return None
-        starter = starting.ACTIVE.get(self.app)
-        if starter is None:
-            starter = Starter(
-                self.store,
-                parse_header,
-                self.settings.lock_buffer,
-                self.worker_name,
-                consumer.hub if kind == "prefork" else None,
-                self.settings.dispatch_timeout,
-            )
-            starting.ACTIVE[self.app] = starter
-        return starter
-
-    def _stop_starter(self, sender: Any = None, **_: Any) -> None:
-        """After the pool stopped: attempts claimed for messages no pool process took go back to dispatched."""
-        if getattr(sender, "app", None) is not self.app:
-            return
-        starter = starting.ACTIVE.pop(self.app, None)
-        if starter is not None:
-            starter.stop()
 
     def _flush_write_back(self, sender: Any = None, **_: Any) -> None:
         """Before a worker (or a prefork child) exits: write back the successes still held."""

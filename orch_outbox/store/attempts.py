@@ -42,42 +42,6 @@ class AttemptStatements(StoreBase):
             row = conn.execute(self._start_stmt, {**params, **self._p_times(p_lease=lease)}).first()
         return Started(**row._mapping) if row else None
 
-    @property
-    def batches_starts(self) -> bool:
-        """Whether :meth:`start_many` claims many attempts in one round trip (PostgreSQL's hot path)."""
-        return self._hot is not None
-
-    def start_many(self, items: Sequence[tuple[uuid.UUID, int, str, str, float]]) -> list[Started | None]:
-        """Claim many attempts in one round trip and one commit, each as :meth:`start` would.
-
-        ``items``: (command id, attempt, name, worker, lease seconds); the answer is in their order.
-        """
-        if self._hot is None or len(items) == 1:
-            return [self.start(*item) for item in items]
-        sql, constants = self._hot_start
-        params = [
-            {**constants, "p_id": i, "p_attempt": a, "p_name": n, "p_worker": w, "p_lease": timedelta(seconds=lease)}
-            for i, a, n, w, lease in items
-        ]
-        rows = self._hot.execute_each(self._relaxed is not None, sql, params)
-        return [Started(*row) if row else None for row in rows]
-
-    def unstart(self, attempts: Sequence[tuple[uuid.UUID, int]], lease: float) -> int:
-        """Attempts claimed for a pool that never ran them: back to dispatched (their messages start them again).
-
-        ``lease``: seconds the dispatch lease gets, as a fresh publish would. Returns how many went back.
-        """
-        if not attempts:
-            return 0
-        t = self.table
-        stmt = (
-            sa.update(t)
-            .where(sa.tuple_(t.c.id, t.c.attempt).in_(list(attempts)), t.c.status == Status.RUNNING)
-            .values(status=Status.DISPATCHED, started_at=None, worker=None, lease_expires_at=self._later(lease))
-        )
-        with self._one() as conn:
-            return int(conn.execute(stmt).rowcount)
-
     @functools.cached_property
     def _hot_start(self) -> tuple[str, dict[str, Any]]:
         assert self._hot is not None
