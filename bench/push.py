@@ -24,7 +24,7 @@ from bench.common import BROKERS, BULK_SIZE, Run, Section, Sizes, Target
 
 
 def truncate(bench: BenchApp) -> None:
-    common.pg_exec(f"TRUNCATE {bench.outbox.store.table.name}")
+    common.pg_exec(f"TRUNCATE {bench.outbox.store.table.name} CASCADE")  # with the attempts that reference it
 
 
 def push_each_in_own_tx(bench: BenchApp, queue: str, key: str, n: int) -> float:
