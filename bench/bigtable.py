@@ -63,12 +63,17 @@ def load_finished(bench: BenchApp, rows: int) -> float:
 
 
 def claim_plan(bench: BenchApp) -> str:
-    """The plan of the relay's claim query (the due-row subquery), as PostgreSQL would run it now."""
-    t = bench.outbox.store.table.name
-    rows = common.pg_exec(
-        f"EXPLAIN SELECT id FROM {t} WHERE status = 'pending' AND scheduled_at <= now() "
-        f"ORDER BY priority DESC, scheduled_at LIMIT {bench.outbox.settings.batch_size} FOR UPDATE SKIP LOCKED"
-    )
+    """The plan of the relay's own claim statement, as PostgreSQL would run it now (rolled back)."""
+    import datetime as dt
+
+    import psycopg
+
+    store = bench.outbox.store
+    sql, constants = store._hot_claim
+    params = {**constants, "p_limit": bench.outbox.settings.batch_size, "p_lease": dt.timedelta(seconds=60)}
+    with psycopg.connect(common.DB_URL) as conn:
+        rows = conn.execute(("EXPLAIN " + sql).encode(), params).fetchall()
+        conn.rollback()
     return " / ".join(r[0].strip() for r in rows)
 
 

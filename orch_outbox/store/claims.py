@@ -105,14 +105,14 @@ class ClaimStatements(StoreBase):
         """The claim without an in-flight cap: the first ``p_limit`` due rows, locked and skipped over by others."""
         t = self.table
         locked = (
-            sa.select(t.c.id)
+            sa.select(t.c.id, *self._row_address())
             .where(t.c.status == Status.PENDING, t.c.kind.is_(None), t.c.scheduled_at <= self._p_now(), ~self._paused())
             .order_by(t.c.priority.desc(), t.c.scheduled_at)
             .limit(sa.bindparam("p_limit", type_=sa.Integer()))
             .with_for_update(skip_locked=True)
             .cte("locked")
         )
-        return self._claim_update(sa.select(locked.c.id))
+        return self._claim_locked(locked)
 
     @functools.cached_property
     def _claim_capped_stmt(self) -> sa.Update:
@@ -127,7 +127,7 @@ class ClaimStatements(StoreBase):
             .cte("in_flight")
         )
         locked = (
-            sa.select(t.c.id, t.c.target, t.c.priority, t.c.scheduled_at)
+            sa.select(t.c.id, t.c.target, t.c.priority, t.c.scheduled_at, *self._row_address())
             .where(
                 t.c.status == Status.PENDING,
                 t.c.kind.is_(None),
@@ -146,22 +146,50 @@ class ClaimStatements(StoreBase):
             .over(partition_by=locked.c.target, order_by=(locked.c.priority.desc(), locked.c.scheduled_at))
             .label("rank")
         )
+        address = [locked.c.row_ctid] if self._by_address else []
         ranked = (
-            sa.select(locked.c.id, rank, sa.func.coalesce(in_flight.c.n, 0).label("n"))
+            sa.select(locked.c.id, *address, rank, sa.func.coalesce(in_flight.c.n, 0).label("n"))
             .select_from(locked.outerjoin(in_flight, in_flight.c.target == locked.c.target))
             .cte("ranked")
         )
-        due = sa.select(ranked.c.id).where(ranked.c.rank + ranked.c.n <= cap).cte("due")
-        return self._claim_update(sa.select(due.c.id))
+        address = [ranked.c.row_ctid] if self._by_address else []
+        due = sa.select(ranked.c.id, *address).where(ranked.c.rank + ranked.c.n <= cap).cte("due")
+        return self._claim_locked(due)
 
-    def _claim_update(self, ids: sa.Select[Any]) -> sa.Update:
-        """Dispatch the rows ``ids`` selects (a new attempt each), or expire those past ``expires_at``."""
+    @functools.cached_property
+    def _by_address(self) -> bool:
+        """PostgreSQL: the claim finds the rows it locked by their address (``ctid``), see :meth:`_claim_update`."""
+        return self.engine.dialect.name == "postgresql"
+
+    def _row_address(self) -> list[sa.ColumnElement[Any]]:
+        """The ``ctid`` of the rows a claim locks (PostgreSQL), as ``row_ctid``."""
+        return [sa.literal_column("ctid").label("row_ctid")] if self._by_address else []
+
+    def _claim_locked(self, chosen: sa.CTE) -> sa.Update:
+        """Dispatch the rows a claim locked (``chosen``: their ``id``, and ``row_ctid`` on PostgreSQL).
+
+        On PostgreSQL each locked row is found again by its address (a TID scan per row; the
+        lock held since the CTE keeps it in place). Found by id instead (``IN (subquery)``),
+        the join order was left to estimates, which lag behind a busy table: with statistics
+        saying "no pending rows", the planner scanned every pending row against the locked
+        ones (48 ms a claim of 200 among 2 000 pending and 1 M finished rows, against 2 ms).
+        """
+        t = self.table
+        found = (
+            sa.column("ctid", _selectable=t) == chosen.c.row_ctid
+            if self._by_address
+            else t.c.id.in_(sa.select(chosen.c.id))
+        )
+        return self._claim_update(found)
+
+    def _claim_update(self, found: sa.ColumnElement[bool]) -> sa.Update:
+        """Dispatch the rows ``found`` selects (a new attempt each), or expire those past ``expires_at``."""
         t = self.table
         now = self._p_now()
         expired = sa.and_(t.c.expires_at.is_not(None), t.c.expires_at <= now)
         return (
             sa.update(t)
-            .where(t.c.id.in_(ids), t.c.status == Status.PENDING)  # the locked rows are pending: said here too
+            .where(found, t.c.status == Status.PENDING)  # the locked rows are pending: said here too
             .values(
                 status=sa.case((expired, Status.EXPIRED), else_=Status.DISPATCHED),
                 outcome=sa.case((expired, AttemptOutcome.EXPIRED), else_=t.c.outcome),

@@ -218,14 +218,14 @@ class FlowStatements(StoreBase):
         """One statement: the first ``p_limit`` due rows of the keys with room, locked and skipped over by others."""
         t = self.table
         locked = (
-            sa.select(t.c.id)
+            sa.select(t.c.id, *self._row_address())
             .where(*self._left_out_where(arrays))
             .order_by(t.c.priority.desc(), t.c.scheduled_at)
             .limit(sa.bindparam("p_limit", type_=sa.Integer()))
             .with_for_update(skip_locked=True)
             .cte("locked")
         )
-        return self._claim_update(sa.select(locked.c.id))
+        return self._claim_locked(locked)
 
     @functools.cached_property
     def _flow_update(self) -> sa.Update:
@@ -235,7 +235,7 @@ class FlowStatements(StoreBase):
             ids = t.c.id == sa.any_(sa.bindparam("p_ids", type_=postgresql.ARRAY(sa.Uuid())))
         else:
             ids = t.c.id.in_(sa.bindparam("p_ids", expanding=True))
-        return self._claim_update(sa.select(t.c.id).where(ids))
+        return self._claim_update(ids)
 
     def _waiting_targets(self, conn: sa.Connection, targets: list[str]) -> set[str]:
         """Of these targets, those with work waiting: a due pending command, or a message published and not started."""
