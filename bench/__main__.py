@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, cpu
 from bench.common import DEFAULT, FULL, QUICK, RESULTS_DIR, Run, Section, Sizes
 
 #: name → (module, title, servers it needs)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = Run()
     print(f"run {run.id}, sizes {sizes.mode}, logs in {run.log_dir}", flush=True)
-    busy = common.busy_note()
+    busy = cpu.busy_note()
     if busy:
         print(f"WARNING: {busy}", flush=True)
     started = time.monotonic()

@@ -19,9 +19,52 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.results import (  # re-exported: the sections use them as common.X
+    Metric as Metric,
+)
+from bench.results import (
+    Section as Section,
+)
+from bench.results import (
+    Target as Target,
+)
+from bench.results import (
+    fmt as fmt,
+)
+from bench.results import (
+    fmt_met as fmt_met,
+)
+from bench.results import (
+    fmt_ratio as fmt_ratio,
+)
+from bench.results import (
+    section_table as section_table,
+)
+from bench.results import (
+    summary_table as summary_table,
+)
+from bench.results import (
+    table as table,
+)
+from bench.sizes import (  # re-exported: the sections import them from here
+    BULK_SIZE as BULK_SIZE,
+)
+from bench.sizes import (
+    DEFAULT as DEFAULT,
+)
+from bench.sizes import (
+    FULL as FULL,
+)
+from bench.sizes import (
+    QUICK as QUICK,
+)
+from bench.sizes import (
+    Sizes as Sizes,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = ROOT / "bench" / "results"
@@ -430,159 +473,7 @@ def _delete_amqp_queues(run: Run) -> None:
                     channel.close()
 
 
-# -- results ------------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    """A goal: ``kind`` is ``ratio_min``, ``ratio_max``, ``value_min`` or ``value_max``."""
-
-    kind: str
-    bound: float
-    text: str
-
-    def met(self, value: float | None, ratio: float | None) -> bool | None:
-        subject = ratio if self.kind.startswith("ratio") else value
-        if subject is None or math.isnan(subject):
-            return None
-        return subject >= self.bound if self.kind.endswith("min") else subject <= self.bound
-
-
-@dataclass
-class Metric:
-    """One line of a results table: orch_outbox's figure beside its baseline."""
-
-    name: str
-    value: float | None
-    baseline: float | None
-    unit: str
-    baseline_name: str = ""
-    target: Target | None = None
-    note: str = ""
-    #: False when a ratio means nothing (e.g. two growth percentages near zero).
-    compare: bool = True
-
-    @property
-    def ratio(self) -> float | None:
-        if not self.compare or self.value is None or not self.baseline:
-            return None
-        return self.value / self.baseline
-
-    @property
-    def met(self) -> bool | None:
-        return None if self.target is None else self.target.met(self.value, self.ratio)
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(ratio=self.ratio, met=self.met)
-        return data
-
-
-@dataclass
-class Section:
-    """What one section measured: its metrics, its facts (sizes, set-up) and notes."""
-
-    name: str
-    title: str
-    metrics: list[Metric] = field(default_factory=list)
-    setup: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    error: str | None = None
-    seconds: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "title": self.title,
-            "setup": self.setup,
-            "metrics": [m.to_json() for m in self.metrics],
-            "notes": self.notes,
-            "error": self.error,
-            "seconds": round(self.seconds, 1),
-        }
-
-
-def fmt(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "—"
-    if abs(value) >= 1000:
-        text = f"{value:,.0f}"
-    elif abs(value) >= 100:
-        text = f"{value:.0f}"
-    elif abs(value) >= 10:
-        text = f"{value:.1f}"
-    else:
-        text = f"{value:.2f}"
-    return f"{text} {unit}".rstrip()
-
-
-def fmt_ratio(ratio: float | None) -> str:
-    return "—" if ratio is None else f"{ratio:.2f}x"
-
-
-def fmt_met(met: bool | None) -> str:
-    return {True: "yes", False: "NO", None: "—"}[met]
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain-text table with a header rule."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
-def section_table(section: Section) -> str:
-    """A section's metrics side by side: metric | orch_outbox | baseline | ratio | target | met?"""
-    header = ("metric", "orch_outbox", "baseline", "ratio", "target", "met?")
-    rows = []
-    for m in section.metrics:
-        base = fmt(m.baseline, m.unit) + (f" ({m.baseline_name})" if m.baseline_name and m.baseline else "")
-        rows.append(
-            (m.name, fmt(m.value, m.unit), base, fmt_ratio(m.ratio), m.target.text if m.target else "", fmt_met(m.met))
-        )
-    return table(header, rows)
-
-
-def summary_table(sections: Sequence[Section]) -> str:
-    """Every metric that has a target, across sections."""
-    header = ("section", "metric", "orch_outbox", "baseline", "ratio", "target", "met?")
-    rows = []
-    for s in sections:
-        if s.error:
-            rows.append((s.name, "(section failed)", "—", "—", "—", "—", "—"))
-        for m in s.metrics:
-            if m.target is None:
-                continue
-            rows.append(
-                (
-                    s.name,
-                    m.name,
-                    fmt(m.value, m.unit),
-                    fmt(m.baseline, m.unit),
-                    fmt_ratio(m.ratio),
-                    m.target.text,
-                    fmt_met(m.met),
-                )
-            )
-    return table(header, rows)
-
-
-def busy_note() -> str | None:
-    """A warning when the machine is not quiet: figures taken beside other load are not comparable."""
-    load1 = float(Path("/proc/loadavg").read_text().split()[0])
-    others = []
-    for status in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            cmd = status.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if ("celery" in cmd or "pytest" in cmd) and "bench" not in cmd:
-            others.append(cmd.split(" -", 1)[0][-40:])
-    if load1 < 0.7 and not others:
-        return None
-    return (
-        f"the machine is not quiet (load {load1:.2f}, {len(others)} other celery/pytest processes): figures will vary"
-    )
+# -- results (bench/results.py) and the host ---------------------------------------------
 
 
 def host_facts() -> dict[str, Any]:
@@ -602,32 +493,3 @@ def host_facts() -> dict[str, Any]:
         "synchronous_commit": pg_exec("SHOW synchronous_commit")[0][0],
         "load_average": Path("/proc/loadavg").read_text().split()[:3],
     }
-
-
-# -- sizes --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """How much each section does; ``--quick`` / default / ``--full``."""
-
-    mode: str
-    throughput_n: int  # commands per (broker, pool) scenario and side
-    procrastinate_n: int
-    warmup: int  # commands run before a timed run, per worker
-    latency_samples: int
-    relay_n: int
-    push_n: int
-    bulk_calls: int  # push_many calls of BULK_SIZE commands
-    big_rows: int  # finished rows in the large table
-    big_relay_n: int
-    big_e2e_n: int
-    memory_n: int
-    #: interleaved rounds of each throughput scenario (ours, baseline, ours, ...); the best of each side counts
-    rounds: int = 1
-
-
-QUICK = Sizes("quick", 200, 200, 8, 50, 1_000, 300, 2, 100_000, 1_000, 200, 1_000)
-DEFAULT = Sizes("default", 3_000, 2_000, 32, 300, 10_000, 2_000, 5, 1_000_000, 5_000, 5_000, 20_000, rounds=2)
-FULL = Sizes("full", 10_000, 5_000, 32, 1_000, 50_000, 5_000, 10, 10_000_000, 20_000, 10_000, 1_000_000, rounds=3)
-BULK_SIZE = 10_000

@@ -91,3 +91,21 @@ def per_command_ms(seconds: Mapping[str, float], n: int) -> dict[str, float]:
     out = {name: s * 1000 / n for name, s in seconds.items()}
     out["total"] = sum(out.values())
     return out
+
+
+def busy_note() -> str | None:
+    """A warning when the machine is not quiet: figures taken beside other load are not comparable."""
+    load1 = float(Path("/proc/loadavg").read_text().split()[0])
+    others = []
+    for status in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            cmd = status.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if ("celery" in cmd or "pytest" in cmd) and "bench" not in cmd:
+            others.append(cmd.split(" -", 1)[0][-40:])
+    if load1 < 0.7 and not others:
+        return None
+    return (
+        f"the machine is not quiet (load {load1:.2f}, {len(others)} other celery/pytest processes): figures will vary"
+    )
