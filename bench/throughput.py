@@ -100,14 +100,12 @@ def start_outbox_services(
     tag: str,
     procs: list[common.Proc],
     otel: str = "",
-    options: dict[str, str] | None = None,
 ) -> tuple[common.Proc, common.Proc]:
     """Start the relay and a worker for ``queue``; returns (relay, worker) once a warm-up went through.
 
     ``otel``: ``"1"`` sets the OpenTelemetry SDK up in both, ``"0"`` switches the outbox's telemetry off.
     """
     extra = {"BENCH_OTEL": otel} if otel else {}
-    extra.update(options or {})
     if otel == "absent":  # a sitecustomize that makes opentelemetry unimportable, as without the extra
         extra["PYTHONPATH"] = os.pathsep.join(p for p in (str(no_otel_dir(run)), os.environ.get("PYTHONPATH")) if p)
     env = common.subprocess_env(BROKERS[broker], bench.outbox.settings.table_prefix, **extra)
@@ -137,15 +135,11 @@ def outbox_run(
     warmup: int,
     tag: str,
     otel: str = "",
-    options: dict[str, str] | None = None,
 ) -> Timed:
-    """orch_outbox end to end: push N (batches of 1 000, committed) → last row completed.
-
-    ``options``: ``ORCH_OUTBOX_*`` variables for the relay and the worker (settings other than the defaults).
-    """
+    """orch_outbox end to end: push N (batches of 1 000, committed) → last row completed."""
     queue = run.queue(tag)
     with common.processes() as procs:
-        relay, worker = start_outbox_services(run, bench, broker, queue, pool, concurrency, tag, procs, otel, options)
+        relay, worker = start_outbox_services(run, bench, broker, queue, pool, concurrency, tag, procs, otel)
         warm_outbox(run, bench, queue, warmup, tag, procs)
         key = run.key(tag)
         meter = cpu.CpuMeter({"worker": worker.pid, "relay": relay.pid})
