@@ -64,6 +64,7 @@ class _CopyText:
         self.rest = sorted(set(columns) - {"id", "input"})
         self.columns = ["id", "input", *self.rest]
         self._rest_of: dict[int, tuple[Row, str]] = {}
+        self._rendered: dict[tuple[str, type, Any], str] = {}
 
     def line(self, template: Row, command_id: uuid.UUID, data: Any) -> str:
         """One row: ``template``'s values but for its id and input."""
@@ -77,11 +78,24 @@ class _CopyText:
         return f"{command_id}\t{value}\t{known[1]}\n"
 
     def render(self, column: str, row: Row) -> str:
+        """One column of ``row`` as COPY text; a value other than a time or JSON is rendered once per push."""
         value = row.get(column)
         if value is None:
             return "\\N"
         if column in self.json_columns:
             return _COPY_JSON.encode(value).replace("\\", "\\\\")
+        if isinstance(value, datetime):
+            return self._render(column, value)
+        key = (column, type(value), value)  # the type too: True and 1 are equal keys
+        try:
+            known = self._rendered.get(key)
+        except TypeError:  # an unhashable value: rendered each time
+            return self._render(column, value)
+        if known is None:
+            known = self._rendered[key] = self._render(column, value)
+        return known
+
+    def _render(self, column: str, value: Any) -> str:
         if isinstance(value, bool):
             return "t" if value else "f"
         if isinstance(value, datetime):
