@@ -158,7 +158,7 @@ class ClaimStatements(StoreBase):
 
     @functools.cached_property
     def _by_address(self) -> bool:
-        """PostgreSQL: the claim finds the rows it locked by their address (``ctid``), see :meth:`_claim_update`."""
+        """PostgreSQL: the claim finds the rows it locked by their address (``ctid``), see :meth:`_claim_locked`."""
         return self.engine.dialect.name == "postgresql"
 
     def _row_address(self) -> list[sa.ColumnElement[Any]]:
