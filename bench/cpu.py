@@ -60,7 +60,6 @@ class CpuMeter:
         """``roots``: group name → the pid of a subprocess whose whole tree is that group."""
         self.roots = dict(roots)
         self._before: dict[int, Stat] = {}
-        self.seconds: dict[str, float] = {}
 
     def start(self) -> None:
         self._before = snapshot()
@@ -82,7 +81,6 @@ class CpuMeter:
                 continue
             used = after[pid].ticks - (self._before[pid].ticks if pid in self._before else 0)
             spent[name] = spent.get(name, 0.0) + used / CLOCK
-        self.seconds = spent
         return spent
 
 

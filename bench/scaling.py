@@ -13,29 +13,13 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
-from bench import common
+from bench import common, cpu
 from bench.app import build
 from bench.common import BROKERS, Run, Section, Sizes
 from bench.throughput import push_commands, wait_outbox_done, warm_outbox
 
 SHAPES = ((1, 1), (1, 2), (2, 2), (1, 4), (2, 4), (4, 4), (2, 8), (4, 8))
-CLOCK = os.sysconf("SC_CLK_TCK")
-
-
-def postgres_cpu() -> float:
-    """Seconds of CPU used so far by every process named postgres."""
-    total = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if Path(f"/proc/{pid}/comm").read_text().strip() != "postgres":
-                continue
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / CLOCK
 
 
 def one_shape(run: Run, relays: int, workers: int, n: int) -> tuple[float, float]:
@@ -54,27 +38,30 @@ def one_shape(run: Run, relays: int, workers: int, n: int) -> tuple[float, float
                 procs.append(common.celery_worker(run, f"{tag}-worker{i}", env, queue, "threads", 2))
             warm_outbox(run, bench, queue, 20 * workers, tag, procs)
             key = run.key(tag)
-            cpu0, t0 = postgres_cpu(), time.perf_counter()
+            meter = cpu.CpuMeter({})
+            meter.start()
+            t0 = time.perf_counter()
             push_commands(bench, queue, key, n)
             wait_outbox_done(bench, key, n, procs)
-            seconds, cpu = time.perf_counter() - t0, postgres_cpu() - cpu0
+            seconds = time.perf_counter() - t0
+            spent = meter.stop().get("postgres", 0.0)
         common.purge_queue(bench.app, queue, delete=True)
     finally:
         common.drop_outbox(bench.outbox)
-    return n / seconds, cpu * 1000 / n
+    return n / seconds, spent * 1000 / n
 
 
 def run_section(run: Run, sizes: Sizes, section: Section) -> None:
     n = 3_000 if sizes.mode != "quick" else 600
     rows = []
     for relays, workers in SHAPES:
-        rate, cpu = one_shape(run, relays, workers, n)
-        rows.append((relays, workers, rate, cpu))
+        rate, pg_ms = one_shape(run, relays, workers, n)
+        rows.append((relays, workers, rate, pg_ms))
         section.metrics.append(
             common.Metric(f"{relays} relay(s), {workers} worker(s) of -c2: cmd/s", rate, None, "cmd/s")
         )
         section.metrics.append(
-            common.Metric(f"{relays} relay(s), {workers} worker(s): PostgreSQL CPU", cpu, None, "ms")
+            common.Metric(f"{relays} relay(s), {workers} worker(s): PostgreSQL CPU", pg_ms, None, "ms")
         )
     section.setup.update(commands=n, broker="rabbitmq", pool="threads -c2 per worker", cores=os.cpu_count())
     best = max(rows, key=lambda r: r[2])

@@ -88,17 +88,23 @@ def test_fenced_complete_uses_the_primary_key_with_stale_statistics(make_outbox:
     assert f"{outbox.store.table.name}_pkey" in plan, plan
 
 
+def _claim_plan(outbox: Outbox, capped: bool) -> str:
+    """The plan of the relay's claim of 100 rows (``capped``: under an in-flight cap of 10)."""
+    store = outbox.store
+    sql, constants = store._hot_claim_capped if capped else store._hot_claim
+    params = {**constants, "p_limit": 100, "p_lease": timedelta(seconds=10)}
+    if capped:
+        params["p_cap"] = 10
+    return _plan(outbox, sql, params)
+
+
 @pytest.mark.parametrize("capped", [False, True], ids=["no-cap", "max-in-flight"])
 def test_claim_stays_on_the_due_index_with_stale_statistics(make_outbox: Callable[..., Outbox], capped: bool) -> None:
     """Proves the relay's claim reads the partial index of pending rows in claim order, not the whole table."""
     outbox = make_outbox()
     _fill(outbox, "pending")
     store = outbox.store
-    sql, constants = store._hot_claim_capped if capped else store._hot_claim
-    params = {**constants, "p_limit": 100, "p_lease": timedelta(seconds=10)}
-    if capped:
-        params["p_cap"] = 10
-    plan = _plan(outbox, sql, params)
+    plan = _claim_plan(outbox, capped)
     assert f"{store.table.name}_due_idx" in plan, plan
 
 
@@ -115,11 +121,7 @@ def test_claim_finds_the_rows_it_locked_by_address_when_statistics_lag(
     with store.engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(f"ANALYZE {store.table.name}")
     _fill(outbox, "pending", analysed_before=True)
-    sql, constants = store._hot_claim_capped if capped else store._hot_claim
-    params = {**constants, "p_limit": 100, "p_lease": timedelta(seconds=10)}
-    if capped:
-        params["p_cap"] = 10
-    plan = _plan(outbox, sql, params)
+    plan = _claim_plan(outbox, capped)
     assert f"Tid Scan on {store.table.name}" in plan, plan
 
 
