@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import StoreUnavailable, UnknownCommand
 from .flow import Limit, Plan
+from .messages import Messages
 from .store import Dispatch, ErrorInfo
 from .telemetry import OFF, Telemetry
 
@@ -75,6 +76,8 @@ class Relay:
         self._depth_lock = threading.Lock()
         self._strict_until = 0.0
         self._plan_tasks = -1
+        #: messages of commands published without ``send_task`` where nothing could tell the difference
+        self.messages = Messages(app, PUBLISH_RETRY_POLICY, settings.persistent_messages)
 
     def run_once(self, budget: float = RUN_BUDGET_SECONDS) -> int:
         """Claim and publish batches until none is full or the budget is spent; returns rows published.
@@ -298,11 +301,25 @@ class Relay:
         self._declared.add(item.target)
 
     def _publish(self, producer: object, item: Dispatch, hidden: bool, retry: bool, carried: dict[str, str]) -> None:
+        kwargs = {} if hidden else item.input
+        kwargsrepr = "<hidden>" if hidden else _kwargsrepr(item.input, self.app.amqp.kwargsrepr_maxsize)
+        if self.messages.direct(item.name):
+            self.messages.publish(
+                producer,
+                item,
+                kwargs,
+                kwargsrepr,
+                {"outbox": [str(item.id), item.attempt, item.timeout], **carried},
+                self._priority(producer, item.priority),
+                declare=item.target not in self._declared,
+                retry=retry,
+            )
+            return
         self.app.send_task(
             item.name,
-            kwargs={} if hidden else item.input,
+            kwargs=kwargs,
             argsrepr="()",
-            kwargsrepr="<hidden>" if hidden else _kwargsrepr(item.input, self.app.amqp.kwargsrepr_maxsize),
+            kwargsrepr=kwargsrepr,
             serializer="json",
             task_id=str(item.id),
             queue=item.target,
@@ -310,6 +327,7 @@ class Relay:
             expires=item.expires_at,
             retries=item.retries - item.retries_left,
             **self._priority(producer, item.priority),
+            **self._delivery_mode(item.name),
             producer=producer,
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
@@ -318,6 +336,12 @@ class Relay:
             # connection is what that cache amounts to; a new connection declares again.
             **({"declare": []} if item.target in self._declared else {}),
         )
+
+    def _delivery_mode(self, name: str) -> dict[str, int]:
+        """The outbox's delivery mode (``Messages.delivery_mode``), unless the task has one of its own."""
+        mode = self.messages.delivery_mode
+        own = getattr(self.app.tasks.get(name), "delivery_mode", None)
+        return {} if mode is None or own is not None else {"delivery_mode": mode}
 
     def _priority(self, producer: Any, priority: int) -> dict[str, int]:
         """The message priority, with ``outbox_broker_priority``: the command's own on AMQP (a queue declared with

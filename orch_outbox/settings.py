@@ -64,6 +64,11 @@ class Settings:
         "PostgreSQL: claims, attempt starts and heartbeats commit without waiting for the WAL flush",
         True,
     )
+    persistent_messages: bool = _doc(
+        "RabbitMQ writes each command's message to disk: a broker restart keeps the queued messages instead of "
+        "losing them to a redispatch from the database once their dispatch lease lapses",
+        False,
+    )
     schedule_interval: float = _doc("seconds between checks for due cron schedules, driven by beat", 1.0)
     retention: float = _doc("seconds completed, canceled and expired rows are kept (0: forever)", 7 * 24 * 3600.0)
     failed_retention: float = _doc("seconds failed rows (the dead letters) are kept (0: forever)", 30 * 24 * 3600.0)

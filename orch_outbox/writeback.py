@@ -17,7 +17,7 @@ log = logging.getLogger("orch_outbox.executor")
 #: Most successes one write-back transaction records.
 WRITE_BACK_BATCH = 500
 #: Longest the write-back waits, after a success arrives, for more to share its commit.
-WRITE_BACK_HOLD = 0.005
+WRITE_BACK_HOLD = 0.02
 #: Longest the interpreter's exit waits for the write-back to write what it holds.
 WRITE_BACK_EXIT_SECONDS = 5.0
 

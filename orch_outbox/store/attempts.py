@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -24,6 +25,7 @@ from .base import (
     StoreBase,
     _error_values,
 )
+from .hotpath import Prepared, prepared
 
 
 class AttemptStatements(StoreBase):
@@ -33,27 +35,21 @@ class AttemptStatements(StoreBase):
         """Claim one attempt for a worker (dispatched → running); None if it is not this attempt's to run."""
         params = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker}
         if self._hot is not None:
-            sql, constants = self._hot_start
-            hot_row = self._hot.execute(
-                self._relaxed is not None, sql, {**constants, **params, "p_lease": timedelta(seconds=lease)}
-            )
-            return Started(*hot_row) if hot_row else None
+            statement = self._hot_start
+            given = {**params, "p_lease": timedelta(seconds=lease)}
+            rows = self._hot.run(self._relaxed is not None, statement, statement.values(given))
+            return Started(*rows[0]) if rows else None
         with self._one(relaxed=True) as conn:
             row = conn.execute(self._start_stmt, {**params, **self._p_times(p_lease=lease)}).first()
         return Started(**row._mapping) if row else None
 
     @functools.cached_property
-    def _hot_start(self) -> tuple[str, dict[str, Any]]:
-        assert self._hot is not None
-        return self._hot.compile(self.engine, self._start_stmt)
+    def _hot_start(self) -> Prepared:
+        return prepared(self.engine, self._start_stmt, f"{self.prefix}start", {"p_lease": timedelta})
 
     @functools.cached_property
-    def _hot_complete(self) -> tuple[str, dict[str, Any], Callable[[Any], Any]]:
-        assert self._hot is not None
-        sql, constants = self._hot.compile(self.engine, self._complete_stmt)
-        dialect = self.engine.dialect
-        to_json = self.table.c.output.type.dialect_impl(dialect).bind_processor(dialect)
-        return sql, constants, to_json or (lambda value: value)
+    def _hot_complete(self) -> Prepared:
+        return prepared(self.engine, self._complete_stmt, f"{self.prefix}complete")
 
     @functools.cached_property
     def _start_stmt(self) -> sa.Update:
@@ -158,13 +154,13 @@ class AttemptStatements(StoreBase):
         if self._hot is not None:
             # One fenced primary-key UPDATE per success, pipelined in one transaction: one
             # round trip and one WAL flush, and no join for the planner to get wrong.
-            sql, constants, to_json = self._hot_complete
             ordered = sorted(items, key=lambda item: item[0])
-            firsts = self._hot.execute_each(
+            to_json, statement = self._to_json, self._hot_complete
+            firsts = self._hot.run_each(
                 False,
-                sql,
+                statement,
                 [
-                    {**constants, "p_id": cid, "p_attempt": attempt, "p_output": to_json(output)}
+                    statement.values({"p_id": cid, "p_attempt": attempt, "p_output": to_json(output)})
                     for cid, attempt, output in ordered
                 ],
             )
@@ -198,6 +194,13 @@ class AttemptStatements(StoreBase):
             rows = conn.execute(stmt).all()
         self.settle_batches(r.batch_id for r in rows)
         return {r.id for r in rows}
+
+    @functools.cached_property
+    def _to_json(self) -> Callable[[Any], str]:
+        """An output as JSON text, by the engine's JSON serializer (``create_engine(json_serializer=)``) if it has
+        one, as the ``output`` column's type writes it."""
+        serializer: Callable[[Any], str] | None = getattr(self.engine.dialect, "_json_serializer", None)
+        return serializer or json.dumps
 
     @functools.cached_property
     def _complete_stmt(self) -> sa.Update:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
+import select
 import threading
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
@@ -20,19 +25,148 @@ _CLAIMED = collections.namedtuple(
 )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A per-command statement sent through libpq itself: prepared once per connection, executed by name.
+
+    ``sql`` has ``$n`` placeholders for ``params`` (in that order). The statement's own
+    constants (statuses, scopes) stay parameters too, with their values kept here: a
+    status written into the SQL would let the generic plan of a prepared statement reach
+    the row through a partial index over that status, walking every row in it, where the
+    primary key finds the one row. Values travel as text, so one call costs a libpq round
+    trip (the GIL released while it waits) and the loading of the rows it returns.
+    """
+
+    name: bytes
+    sql: bytes
+    params: tuple[str, ...]
+    #: the type of each parameter (0: inferred by the server from the statement)
+    types: tuple[int, ...]
+    #: the constants' values, as text
+    constants: Mapping[str, bytes | None]
+
+    def values(self, given: Mapping[str, Any]) -> list[bytes | None]:
+        """The parameters in statement order, as text."""
+        constants = self.constants
+        return [constants[name] if name in constants else _text(given[name]) for name in self.params]
+
+
+_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+#: Types the server cannot infer from the statement: given to PREPARE.
+_TYPE_OIDS: dict[type, int] = {timedelta: 1186}
+
+
+def prepared(engine: sa.Engine, stmt: sa.ClauseElement, name: str, types: Mapping[str, type] = {}) -> Prepared:
+    """``stmt`` compiled for libpq: every parameter becomes ``$n``; those not named ``p_*`` are its constants."""
+    compiled = stmt.compile(dialect=engine.dialect)
+    constants = {k: _text(v) for k, v in compiled.params.items() if not k.startswith("p_")}
+    order: list[str] = []
+
+    def place(match: re.Match[str]) -> str:
+        key = match.group(1)
+        if key not in order:
+            order.append(key)
+        return f"${order.index(key) + 1}"
+
+    sql = _PLACEHOLDER.sub(place, compiled.string).replace("%%", "%")
+    oids = tuple(_TYPE_OIDS.get(types[key], 0) if key in types else 0 for key in order)
+    return Prepared(f"orch_{name}".encode(), sql.encode(), tuple(order), oids, constants)
+
+
+def _text(value: Any) -> bytes | None:
+    """A parameter's value as PostgreSQL's text input reads it."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bool):
+        return b"t" if value else b"f"
+    if isinstance(value, (uuid.UUID, int, float)):
+        return str(value).encode()
+    if isinstance(value, timedelta):
+        return f"{value.total_seconds()!r} seconds".encode()
+    if isinstance(value, datetime):
+        return value.isoformat().encode()
+    raise TypeError(f"no text form for a parameter of type {type(value).__name__}")
+
+
+@dataclass(eq=False)
+class _Held:
+    """A thread's connection: the pool's handle, a cursor, the statements prepared on it, its row loader."""
+
+    pooled: Any
+    cursor: Any
+    loader: Any
+    prepared: set[bytes] = field(default_factory=set)
+
+
+#: SQLSTATEs after which a statement is prepared again and run once more: it no longer exists on the
+#: connection (a pooler reset the session), or a schema change altered its result.
+_PREPARE_AGAIN = {"26000", "0A000"}
+
+
+def _ok(result: Any) -> bool:
+    from psycopg import pq
+
+    return bool(result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK))
+
+
+def _sqlstate(result: Any) -> str | None:
+    from psycopg import pq
+
+    state = result.error_field(pq.DiagnosticField.SQLSTATE)
+    return None if state is None else str(state.decode())
+
+
+def _pipelined(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]]) -> list[Any]:
+    """Send one prepared statement per set of values and a single sync, then read every result.
+
+    libpq's ``PQgetResult`` would wait holding the GIL: the socket is polled here instead,
+    so other threads of the process run while the database works. The first failed
+    result is kept in place of the aborted ones after it.
+    """
+    from psycopg import pq
+
+    pgconn.enter_pipeline_mode()
+    try:
+        for values in each:
+            pgconn.send_query_prepared(name, values)
+        pgconn.pipeline_sync()
+        poller = select.poll()
+        poller.register(pgconn.socket, select.POLLIN)
+        results: list[Any] = []
+        while True:
+            while pgconn.is_busy():
+                poller.poll()
+                pgconn.consume_input()
+            result = pgconn.get_result()
+            if result is None:  # the end of one statement's results
+                continue
+            if result.status == pq.ExecStatus.PIPELINE_SYNC:
+                break
+            results.append(result)
+    finally:
+        if pgconn.status == pq.ConnStatus.OK:
+            pgconn.exit_pipeline_mode()
+    failed = next((r for r in results if r.status == pq.ExecStatus.FATAL_ERROR), None)
+    return results if failed is None else [failed]
+
+
 #: Connections a forked child inherited from its parent's hot path: kept referenced, never
 #: closed or collected, because closing one would end the parent's session on the shared socket.
 _INHERITED: list[Any] = []
 
 
 class _HotPath:
-    """The executor's two per-command statements on PostgreSQL, run on psycopg directly.
+    """The executor's and the relay's per-command statements on PostgreSQL, run on psycopg directly.
 
     ``start`` and ``complete`` run once per command on every worker. Through SQLAlchemy
     each costs a few hundred microseconds of worker CPU beyond the round trip (pool
-    checkout and reset, events, execution context, result metadata); on a connection the
-    thread keeps, as a prepared statement, about a third of that. The SQL is the same:
-    it is compiled once from the store's SQLAlchemy statements.
+    checkout and reset, events, execution context, result metadata); through a psycopg
+    cursor still about a hundred. :meth:`run` sends a :class:`Prepared` statement through
+    libpq itself (one call that waits with the GIL released) and loads the rows with the
+    connection's own loaders: the same values a cursor returns, for a third of the CPU.
+    The SQL is compiled once from the store's SQLAlchemy statements.
 
     Each thread has its own connections (one per durability), made by the engine on
     first use (so its ``connect_args`` and ``connect`` events apply), then detached from
@@ -42,13 +176,76 @@ class _HotPath:
     def __init__(self, engine: sa.Engine) -> None:
         self._engine = engine
         self._lock = threading.Lock()
-        self._conns: dict[tuple[int, bool], tuple[Any, Any]] = {}  # (thread, relaxed) -> (pool handle, cursor)
+        self._conns: dict[tuple[int, bool], _Held] = {}  # (thread, relaxed) -> its connection
         self._pid = os.getpid()
 
     def compile(self, engine: sa.Engine, stmt: sa.Update) -> tuple[str, dict[str, Any]]:
-        """The statement's SQL for psycopg and the values of its constant parameters."""
+        """The statement's SQL for a psycopg cursor and the values of its constant parameters."""
         compiled = stmt.compile(dialect=engine.dialect)
         return compiled.string, {k: v for k, v in compiled.params.items() if not k.startswith("p_")}
+
+    def run(self, relaxed: bool, statement: Prepared, values: Sequence[bytes | None]) -> list[tuple[Any, ...]]:
+        """Run a prepared statement in autocommit on this thread's connection; its rows."""
+        return self._send(relaxed, statement, [values], False)[0]
+
+    def run_each(
+        self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]]
+    ) -> list[tuple[Any, ...] | None]:
+        """Run a prepared statement once per set of values in ONE transaction and one round trip (a libpq
+        pipeline with one sync at its end, which PostgreSQL runs as one implicit transaction: a failing
+        statement rolls the others back); each one's first row or None."""
+        return [rows[0] if rows else None for rows in self._send(relaxed, statement, each, True)]
+
+    def _send(
+        self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]], pipeline: bool
+    ) -> list[list[tuple[Any, ...]]]:
+        import psycopg
+
+        held = self._held(relaxed)
+        pgconn = held.cursor.connection.pgconn
+        try:
+            for again in (True, False):
+                if statement.name not in held.prepared:
+                    self._check(relaxed, held, pgconn.prepare(statement.name, statement.sql, statement.types))
+                    held.prepared.add(statement.name)
+                if pipeline:
+                    results = _pipelined(pgconn, statement.name, each)
+                else:  # libpq waits with the GIL released
+                    results = [pgconn.exec_prepared(statement.name, each[0])]
+                failed = next((r for r in results if not _ok(r)), None)
+                if failed is None:
+                    break
+                if not again or _sqlstate(failed) not in _PREPARE_AGAIN:
+                    self._check(relaxed, held, failed)
+                held.prepared.discard(statement.name)
+                with contextlib.suppress(psycopg.Error):
+                    pgconn.exec_(b"DEALLOCATE " + statement.name)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._drop(relaxed, held.cursor.connection)
+            raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+        loader = held.loader
+        loaded = []
+        for result in results:
+            loader.set_pgresult(result)
+            loaded.append(list(loader.load_rows(0, result.ntuples, tuple)))
+        return loaded
+
+    def _check(self, relaxed: bool, held: _Held, result: Any) -> None:
+        """Raise the error a failed libpq call reported (a lost connection as :class:`StoreUnavailable`)."""
+        import psycopg
+        from psycopg import pq
+
+        if _ok(result):
+            return
+        conn = held.cursor.connection
+        error = psycopg.errors.error_from_result(result, encoding=conn.info.encoding)
+        if (
+            isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError))
+            or conn.pgconn.status != pq.ConnStatus.OK
+        ):
+            self._drop(relaxed, conn)
+            raise StoreUnavailable(f"outbox database unavailable: {error}") from error
+        raise error
 
     def execute(self, relaxed: bool, sql: str, params: dict[str, Any]) -> Any:
         """Run one statement in autocommit on this thread's connection; its first row or None."""
@@ -58,34 +255,10 @@ class _HotPath:
         """Run one statement in autocommit on this thread's connection; all its rows."""
         return self._run(relaxed, sql, params)[1]
 
-    def execute_each(self, relaxed: bool, sql: str, params: Sequence[dict[str, Any]]) -> list[Any]:
-        """Run one statement per parameter set in ONE transaction and one round trip; each one's first row or None.
-
-        A pipeline with a single sync at its end: PostgreSQL runs everything before a sync
-        as one (implicit) transaction, so a failing statement rolls the others back.
-        """
-        import psycopg
-
-        if len(params) == 1:
-            return [self._run(relaxed, sql, params[0])[0]]
-        cursor = self._cursor(relaxed)
-        firsts: list[Any] = []
-        try:
-            with cursor.connection.pipeline():
-                cursor.executemany(sql, params, returning=True)
-            while True:
-                firsts.append(cursor.fetchone())
-                if not cursor.nextset():
-                    break
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self._drop(relaxed, cursor.connection)
-            raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
-        return firsts
-
     def _run(self, relaxed: bool, sql: str, params: dict[str, Any]) -> tuple[Any, list[Any]]:
         import psycopg
 
-        cursor = self._cursor(relaxed)
+        cursor = self._held(relaxed).cursor
         try:
             cursor.execute(sql, params, prepare=True)
             rows = cursor.fetchall()
@@ -94,15 +267,16 @@ class _HotPath:
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
         return (rows[0] if rows else None), rows
 
-    def _cursor(self, relaxed: bool) -> Any:
-        """This thread's cursor for ``relaxed`` (kept with its connection: a new one per statement costs)."""
+    def _held(self, relaxed: bool) -> _Held:
+        """This thread's connection for ``relaxed`` (kept: a new one per statement costs)."""
         if os.getpid() != self._pid:
             self._forget_inherited()
         key = (threading.get_ident(), relaxed)
         held = self._conns.get(key)
-        if held is not None and not held[1].connection.closed:
-            return held[1]
+        if held is not None and not held.cursor.connection.closed:
+            return held
         import psycopg
+        from psycopg.adapt import Transformer
 
         # A connection made by the engine (its URL, connect_args and connect events, such
         # as a search_path), then taken out of its pool for this thread alone. The pool's
@@ -116,23 +290,23 @@ class _HotPath:
                 conn.execute("SET synchronous_commit = off")
         except (sa.exc.OperationalError, sa.exc.InterfaceError, psycopg.OperationalError) as exc:
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
-        cursor = conn.cursor()
+        held = _Held(pooled, conn.cursor(), Transformer.from_context(conn))
         with self._lock:
             self._close_dead_threads()
-            self._conns[key] = (pooled, cursor)
-        return cursor
+            self._conns[key] = held
+        return held
 
     def _drop(self, relaxed: bool, conn: Any) -> None:
         with self._lock:
             held = self._conns.pop((threading.get_ident(), relaxed), None)
         with contextlib.suppress(Exception):
-            (held[0] if held is not None else conn).close()
+            (held.pooled if held is not None else conn).close()
 
     def _close_dead_threads(self) -> None:
         alive = {t.ident for t in threading.enumerate()}
         for key in [k for k in self._conns if k[0] not in alive]:
             with contextlib.suppress(Exception):
-                self._conns.pop(key)[0].close()
+                self._conns.pop(key).pooled.close()
 
     def _forget_inherited(self) -> None:
         with self._lock:
@@ -147,9 +321,9 @@ class _HotPath:
             return
         with self._lock:
             held, self._conns = list(self._conns.values()), {}
-        for pooled, _ in held:
+        for one in held:
             with contextlib.suppress(Exception):
-                pooled.close()
+                one.pooled.close()
 
 
 def _raise_driver_error(exc: Exception, statement: str) -> NoReturn:

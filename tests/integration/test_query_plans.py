@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from orch_outbox import Outbox
+from orch_outbox.store.hotpath import Prepared
 from orch_outbox.uuid7 import uuid7
 
 pytestmark = pytest.mark.pg
@@ -23,14 +24,14 @@ pytestmark = pytest.mark.pg
 ROWS = 3000
 
 
-def _fill(outbox: Outbox, status: str, analysed_before: bool = False) -> list[Any]:
-    """ROWS rows in ``status``, attempt 1, written in one statement and never analysed (``analysed_before``: the
+def _fill(outbox: Outbox, status: str, analysed_before: bool = False, rows: int = ROWS) -> list[Any]:
+    """``rows`` rows in ``status``, attempt 1, written in one statement and never analysed (``analysed_before``: the
     table was analysed before, so its statistics know other rows, not these)."""
     store = outbox.store
     t = store.table
     now = store.now()
-    ids = [uuid7() for _ in range(ROWS)]
-    rows = [
+    ids = [uuid7() for _ in range(rows)]
+    values = [
         {
             "id": command_id,
             "name": "noop",
@@ -48,7 +49,7 @@ def _fill(outbox: Outbox, status: str, analysed_before: bool = False) -> list[An
         for command_id in ids
     ]
     with store.engine.begin() as conn:
-        conn.execute(sa.insert(t), rows)
+        conn.execute(sa.insert(t), values)
         analysed = conn.execute(
             sa.text("SELECT reltuples FROM pg_class WHERE relname = :t"), {"t": t.name}
         ).scalar_one()
@@ -68,24 +69,72 @@ def _plan(outbox: Outbox, sql: str, params: dict[str, Any]) -> str:
     return plan
 
 
-def test_fenced_start_uses_the_primary_key_with_stale_statistics(make_outbox: Callable[..., Outbox]) -> None:
-    """Proves a worker's start costs one primary-key probe, not a walk over every dispatched row."""
-    outbox = make_outbox()
-    ids = _fill(outbox, "dispatched")
-    sql, constants = outbox.store._hot_start
-    params = {**constants, "p_id": ids[ROWS // 2], "p_attempt": 1, "p_name": "noop", "p_worker": "w"}
-    plan = _plan(outbox, sql, {**params, "p_lease": timedelta(seconds=60)})
-    assert f"{outbox.store.table.name}_pkey" in plan, plan
-    assert f"Seq Scan on {outbox.store.table.name} " not in plan, plan
+def _prepared_plans(outbox: Outbox, statement: Prepared, given: dict[str, Any]) -> list[str]:
+    """The plans of a hot-path statement as the worker runs it (prepared, through libpq): the custom plan for these
+    values, and the generic plan PostgreSQL switches a prepared statement to after five runs."""
+    values = statement.values(given)
+    raw = outbox.store.engine.raw_connection()
+    try:
+        conn: Any = raw.driver_connection
+        conn.autocommit = True
+        pgconn = conn.pgconn
+        custom = pgconn.exec_params(b"EXPLAIN " + statement.sql, values, statement.types)
+        assert pgconn.prepare(b"plan_check", statement.sql, statement.types).error_message == b""
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        literals = ", ".join("NULL" if v is None else "'" + v.decode().replace("'", "''") + "'" for v in values)
+        generic = pgconn.exec_(f"EXPLAIN EXECUTE plan_check({literals})".encode())
+        conn.execute("DEALLOCATE plan_check")
+        conn.execute("RESET plan_cache_mode")
+    finally:
+        raw.close()
+    plans = []
+    for result in (custom, generic):
+        assert result.error_message == b"", result.error_message
+        plans.append("\n".join(result.get_value(i, 0).decode() for i in range(result.ntuples)))
+    return plans
 
 
-def test_fenced_complete_uses_the_primary_key_with_stale_statistics(make_outbox: Callable[..., Outbox]) -> None:
-    """Proves recording an outcome costs one primary-key probe, not a walk over every running row."""
+#: A fresh outbox (the generic plan is made once, while the table is this small, and then kept) and a grown one.
+SIZES = pytest.mark.parametrize("rows", [40, ROWS], ids=["fresh", "grown"])
+
+
+def _plans_to_check(plans: list[str], rows: int) -> list[str]:
+    """Both plans of a grown table; of a fresh one the generic plan only (a custom plan is made again at every run,
+    so it follows the table as it grows, and over 40 rows any index does)."""
+    return plans if rows == ROWS else plans[1:]
+
+
+@SIZES
+def test_fenced_start_uses_the_primary_key_with_stale_statistics(make_outbox: Callable[..., Outbox], rows: int) -> None:
+    """Proves a worker's start costs one primary-key probe, not a walk over every dispatched row, in the plans a
+    prepared statement uses. The statuses of the fence are parameters: written into the SQL, they let the generic
+    plan made on a fresh table walk the partial index of unfinished rows instead (0.7 ms a start against 0.1 ms
+    once 10 000 commands were queued)."""
     outbox = make_outbox()
-    ids = _fill(outbox, "running")
-    sql, constants, to_json = outbox.store._hot_complete
-    plan = _plan(outbox, sql, {**constants, "p_id": ids[ROWS // 2], "p_attempt": 1, "p_output": to_json(None)})
-    assert f"{outbox.store.table.name}_pkey" in plan, plan
+    ids = _fill(outbox, "dispatched", rows=rows)
+    given = {
+        "p_id": ids[rows // 2],
+        "p_attempt": 1,
+        "p_name": "noop",
+        "p_worker": "w",
+        "p_lease": timedelta(seconds=60),
+    }
+    for plan in _plans_to_check(_prepared_plans(outbox, outbox.store._hot_start, given), rows):
+        assert f"Index Scan using {outbox.store.table.name}_pkey" in plan, plan
+        assert f"Seq Scan on {outbox.store.table.name} " not in plan, plan
+
+
+@SIZES
+def test_fenced_complete_uses_the_primary_key_with_stale_statistics(
+    make_outbox: Callable[..., Outbox], rows: int
+) -> None:
+    """Proves recording an outcome costs one primary-key probe, not a walk over every running row (the plans a
+    prepared statement uses, as for the start)."""
+    outbox = make_outbox()
+    ids = _fill(outbox, "running", rows=rows)
+    given = {"p_id": ids[rows // 2], "p_attempt": 1, "p_output": "null"}
+    for plan in _plans_to_check(_prepared_plans(outbox, outbox.store._hot_complete, given), rows):
+        assert f"Index Scan using {outbox.store.table.name}_pkey" in plan, plan
 
 
 def _claim_plan(outbox: Outbox, capped: bool) -> str:
