@@ -12,7 +12,9 @@ class Sizes:
     mode: str
     throughput_n: int  # commands per (broker, pool) scenario and side
     procrastinate_n: int
-    warmup: int  # commands run before a timed run, per worker
+    #: commands run before a timed run, per worker: enough for every thread of a -c8 worker to have its connections
+    #: and its prepared statements, so the timed run measures the steady state on both sides
+    warmup: int
     latency_samples: int
     relay_n: int
     push_n: int
@@ -26,6 +28,6 @@ class Sizes:
 
 
 QUICK = Sizes("quick", 200, 200, 8, 50, 1_000, 300, 2, 100_000, 1_000, 200, 1_000)
-DEFAULT = Sizes("default", 3_000, 2_000, 32, 300, 10_000, 2_000, 5, 1_000_000, 5_000, 5_000, 20_000, rounds=2)
+DEFAULT = Sizes("default", 6_000, 2_000, 200, 300, 10_000, 2_000, 5, 1_000_000, 5_000, 5_000, 20_000, rounds=2)
 FULL = Sizes("full", 10_000, 5_000, 32, 1_000, 50_000, 5_000, 10, 10_000_000, 20_000, 10_000, 1_000_000, rounds=3)
 BULK_SIZE = 10_000

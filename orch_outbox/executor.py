@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import threading
 import time
 import traceback
@@ -34,6 +33,7 @@ from .canvas import Plan, next_in_chain
 from .context import CommandContext, _set
 from .errors import CommandCanceled, CommandTimeout, InvalidOption, LeaseLost, StoreUnavailable
 from .jsoncodec import check_size, decode_arguments, encode
+from .pid import current as current_pid
 from .request import AttemptDropped, CommandRevoked
 from .running import RUNNING, Entry, Guard
 from .settings import Settings
@@ -89,11 +89,17 @@ class Executor:
         #: set in a worker: plain successes are written behind the handlers, in batches (see writeback.py).
         self.write_back_enabled = False
         self._write_back: WriteBack | None = None
+        self._handlers_write = False
         self._write_back_lock = threading.Lock()
 
-    def start_write_back(self) -> None:
-        """From now on, this process's plain successes go through its write-back (a worker calls this at start)."""
+    def start_write_back(self, one_handler_thread: bool = False) -> None:
+        """From now on, this process's plain successes go through its write-back (a worker calls this at start).
+
+        ``one_handler_thread``: each process runs one handler at a time (prefork, solo), whose thread then writes
+        the successes due before its next start (see :class:`WriteBack`).
+        """
         self.write_back_enabled = True
+        self._handlers_write = one_handler_thread
 
     @property
     def write_back(self) -> WriteBack | None:
@@ -101,17 +107,17 @@ class Executor:
         if not self.write_back_enabled:
             return None
         write_back = self._write_back
-        if write_back is None or write_back.pid != os.getpid():
+        if write_back is None or write_back.pid != current_pid():
             with self._write_back_lock:
-                if self._write_back is None or self._write_back.pid != os.getpid():
-                    self._write_back = WriteBack(self.store, self._write, self._recorded)
+                if self._write_back is None or self._write_back.pid != current_pid():
+                    self._write_back = WriteBack(self.store, self._write, self._recorded, self._handlers_write)
                 write_back = self._write_back
         return write_back
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every success this process handed to its write-back is written; False on timeout."""
         write_back = self._write_back
-        return write_back.flush(timeout) if write_back is not None and write_back.pid == os.getpid() else True
+        return write_back.flush(timeout) if write_back is not None and write_back.pid == current_pid() else True
 
     # -- entry points -------------------------------------------------------------------
 
@@ -125,6 +131,9 @@ class Executor:
         command_id, attempt, timeout = fence
         lease = timeout + self.settings.lock_buffer
         worker = self.worker_name() or str(getattr(request, "hostname", None) or "unknown")
+        write_back = self._write_back
+        if write_back is not None and write_back.pid == current_pid():  # successes held long enough: written now
+            write_back.write_due()
         started = self._write(lambda: self.store.start(command_id, attempt, task.name, worker, lease))
         if started is None:
             raise self._not_started(task.name, command_id, attempt)

@@ -150,7 +150,8 @@ class Relay:
         """Publish a claimed batch; rows the broker did not take (or confirm) go back to pending.
 
         On AMQP the whole batch is published, then the broker's confirms are awaited once
-        (one round trip per batch, not per message). A message published but not
+        (one round trip per batch, not per message); on Redis the batch is one pipeline
+        (one round trip). A message published but not
         confirmed (nacked, or the connection failed first) has its row returned to
         pending; if the message did reach a queue after all, its attempt no longer
         matches the row and the worker drops it, so nothing runs twice.
@@ -160,16 +161,24 @@ class Relay:
         try:
             producer = self._open_producer()
             confirms = self._confirms
-            for item in batch:
-                refusal = self._refusal(item)
-                if refusal is None:
-                    if confirms is not None:
-                        confirms.expect(item)
-                        unconfirmed.append(item)
-                    self._send(producer, item, retry=confirms is None)
-                else:
-                    self._refuse(item, refusal)
-                done += 1
+            # Redis: the batch's messages go in one pipeline, sent when the block ends (kombu's Producer.batch; on
+            # AMQP it publishes at once). Until then a message is as unconfirmed as one awaiting a confirm.
+            deferred = confirms is None and producer.supports_batch_publish
+            checked: dict[str, tuple[str, ErrorInfo] | None] = {}
+            with producer.batch(max(len(batch), 1)):
+                for item in batch:
+                    refusal = self._refusal(item, checked)
+                    if refusal is None:
+                        if confirms is not None:
+                            confirms.expect(item)
+                        self._send(producer, item, retry=confirms is None)
+                        if confirms is not None or deferred:
+                            unconfirmed.append(item)
+                    else:
+                        self._refuse(item, refusal)
+                    done += 1
+            if deferred:
+                unconfirmed = []
             if confirms is not None:
                 nacked = confirms.wait(CONFIRM_TIMEOUT)
                 unconfirmed = []
@@ -203,7 +212,9 @@ class Relay:
         for command_id in ids:
             self.results.revoked(command_id, "", "expired")
 
-    def _refusal(self, item: Dispatch) -> tuple[str, ErrorInfo] | None:
+    def _refusal(
+        self, item: Dispatch, checked: dict[str, tuple[str, ErrorInfo] | None]
+    ) -> tuple[str, ErrorInfo] | None:
         """(outcome, error) of a claimed row that must not become a message, or None.
 
         Rows are written by the outbox, but anyone with access to the table can write
@@ -214,18 +225,32 @@ class Relay:
         off, a target with no queue in the user's ``task_queues`` (the relay declares the
         user's queues as Celery does, quorum or not, and makes no other).
         """
-        if item.name in self.app.tasks:
-            try:
-                self.runnable(item.name)
-            except UnknownCommand:
-                return "not_found", ErrorInfo("NotACommand", f"{item.name!r} is not a command; a row cannot run it")
+        if item.name not in checked:  # once per name and batch: the registry and settings hold for a batch
+            checked[item.name] = self._refusal_of_name(item.name)
+        refusal = checked[item.name]
+        if refusal is not None:
+            return refusal
         if not isinstance(item.input, dict):
             kind = type(item.input).__name__
             return "failure", ErrorInfo("InvalidInput", f"the stored input is a {kind}, not a JSON object of arguments")
-        if not self.app.conf.task_create_missing_queues and item.target not in self.app.amqp.queues:
+        key = f"queue:{item.target}"
+        if key not in checked:
+            checked[key] = self._refusal_of_target(item.target)
+        return checked[key]
+
+    def _refusal_of_name(self, name: str) -> tuple[str, ErrorInfo] | None:
+        if name in self.app.tasks:
+            try:
+                self.runnable(name)
+            except UnknownCommand:
+                return "not_found", ErrorInfo("NotACommand", f"{name!r} is not a command; a row cannot run it")
+        return None
+
+    def _refusal_of_target(self, target: str) -> tuple[str, ErrorInfo] | None:
+        if not self.app.conf.task_create_missing_queues and target not in self.app.amqp.queues:
             return "failure", ErrorInfo(
                 "QueueNotFound",
-                f"target {item.target!r} has no queue in task_queues and task_create_missing_queues is False: "
+                f"target {target!r} has no queue in task_queues and task_create_missing_queues is False: "
                 "declare it there (then requeue this command)",
             )
         return None

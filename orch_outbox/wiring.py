@@ -37,6 +37,8 @@ JOBS_LEAVE_SECONDS = 10.0
 
 #: Longest wait, at worker exit, for the write-back to record the successes it holds.
 WRITE_BACK_FLUSH_SECONDS = 10.0
+#: Celery pools whose processes run one handler at a time (their thread writes the successes due, see writeback.py).
+SINGLE_HANDLER_POOLS = frozenset({"celery.concurrency.prefork", "celery.concurrency.solo"})
 
 
 class Wiring(OutboxParts):
@@ -127,7 +129,8 @@ class Wiring(OutboxParts):
         for the last one's WAL flush; the threads of a threads pool share flushes.
         """
         if getattr(sender, "app", None) is self.app:
-            self.executor.start_write_back()
+            pool = getattr(getattr(sender, "pool_cls", None), "__module__", "")
+            self.executor.start_write_back(one_handler_thread=pool in SINGLE_HANDLER_POOLS)
 
     def _join_registry(self, sender: Any = None, **_: Any) -> None:
         """At worker start: this worker's identity in the registry, and its job runner (see workers.py, jobs.py).

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
+import math
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from .pid import current as current_pid
 from .store import Started, Store
 
 log = logging.getLogger("orch_outbox.executor")
@@ -18,6 +19,9 @@ log = logging.getLogger("orch_outbox.executor")
 WRITE_BACK_BATCH = 500
 #: Longest the write-back waits, after a success arrives, for more to share its commit.
 WRITE_BACK_HOLD = 0.02
+#: How much longer than the hold the write-back's own thread lets successes wait for a handler's thread to write
+#: them (see :class:`WriteBack`): it looks that often while the handlers run, and each look takes the GIL from them.
+IDLE_HOLDS = 5
 #: Longest the interpreter's exit waits for the write-back to write what it holds.
 WRITE_BACK_EXIT_SECONDS = 5.0
 
@@ -25,16 +29,25 @@ WRITE_BACK_EXIT_SECONDS = 5.0
 class WriteBack:
     """A worker process's successes without chained commands or a batch, written behind its handlers.
 
-    The handler's thread hands its success over and takes its next message at once; a
-    thread of its own writes the successes handed over in one durable transaction and
-    one round trip (:meth:`Store.complete_many`), each batch ``WRITE_BACK_HOLD`` after
-    its first success at most (sooner once ``WRITE_BACK_BATCH`` are held). So a prefork
-    or solo process does not wait for one command's WAL flush before it starts the next,
-    and the few milliseconds of hold let the successes of one handler thread share a
-    commit too, as those of many threads do. Until it is written a success is only in
-    this process: if the process dies first, the attempt's lease lapses and the rescuer
-    retries it, as for a worker that died during the handler (at least once). A warm
-    shutdown, and the interpreter's exit, write what is held at once.
+    The handler's thread hands its success over and takes its next message at once. The
+    successes handed over are written together in one durable transaction and one round
+    trip (:meth:`Store.complete_many`) once the oldest has waited ``WRITE_BACK_HOLD``
+    (sooner once ``WRITE_BACK_BATCH`` are held), so a process does not wait for one
+    command's WAL flush before it starts the next, and the successes of many commands
+    share a commit.
+
+    Who writes them. In a process that runs one handler at a time (prefork, solo), that
+    handler's thread, right before it starts its next attempt (:meth:`write_due`); the
+    write-back's own thread only when nothing else did, ``IDLE_HOLDS`` holds after the
+    first success (the process went idle). A second thread writing while the handler runs
+    takes the GIL from it a few times per round trip: measured on prefork children, that
+    GIL ping-pong cost more CPU than the write itself. In a threads pool, whose handlers
+    share the GIL anyway, the write-back's thread writes each batch when it is due.
+
+    Until it is written a success is only in this process: if the process
+    dies first, the attempt's lease lapses and the rescuer retries it, as for a worker that
+    died during the handler (at least once). A warm shutdown, and the interpreter's exit,
+    write what is held at once.
     """
 
     def __init__(
@@ -42,31 +55,48 @@ class WriteBack:
         store: Store,
         write: Callable[[Callable[[], Any]], Any],
         recorded: Callable[[bool, Started], None],
+        handlers_write: bool = False,
     ) -> None:
+        """``handlers_write``: the process runs one handler at a time, whose thread writes what is due (prefork,
+        solo); otherwise (threads) the write-back's own thread writes every batch, ``WRITE_BACK_HOLD`` after its
+        first success."""
         self._store = store
+        self.handlers_write = handlers_write
         self._write_with_retries = write
         self._on_recorded = recorded
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self._lock = threading.Lock()
         self._written = threading.Condition(self._lock)  # successes arrived, or a write ended
         self._held: list[tuple[Started, Any]] = []
-        self._writing = False
+        self._writing = 0  # writes under way (a handler's thread, the write-back's own)
         self._flushing = 0  # flush() callers waiting: write without the hold
         self._since = 0.0  # when the oldest held success was handed over
+        self._wake_at = 0.0  # when the thread looks next on its own (inf: asleep until woken)
         self._thread = threading.Thread(target=self._run, name="orch-outbox-write-back", daemon=True)
         self._thread.start()
         # A cold shutdown sends no worker_shutdown: the interpreter's exit still writes what is held.
         atexit.register(self._flush_at_exit)
 
     def submit(self, started: Started, output: Any) -> None:
-        """Hand over a success; the write-back thread records it (fenced) as soon as it can."""
+        """Hand over a success; it is recorded (fenced) with the others held, once they are due."""
         with self._lock:
             held = self._held
             if not held:
                 self._since = time.monotonic()
             held.append((started, output))
-            if len(held) == 1 or len(held) >= WRITE_BACK_BATCH:  # the writer waits for the first, or is holding
+            # The thread looks on its own by then; otherwise (asleep, or a look planned later) it is woken.
+            late = len(held) == 1 and self._wake_at > self._since + self._idle_hold()
+            if late or len(held) >= WRITE_BACK_BATCH:
                 self._written.notify_all()
+
+    def write_due(self) -> None:
+        """On a handler's thread, before its next start: write the successes held, if they are due."""
+        if not self.handlers_write or not self._held or time.monotonic() - self._since < WRITE_BACK_HOLD:
+            return
+        with self._lock:
+            batch = self._take(WRITE_BACK_HOLD)
+        if batch:
+            self._write(batch)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every success handed over is written; False on timeout."""
@@ -84,28 +114,53 @@ class WriteBack:
                 self._flushing -= 1
         return True
 
+    def _idle_hold(self) -> float:
+        """How long the write-back's own thread leaves the oldest success held before it writes it."""
+        return (IDLE_HOLDS if self.handlers_write else 1) * WRITE_BACK_HOLD
+
     def _flush_at_exit(self) -> None:
-        if os.getpid() == self.pid:
+        if current_pid() == self.pid:
             self.flush(WRITE_BACK_EXIT_SECONDS)
 
+    def _take(self, hold: float) -> list[tuple[Started, Any]]:
+        """The due successes (held ``hold`` or more, a full batch, or a flush waiting), counted as being written;
+        called with the lock held."""
+        held = self._held
+        due = held and (self._flushing or len(held) >= WRITE_BACK_BATCH or time.monotonic() - self._since >= hold)
+        if not due:
+            return []
+        batch, self._held = held[:WRITE_BACK_BATCH], held[WRITE_BACK_BATCH:]
+        if self._held:
+            self._since = time.monotonic()
+        self._writing += 1
+        return batch
+
     def _run(self) -> None:
+        empty_looks = 0
         while True:
             with self._lock:
-                while not self._held:
+                # While the handlers run, look every IDLE_HOLDS x WRITE_BACK_HOLD without being woken (a wake-up a batch
+                # costs the handlers' thread the GIL); once two looks found nothing, sleep until a success arrives.
+                while not self._held and empty_looks >= 2:
+                    self._wake_at = math.inf
                     self._written.wait()
-                ready = self._since + WRITE_BACK_HOLD
-                while len(self._held) < WRITE_BACK_BATCH and not self._flushing:
-                    left = ready - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._written.wait(left)
-                batch, self._held = self._held[:WRITE_BACK_BATCH], self._held[WRITE_BACK_BATCH:]
-                self._writing = True
-            try:
-                self._record(batch)
-            finally:
-                with self._lock:
-                    self._writing = False
+                    empty_looks = 0
+                idle_hold = self._idle_hold()
+                batch = self._take(idle_hold)
+                if not batch:
+                    empty_looks = 0 if self._held else empty_looks + 1
+                    self._wake_at = (self._since if self._held else time.monotonic()) + idle_hold
+                    self._written.wait(max(self._wake_at - time.monotonic(), 0.001))
+                    continue
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[Started, Any]]) -> None:
+        try:
+            self._record(batch)
+        finally:
+            with self._lock:
+                self._writing -= 1
+                if self._flushing:  # only a flush waits for a write to end (waking the thread would cost the GIL)
                     self._written.notify_all()
 
     def _record(self, batch: list[tuple[Started, Any]]) -> None:

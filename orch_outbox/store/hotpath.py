@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import re
 import select
 import threading
@@ -17,6 +16,7 @@ from typing import Any, NoReturn
 import sqlalchemy as sa
 
 from ..errors import StoreUnavailable
+from ..pid import current as current_pid
 
 #: A claimed row as the claim statement returns it (its RETURNING list is these fields).
 _CLAIMED = collections.namedtuple(
@@ -177,7 +177,7 @@ class _HotPath:
         self._engine = engine
         self._lock = threading.Lock()
         self._conns: dict[tuple[int, bool], _Held] = {}  # (thread, relaxed) -> its connection
-        self._pid = os.getpid()
+        self._pid = current_pid()
 
     def compile(self, engine: sa.Engine, stmt: sa.Update) -> tuple[str, dict[str, Any]]:
         """The statement's SQL for a psycopg cursor and the values of its constant parameters."""
@@ -269,7 +269,7 @@ class _HotPath:
 
     def _held(self, relaxed: bool) -> _Held:
         """This thread's connection for ``relaxed`` (kept: a new one per statement costs)."""
-        if os.getpid() != self._pid:
+        if current_pid() != self._pid:
             self._forget_inherited()
         key = (threading.get_ident(), relaxed)
         held = self._conns.get(key)
@@ -312,11 +312,11 @@ class _HotPath:
         with self._lock:
             _INHERITED.extend(self._conns.values())
             self._conns.clear()
-            self._pid = os.getpid()
+            self._pid = current_pid()
 
     def close(self) -> None:
         """Close every connection this process made."""
-        if os.getpid() != self._pid:
+        if current_pid() != self._pid:
             self._forget_inherited()
             return
         with self._lock:

@@ -9,6 +9,7 @@ shutdown writes what is still held.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -179,3 +180,33 @@ def test_complete_many_records_only_the_attempts_that_still_hold_their_rows(make
     assert store.complete_many(items) == {ids[0], ids[1], ids[2]}
     assert [outbox.get(i).status for i in ids] == ["completed", "completed", "completed", "canceled", "running"]
     assert [outbox.get(i).output for i in ids[:3]] == [{"n": 0}, {"n": 1}, {"n": 2}]
+
+
+def test_a_single_handler_process_writes_its_due_successes_on_its_own_thread(
+    make_outbox: Callable[..., Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves the prefork and solo form: the successes held past the hold are written by the handler's own thread
+    before its next start (so no second thread takes the GIL from it), not before they are due, and the
+    write-back's thread still writes them when no handler comes (an idle process)."""
+    monkeypatch.setattr(writeback_mod, "WRITE_BACK_HOLD", 0.05)
+    monkeypatch.setattr(writeback_mod, "IDLE_HOLDS", 1000)  # the thread would wait 50 s: only write_due writes
+    outbox = make_outbox()
+
+    @outbox.command(target=unique_target("wb-own"))
+    def job(n: int) -> int:
+        return n
+
+    first, second = _started(outbox, job, 1), _started(outbox, job, 2)
+    executor = outbox.executor
+    executor.start_write_back(one_handler_thread=True)
+    write_back = executor.write_back
+    assert write_back is not None
+    write_back.submit(first, 1)
+    write_back.write_due()  # not due yet: nothing written
+    assert outbox.get(first.id).status == "running"
+    wait_until(lambda: time.monotonic() - write_back._since >= 0.05, 5, what="the hold to pass")
+    write_back.write_due()
+    assert (outbox.get(first.id).status, outbox.get(first.id).output) == ("completed", 1)  # written, on this thread
+    monkeypatch.setattr(writeback_mod, "IDLE_HOLDS", 2)
+    write_back.submit(second, 2)
+    wait_until(lambda: outbox.get(second.id).status == "completed", 10, what="the idle process's success")
