@@ -36,6 +36,8 @@ except ImportError:  # pragma: no cover - exercised by the tests without the ext
 
 #: ``messaging.system`` of the outbox's spans.
 SYSTEM = "orch_outbox"
+#: Seconds between looks for an OpenTelemetry SDK while the process has none.
+LOOK_AGAIN_SECONDS = 1.0
 
 #: Counters of attempt endings and the like: metric name -> description.
 COUNTERS = {
@@ -81,23 +83,32 @@ class Telemetry:
         self.on = bool(enabled and AVAILABLE)
         self._tracer: Any = None
         self._instruments: Instruments | None = None
+        self._tracer_look = self._meter_look = 0.0  # monotonic times of the next look for a provider
 
     @property
     def tracer(self) -> Any:
-        """The tracer, once the process has a real tracer provider (an SDK); else None: no span is made."""
-        if self._tracer is None and self.on:
+        """The tracer, once the process has a real tracer provider (an SDK); else None: no span is made.
+
+        Without one, the provider is looked up again at most every ``LOOK_AGAIN_SECONDS`` (a
+        look reads the environment; a worker would pay it for every command)."""
+        if self._tracer is None and self.on and time.monotonic() >= self._tracer_look:
             provider = trace.get_tracer_provider()
             if not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider)):
                 self._tracer = provider.get_tracer("orch_outbox")
+            else:
+                self._tracer_look = time.monotonic() + LOOK_AGAIN_SECONDS
         return self._tracer
 
     @property
     def instruments(self) -> Instruments | None:
-        """The instruments, once the process has a real meter provider; else None: nothing is counted."""
-        if self._instruments is None and self.on:
+        """The instruments, once the process has a real meter provider; else None: nothing is counted (looked up
+        again as the tracer's provider is)."""
+        if self._instruments is None and self.on and time.monotonic() >= self._meter_look:
             provider = otel_metrics.get_meter_provider()
             if type(provider).__name__ not in ("_ProxyMeterProvider", "NoOpMeterProvider"):
                 self._instruments = Instruments(provider.get_meter("orch_outbox"))
+            else:
+                self._meter_look = time.monotonic() + LOOK_AGAIN_SECONDS
         return self._instruments
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import re
 import select
 import threading
@@ -46,9 +47,19 @@ class Prepared:
     constants: Mapping[str, bytes | None]
 
     def values(self, given: Mapping[str, Any]) -> list[bytes | None]:
-        """The parameters in statement order, as text."""
-        constants = self.constants
-        return [constants[name] if name in constants else _text(given[name]) for name in self.params]
+        """The parameters in statement order, as text (the constants' filled in once, in :attr:`_template`)."""
+        values = list(self._template)
+        for index, name in self._given:
+            values[index] = _text(given[name])
+        return values
+
+    @functools.cached_property
+    def _template(self) -> tuple[bytes | None, ...]:
+        return tuple(self.constants.get(name) for name in self.params)
+
+    @functools.cached_property
+    def _given(self) -> tuple[tuple[int, str], ...]:
+        return tuple((i, name) for i, name in enumerate(self.params) if name not in self.constants)
 
 
 _PLACEHOLDER = re.compile(r"%\((\w+)\)s")
@@ -75,6 +86,11 @@ def prepared(engine: sa.Engine, stmt: sa.ClauseElement, name: str, types: Mappin
 
 def _text(value: Any) -> bytes | None:
     """A parameter's value as PostgreSQL's text input reads it."""
+    kind = type(value)
+    if kind is str:
+        return value.encode()  # type: ignore[no-any-return]
+    if kind is int or kind is uuid.UUID:
+        return str(value).encode()
     if value is None:
         return None
     if isinstance(value, str):
@@ -105,10 +121,12 @@ class _Held:
 _PREPARE_AGAIN = {"26000", "0A000"}
 
 
-def _ok(result: Any) -> bool:
-    from psycopg import pq
+#: libpq's statuses of a statement that succeeded (TUPLES_OK, COMMAND_OK; psycopg's ExecStatus values)
+_OK = frozenset({2, 1})
 
-    return bool(result.status in (pq.ExecStatus.TUPLES_OK, pq.ExecStatus.COMMAND_OK))
+
+def _ok(result: Any) -> bool:
+    return result.status in _OK
 
 
 def _sqlstate(result: Any) -> str | None:
@@ -186,6 +204,19 @@ class _HotPath:
 
     def run(self, relaxed: bool, statement: Prepared, values: Sequence[bytes | None]) -> list[tuple[Any, ...]]:
         """Run a prepared statement in autocommit on this thread's connection; its rows."""
+        held = self._held(relaxed)
+        if statement.name in held.prepared:  # the common case, straight through (a worker runs it per command)
+            import psycopg
+
+            try:
+                result = held.cursor.connection.pgconn.exec_prepared(statement.name, values)
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                self._drop(relaxed, held.cursor.connection)
+                raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+            if result.status in _OK:
+                loader = held.loader
+                loader.set_pgresult(result)
+                return list(loader.load_rows(0, result.ntuples, tuple))
         return self._send(relaxed, statement, [values], False)[0]
 
     def run_each(
