@@ -21,7 +21,7 @@ WRITE_BACK_BATCH = 500
 WRITE_BACK_HOLD = 0.02
 #: How much longer than the hold the write-back's own thread lets successes wait for a handler's thread to write
 #: them (see :class:`WriteBack`): it looks that often while the handlers run, and each look takes the GIL from them.
-IDLE_HOLDS = 5
+IDLE_HOLDS = 3
 #: Longest the interpreter's exit waits for the write-back to write what it holds.
 WRITE_BACK_EXIT_SECONDS = 5.0
 

@@ -129,6 +129,15 @@ def _ok(result: Any) -> bool:
     return result.status in _OK
 
 
+def _forget(held: _Held, name: bytes) -> None:
+    """Drop a prepared statement from a connection (if it is still there), to prepare it again."""
+    import psycopg
+
+    held.prepared.discard(name)
+    with contextlib.suppress(psycopg.Error):
+        held.cursor.connection.pgconn.exec_(b"DEALLOCATE " + name)
+
+
 def _sqlstate(result: Any) -> str | None:
     from psycopg import pq
 
@@ -217,6 +226,9 @@ class _HotPath:
                 loader = held.loader
                 loader.set_pgresult(result)
                 return list(loader.load_rows(0, result.ntuples, tuple))
+            if _sqlstate(result) not in _PREPARE_AGAIN:
+                self._check(relaxed, held, result)
+            _forget(held, statement.name)  # gone from the session, or stale: prepared again below
         return self._send(relaxed, statement, [values], False)[0]
 
     def run_each(
@@ -248,9 +260,7 @@ class _HotPath:
                     break
                 if not again or _sqlstate(failed) not in _PREPARE_AGAIN:
                     self._check(relaxed, held, failed)
-                held.prepared.discard(statement.name)
-                with contextlib.suppress(psycopg.Error):
-                    pgconn.exec_(b"DEALLOCATE " + statement.name)
+                _forget(held, statement.name)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._drop(relaxed, held.cursor.connection)
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
@@ -278,25 +288,17 @@ class _HotPath:
             raise StoreUnavailable(f"outbox database unavailable: {error}") from error
         raise error
 
-    def execute(self, relaxed: bool, sql: str, params: dict[str, Any]) -> Any:
-        """Run one statement in autocommit on this thread's connection; its first row or None."""
-        return self._run(relaxed, sql, params)[0]
-
     def execute_all(self, relaxed: bool, sql: str, params: dict[str, Any]) -> list[Any]:
-        """Run one statement in autocommit on this thread's connection; all its rows."""
-        return self._run(relaxed, sql, params)[1]
-
-    def _run(self, relaxed: bool, sql: str, params: dict[str, Any]) -> tuple[Any, list[Any]]:
+        """Run one statement (a claim: once per batch) through this thread's cursor, in autocommit; all its rows."""
         import psycopg
 
         cursor = self._held(relaxed).cursor
         try:
             cursor.execute(sql, params, prepare=True)
-            rows = cursor.fetchall()
+            return list(cursor.fetchall())
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._drop(relaxed, cursor.connection)
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
-        return (rows[0] if rows else None), rows
 
     def _held(self, relaxed: bool) -> _Held:
         """This thread's connection for ``relaxed`` (kept: a new one per statement costs)."""

@@ -93,3 +93,26 @@ def test_hot_start_and_complete_are_fenced(make_outbox: Callable[..., Outbox]) -
     done = outbox.get(held)
     assert (done.status, done.output, done.worker) == ("completed", 1, "w1")
     assert outbox.get(canceled).status == "canceled"
+
+
+def test_a_statement_gone_from_the_session_is_prepared_again(make_outbox: Callable[..., Outbox]) -> None:
+    """Proves the worker's libpq path survives a reset of its session (a pooler's ``DISCARD ALL``, a
+    ``DEALLOCATE``): the start whose prepared statement vanished prepares it again and claims its attempt, and
+    the write-back after it records both outcomes."""
+    outbox = make_outbox()
+    store = outbox.store
+    assert store._hot is not None, "this outbox must use the hot path"
+
+    @outbox.command(target="hp-reset")
+    def job(n: int) -> int:
+        return n
+
+    first, second = job.push(outbox.engine, 1), job.push(outbox.engine, 2)
+    claimed = {d.id: d.attempt for d in store.claim(10, 60)}
+    assert store.start(first, claimed[first], "job", "w", 60) is not None  # prepared on this thread's connection
+    for relaxed in (False, True):
+        held = store._hot._held(relaxed)
+        held.cursor.connection.pgconn.exec_(b"DEALLOCATE ALL")
+    assert store.start(second, claimed[second], "job", "w", 60) is not None
+    assert store.complete_many([(first, claimed[first], 1), (second, claimed[second], 2)]) == {first, second}
+    assert [outbox.get(i).output for i in (first, second)] == [1, 2]
