@@ -164,7 +164,7 @@ class Relay:
             # Redis: the batch's messages go in one pipeline, sent when the block ends (kombu's Producer.batch; on
             # AMQP it publishes at once). Until then a message is as unconfirmed as one awaiting a confirm.
             deferred = confirms is None and producer.supports_batch_publish
-            checked: dict[str, tuple[str, ErrorInfo] | None] = {}
+            checked: dict[tuple[str, str], tuple[str, ErrorInfo] | None] = {}
             with producer.batch(max(len(batch), 1)):
                 for item in batch:
                     refusal = self._refusal(item, checked)
@@ -213,7 +213,7 @@ class Relay:
             self.results.revoked(command_id, "", "expired")
 
     def _refusal(
-        self, item: Dispatch, checked: dict[str, tuple[str, ErrorInfo] | None]
+        self, item: Dispatch, checked: dict[tuple[str, str], tuple[str, ErrorInfo] | None]
     ) -> tuple[str, ErrorInfo] | None:
         """(outcome, error) of a claimed row that must not become a message, or None.
 
@@ -225,18 +225,18 @@ class Relay:
         off, a target with no queue in the user's ``task_queues`` (the relay declares the
         user's queues as Celery does, quorum or not, and makes no other).
         """
-        if item.name not in checked:  # once per name and batch: the registry and settings hold for a batch
-            checked[item.name] = self._refusal_of_name(item.name)
-        refusal = checked[item.name]
-        if refusal is not None:
-            return refusal
+        # ``checked``: the refusals of names and targets met in this batch (the registry and settings hold for a batch)
+        name, target = ("name", item.name), ("target", item.target)
+        if name not in checked:
+            checked[name] = self._refusal_of_name(item.name)
+        if checked[name] is not None:
+            return checked[name]
         if not isinstance(item.input, dict):
             kind = type(item.input).__name__
             return "failure", ErrorInfo("InvalidInput", f"the stored input is a {kind}, not a JSON object of arguments")
-        key = f"queue:{item.target}"
-        if key not in checked:
-            checked[key] = self._refusal_of_target(item.target)
-        return checked[key]
+        if target not in checked:
+            checked[target] = self._refusal_of_target(item.target)
+        return checked[target]
 
     def _refusal_of_name(self, name: str) -> tuple[str, ErrorInfo] | None:
         if name in self.app.tasks:

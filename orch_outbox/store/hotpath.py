@@ -129,6 +129,13 @@ def _ok(result: Any) -> bool:
     return result.status in _OK
 
 
+def _rows(held: _Held, result: Any) -> list[tuple[Any, ...]]:
+    """A result's rows, loaded by the connection's own loaders (the values a cursor would return)."""
+    loader = held.loader
+    loader.set_pgresult(result)
+    return list(loader.load_rows(0, result.ntuples, tuple))
+
+
 def _forget(held: _Held, name: bytes) -> None:
     """Drop a prepared statement from a connection (if it is still there), to prepare it again."""
     import psycopg
@@ -223,9 +230,7 @@ class _HotPath:
                 self._drop(relaxed, held.cursor.connection)
                 raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
             if result.status in _OK:
-                loader = held.loader
-                loader.set_pgresult(result)
-                return list(loader.load_rows(0, result.ntuples, tuple))
+                return _rows(held, result)
             if _sqlstate(result) not in _PREPARE_AGAIN:
                 self._check(relaxed, held, result)
             _forget(held, statement.name)  # gone from the session, or stale: prepared again below
@@ -264,12 +269,7 @@ class _HotPath:
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._drop(relaxed, held.cursor.connection)
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
-        loader = held.loader
-        loaded = []
-        for result in results:
-            loader.set_pgresult(result)
-            loaded.append(list(loader.load_rows(0, result.ntuples, tuple)))
-        return loaded
+        return [_rows(held, result) for result in results]
 
     def _check(self, relaxed: bool, held: _Held, result: Any) -> None:
         """Raise the error a failed libpq call reported (a lost connection as :class:`StoreUnavailable`)."""

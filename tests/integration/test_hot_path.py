@@ -9,6 +9,7 @@ outbox in a schema of its own).
 from __future__ import annotations
 
 import secrets
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -69,20 +70,28 @@ def test_start_and_complete_use_the_engines_connect_events(
         assert conn.execute(sa.text(where), {"t": outbox.store.table.name}).scalar_one() != "public"
 
 
+def _claimed(
+    make_outbox: Callable[..., Outbox], target: str
+) -> tuple[Outbox, tuple[uuid.UUID, uuid.UUID], dict[uuid.UUID, int]]:
+    """An outbox on the hot path with two commands ``job(1)``, ``job(2)`` on ``target``, claimed: (outbox, their
+    ids, each one's attempt)."""
+    outbox = make_outbox()
+    assert outbox.store._hot is not None, "this outbox must use the hot path"
+
+    @outbox.command(target=target)
+    def job(n: int) -> int:
+        return n
+
+    ids = (job.push(outbox.engine, 1), job.push(outbox.engine, 2))
+    return outbox, ids, {d.id: d.attempt for d in outbox.store.claim(10, 60)}
+
+
 def test_hot_start_and_complete_are_fenced(make_outbox: Callable[..., Outbox]) -> None:
     """Guarantee 3 on the worker's hot path (database clock, psycopg): a duplicate start of the same attempt,
     a start of a canceled command, a completion by an attempt that never held the row and a second completion
     each change nothing; the one holding attempt records its output once."""
-    outbox = make_outbox()
+    outbox, (held, canceled), claimed = _claimed(make_outbox, "hp-fence")
     store = outbox.store
-    assert store._hot is not None, "this outbox must use the hot path"
-
-    @outbox.command(target="hp-fence")
-    def job(n: int) -> int:
-        return n
-
-    held, canceled = job.push(outbox.engine, 1), job.push(outbox.engine, 2)
-    claimed = {d.id: d.attempt for d in store.claim(10, 60)}
     assert outbox.cancel(canceled)
     assert store.start(canceled, claimed[canceled], "job", "w", 60) is None
     assert store.start(held, claimed[held], "job", "w1", 60) is not None
@@ -99,16 +108,8 @@ def test_a_statement_gone_from_the_session_is_prepared_again(make_outbox: Callab
     """Proves the worker's libpq path survives a reset of its session (a pooler's ``DISCARD ALL``, a
     ``DEALLOCATE``): the start whose prepared statement vanished prepares it again and claims its attempt, and
     the write-back after it records both outcomes."""
-    outbox = make_outbox()
+    outbox, (first, second), claimed = _claimed(make_outbox, "hp-reset")
     store = outbox.store
-    assert store._hot is not None, "this outbox must use the hot path"
-
-    @outbox.command(target="hp-reset")
-    def job(n: int) -> int:
-        return n
-
-    first, second = job.push(outbox.engine, 1), job.push(outbox.engine, 2)
-    claimed = {d.id: d.attempt for d in store.claim(10, 60)}
     assert store.start(first, claimed[first], "job", "w", 60) is not None  # prepared on this thread's connection
     for relaxed in (False, True):
         held = store._hot._held(relaxed)
