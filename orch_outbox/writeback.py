@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .errors import StoreUnavailable
 from .pid import current as current_pid
 from .store import Started, Store
 
@@ -68,6 +69,8 @@ class WriteBack:
         self._lock = threading.Lock()
         self._written = threading.Condition(self._lock)  # successes arrived, or a write ended
         self._held: list[tuple[Started, Any]] = []
+        #: a batch the handler's thread sent without waiting for its commit, and how to read its answer
+        self._sent: tuple[list[tuple[Started, Any]], Callable[[], set[Any]]] | None = None
         self._writing = 0  # writes under way (a handler's thread, the write-back's own)
         self._flushing = 0  # flush() callers waiting: write without the hold
         self._since = 0.0  # when the oldest held success was handed over
@@ -90,17 +93,50 @@ class WriteBack:
                 self._written.notify_all()
 
     def write_due(self) -> None:
-        """On a handler's thread, before its next start: write the successes held, if they are due."""
+        """On a handler's thread, before its next start: send the successes held, if they are due.
+
+        The batch goes out without waiting for its commit (the start does not wait for the
+        WAL flush); its answer is read when the next batch is due, or by a flush, or by the
+        write-back's thread once the process is idle.
+        """
         if not self.handlers_write or not self._held or time.monotonic() - self._since < WRITE_BACK_HOLD:
             return
+        self._answer()
         with self._lock:
             batch = self._take(WRITE_BACK_HOLD)
-        if batch:
+        if not batch:
+            return
+        items = [(started.id, started.attempt, output) for started, output in batch]
+        try:
+            self._sent = (batch, self._store.complete_many_soon(items))
+        except Exception:  # not sent (the database is away): written with retries, waiting
             self._write(batch)
+
+    def _answer(self) -> None:
+        """Read the answer of the batch sent last without waiting (if any), and count it written."""
+        with self._lock:
+            sent, self._sent = self._sent, None
+        if sent is None:
+            return
+        batch, recorded = sent
+        try:
+            try:
+                done = recorded()
+            except StoreUnavailable:  # its commit is unknown: written again (fenced: a recorded one is not redone)
+                self._record(batch, again=True)
+                return
+            except Exception:
+                log.exception("could not record %d completion(s); their attempts will be retried", len(batch))
+                return
+            for started, _ in batch:
+                self._on_recorded(started.id in done, started)
+        finally:
+            self._wrote()
 
     def flush(self, timeout: float) -> bool:
         """Wait until every success handed over is written; False on timeout."""
         deadline = time.monotonic() + timeout
+        self._answer()
         with self._lock:
             self._flushing += 1
             self._written.notify_all()
@@ -138,17 +174,19 @@ class WriteBack:
     def _run(self) -> None:
         empty_looks = 0
         while True:
+            if self._sent is not None and not self._held:  # the handler's thread went idle after sending
+                self._answer()
             with self._lock:
                 # While the handlers run, look every IDLE_HOLDS x WRITE_BACK_HOLD without being woken (a wake-up a batch
                 # costs the handlers' thread the GIL); once two looks found nothing, sleep until a success arrives.
-                while not self._held and empty_looks >= 2:
+                while not self._held and not self._sent and empty_looks >= 2:
                     self._wake_at = math.inf
                     self._written.wait()
                     empty_looks = 0
                 idle_hold = self._idle_hold()
                 batch = self._take(idle_hold)
                 if not batch:
-                    empty_looks = 0 if self._held else empty_looks + 1
+                    empty_looks = 0 if self._held or self._sent else empty_looks + 1
                     self._wake_at = (self._since if self._held else time.monotonic()) + idle_hold
                     self._written.wait(max(self._wake_at - time.monotonic(), 0.001))
                     continue
@@ -158,12 +196,18 @@ class WriteBack:
         try:
             self._record(batch)
         finally:
-            with self._lock:
-                self._writing -= 1
-                if self._flushing:  # only a flush waits for a write to end (waking the thread would cost the GIL)
-                    self._written.notify_all()
+            self._wrote()
 
-    def _record(self, batch: list[tuple[Started, Any]]) -> None:
+    def _wrote(self) -> None:
+        """A write ended."""
+        with self._lock:
+            self._writing -= 1
+            if self._flushing:  # only a flush waits for a write to end (waking the thread would cost the GIL)
+                self._written.notify_all()
+
+    def _record(self, batch: list[tuple[Started, Any]], again: bool = False) -> None:
+        """Write a batch, retrying while the database is away; ``again``: it may have been recorded already
+        (an answer lost with its connection), so an attempt found no longer running is not reported as fenced."""
         items = [(started.id, started.attempt, output) for started, output in batch]
         try:
             recorded = self._write_with_retries(lambda: self._store.complete_many(items))
@@ -171,4 +215,5 @@ class WriteBack:
             log.exception("could not record %d completion(s); their attempts will be retried", len(batch))
             return
         for started, _ in batch:
-            self._on_recorded(started.id in recorded, started)
+            if started.id in recorded or not again:
+                self._on_recorded(started.id in recorded, started)

@@ -25,7 +25,10 @@ from .base import (
     StoreBase,
     _error_values,
 )
-from .hotpath import Prepared, prepared
+from .hotpath import Prepared, _HotPath, prepared
+
+#: A success to record: (command id, attempt, output).
+Completion = tuple[uuid.UUID, int, Any]
 
 
 class AttemptStatements(StoreBase):
@@ -152,21 +155,7 @@ class AttemptStatements(StoreBase):
         if not items:
             return set()
         if self._hot is not None:
-            # One fenced primary-key UPDATE per success, pipelined in one transaction: one
-            # round trip and one WAL flush, and no join for the planner to get wrong.
-            ordered = sorted(items, key=lambda item: item[0])
-            to_json, statement = self._to_json, self._hot_complete
-            firsts = self._hot.run_each(
-                False,
-                statement,
-                [
-                    statement.values({"p_id": cid, "p_attempt": attempt, "p_output": to_json(output)})
-                    for cid, attempt, output in ordered
-                ],
-            )
-            recorded = [(cid, first) for (cid, _, _), first in zip(ordered, firsts, strict=True) if first is not None]
-            self.settle_batches(first[0] for _, first in recorded)
-            return {cid for cid, _ in recorded}
+            return self._complete_soon(self._hot, items)()
         t = self.table
         if self.engine.dialect.name != "postgresql":
             done = {cid for cid, attempt, output in items if self.complete(cid, attempt, output, [])}
@@ -194,6 +183,37 @@ class AttemptStatements(StoreBase):
             rows = conn.execute(stmt).all()
         self.settle_batches(r.batch_id for r in rows)
         return {r.id for r in rows}
+
+    def complete_many_soon(self, items: Sequence[tuple[uuid.UUID, int, Any]]) -> Callable[[], set[uuid.UUID]]:
+        """:meth:`complete_many` sent without waiting for its commit: call the result for what it returns.
+
+        With PostgreSQL on psycopg the statements go out in one pipeline (one transaction,
+        one round trip) and the caller goes on while the database commits; the connection
+        serves nothing else until that answer is read. Elsewhere the write happens now.
+        """
+        if self._hot is None or not items:
+            written = self.complete_many(items)
+            return lambda: written
+        return self._complete_soon(self._hot, items)
+
+    def _complete_soon(self, hot: _HotPath, items: Sequence[Completion]) -> Callable[[], set[uuid.UUID]]:
+        # One fenced primary-key UPDATE per success, pipelined in one transaction: one
+        # round trip and one WAL flush, and no join for the planner to get wrong.
+        ordered = sorted(items, key=lambda item: item[0])
+        to_json, statement = self._to_json, self._hot_complete
+        each = [
+            statement.values({"p_id": cid, "p_attempt": attempt, "p_output": to_json(output)})
+            for cid, attempt, output in ordered
+        ]
+        sent = hot.send_each(False, statement, each)
+
+        def answer() -> set[uuid.UUID]:
+            firsts = sent.wait()
+            done = [(cid, first) for (cid, _, _), first in zip(ordered, firsts, strict=True) if first is not None]
+            self.settle_batches(first[0] for _, first in done)
+            return {cid for cid, _ in done}
+
+        return answer
 
     @functools.cached_property
     def _to_json(self) -> Callable[[Any], str]:

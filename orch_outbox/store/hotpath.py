@@ -114,6 +114,8 @@ class _Held:
     cursor: Any
     loader: Any
     prepared: set[bytes] = field(default_factory=set)
+    #: statements sent on it and not read yet: read before the connection is used again
+    inflight: InFlight | None = None
 
 
 #: SQLSTATEs after which a statement is prepared again and run once more: it no longer exists on the
@@ -153,12 +155,13 @@ def _sqlstate(result: Any) -> str | None:
 
 
 def _pipelined(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]]) -> list[Any]:
-    """Send one prepared statement per set of values and a single sync, then read every result.
+    """Send one prepared statement per set of values and a single sync, then read every result."""
+    _send_pipeline(pgconn, name, each)
+    return _read_pipeline(pgconn)
 
-    libpq's ``PQgetResult`` would wait holding the GIL: the socket is polled here instead,
-    so other threads of the process run while the database works. The first failed
-    result is kept in place of the aborted ones after it.
-    """
+
+def _send_pipeline(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]]) -> None:
+    """Send one prepared statement per set of values and a single sync (one implicit transaction), unread."""
     from psycopg import pq
 
     pgconn.enter_pipeline_mode()
@@ -166,6 +169,23 @@ def _pipelined(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]])
         for values in each:
             pgconn.send_query_prepared(name, values)
         pgconn.pipeline_sync()
+    except BaseException:
+        if pgconn.status == pq.ConnStatus.OK:
+            with contextlib.suppress(Exception):
+                pgconn.exit_pipeline_mode()
+        raise
+
+
+def _read_pipeline(pgconn: Any) -> list[Any]:
+    """Read the results of a pipeline sent by :func:`_send_pipeline`, up to its sync; leave pipeline mode.
+
+    libpq's ``PQgetResult`` would wait holding the GIL: the socket is polled here instead,
+    so other threads of the process run while the database works. The first failed
+    result is kept in place of the aborted ones after it.
+    """
+    from psycopg import pq
+
+    try:
         poller = select.poll()
         poller.register(pgconn.socket, select.POLLIN)
         results: list[Any] = []
@@ -184,6 +204,52 @@ def _pipelined(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]])
             pgconn.exit_pipeline_mode()
     failed = next((r for r in results if r.status == pq.ExecStatus.FATAL_ERROR), None)
     return results if failed is None else [failed]
+
+
+class InFlight:
+    """Statements sent in one pipeline and not read yet (:meth:`_HotPath.send_each`).
+
+    Its connection serves nothing else until it is read: :meth:`wait` reads it (on any
+    thread, once), and so does the next use of the connection on its own thread.
+    """
+
+    def __init__(self, hot: _HotPath, held: _Held, relaxed: bool, statement: Prepared, each: list[Any]) -> None:
+        self._hot, self._held, self._relaxed = hot, held, relaxed
+        self._statement, self._each = statement, each
+        self._lock = threading.Lock()
+        self._firsts: list[tuple[Any, ...] | None] | None = None
+        self._error: BaseException | None = None
+
+    def wait(self) -> list[tuple[Any, ...] | None]:
+        """Each statement's first row or None, as :meth:`_HotPath.run_each` returns them (reading them if needed)."""
+        with self._lock:
+            if self._firsts is None and self._error is None:
+                self._read()
+        if self._error is not None:
+            raise self._error
+        assert self._firsts is not None
+        return self._firsts
+
+    def _read(self) -> None:
+        import psycopg
+
+        held = self._held
+        held.inflight = None
+        try:
+            results = _read_pipeline(held.cursor.connection.pgconn)
+            failed = next((r for r in results if not _ok(r)), None)
+            if failed is not None and _sqlstate(failed) in _PREPARE_AGAIN:
+                _forget(held, self._statement.name)  # the statement went: sent again, and waited for, here
+                self._firsts = self._hot.run_each(self._relaxed, self._statement, self._each)
+                return
+            if failed is not None:
+                self._hot._check(self._relaxed, held, failed)
+            self._firsts = [rows[0] if rows else None for rows in (_rows(held, r) for r in results)]
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._hot._drop(held.cursor.connection)
+            self._error = StoreUnavailable(f"outbox database unavailable: {exc}")
+        except BaseException as exc:
+            self._error = exc
 
 
 #: Connections a forked child inherited from its parent's hot path: kept referenced, never
@@ -227,7 +293,7 @@ class _HotPath:
             try:
                 result = held.cursor.connection.pgconn.exec_prepared(statement.name, values)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-                self._drop(relaxed, held.cursor.connection)
+                self._drop(held.cursor.connection)
                 raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
             if result.status in _OK:
                 return _rows(held, result)
@@ -243,6 +309,24 @@ class _HotPath:
         pipeline with one sync at its end, which PostgreSQL runs as one implicit transaction: a failing
         statement rolls the others back); each one's first row or None."""
         return [rows[0] if rows else None for rows in self._send(relaxed, statement, each, True)]
+
+    def send_each(self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]]) -> InFlight:
+        """:meth:`run_each` without waiting: the statements are sent in one pipeline (one transaction) and the
+        caller goes on; :meth:`InFlight.wait` returns what ``run_each`` would have."""
+        import psycopg
+
+        held = self._held(relaxed)
+        pgconn = held.cursor.connection.pgconn
+        try:
+            if statement.name not in held.prepared:
+                self._check(relaxed, held, pgconn.prepare(statement.name, statement.sql, statement.types))
+                held.prepared.add(statement.name)
+            _send_pipeline(pgconn, statement.name, each)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self._drop(held.cursor.connection)
+            raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+        held.inflight = InFlight(self, held, relaxed, statement, list(each))
+        return held.inflight
 
     def _send(
         self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]], pipeline: bool
@@ -267,7 +351,7 @@ class _HotPath:
                     self._check(relaxed, held, failed)
                 _forget(held, statement.name)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self._drop(relaxed, held.cursor.connection)
+            self._drop(held.cursor.connection)
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
         return [_rows(held, result) for result in results]
 
@@ -284,7 +368,7 @@ class _HotPath:
             isinstance(error, (psycopg.OperationalError, psycopg.InterfaceError))
             or conn.pgconn.status != pq.ConnStatus.OK
         ):
-            self._drop(relaxed, conn)
+            self._drop(conn)
             raise StoreUnavailable(f"outbox database unavailable: {error}") from error
         raise error
 
@@ -297,7 +381,7 @@ class _HotPath:
             cursor.execute(sql, params, prepare=True)
             return list(cursor.fetchall())
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self._drop(relaxed, cursor.connection)
+            self._drop(cursor.connection)
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
 
     def _held(self, relaxed: bool) -> _Held:
@@ -306,6 +390,10 @@ class _HotPath:
             self._forget_inherited()
         key = (threading.get_ident(), relaxed)
         held = self._conns.get(key)
+        if held is not None and held.inflight is not None:  # statements sent earlier: read before it serves again
+            with contextlib.suppress(Exception):  # their sender learns of a failure from its own wait()
+                held.inflight.wait()
+            held = self._conns.get(key)
         if held is not None and not held.cursor.connection.closed:
             return held
         import psycopg
@@ -329,9 +417,11 @@ class _HotPath:
             self._conns[key] = held
         return held
 
-    def _drop(self, relaxed: bool, conn: Any) -> None:
+    def _drop(self, conn: Any) -> None:
+        """Forget and close a connection that failed (whichever thread noticed)."""
         with self._lock:
-            held = self._conns.pop((threading.get_ident(), relaxed), None)
+            keys = [k for k, v in self._conns.items() if v.cursor.connection is conn]
+            held = self._conns.pop(keys[0]) if keys else None
         with contextlib.suppress(Exception):
             (held.pooled if held is not None else conn).close()
 

@@ -31,9 +31,9 @@ def test_successes_go_through_the_write_back_and_are_flushed_at_shutdown(
     make_outbox: Callable[..., Outbox], pool: str
 ) -> None:
     """In a threads or solo worker every plain success is recorded through ``complete_many`` (by the write-back
-    thread), none through the one-row ``complete``. When the worker is stopped (warm shutdown) right after the
-    last handler returned, every success is recorded with its output, without any wait after the worker is
-    gone."""
+    thread; in solo, ``complete_many_soon`` by the handler's thread), none through the one-row ``complete``.
+    When the worker is stopped (warm shutdown) right after the last handler returned, every success is recorded
+    with its output, without any wait after the worker is gone."""
     outbox = make_outbox()
     target = unique_target("wb")
     ran: list[int] = []
@@ -48,17 +48,22 @@ def test_successes_go_through_the_write_back_and_are_flushed_at_shutdown(
     batched: list[int] = []
     single: list[Any] = []
     store = outbox.store
-    complete_many, complete = store.complete_many, store.complete
+    complete_many, complete, soon = store.complete_many, store.complete, store.complete_many_soon
 
     def counting_many(items: Any) -> set[Any]:
         batched.append(len(items))
         return complete_many(items)
+
+    def counting_soon(items: Any) -> Any:
+        batched.append(len(items))
+        return soon(items)
 
     def counting_single(*args: Any, **kwargs: Any) -> bool:
         single.append(args)
         return complete(*args, **kwargs)
 
     store.complete_many = counting_many  # type: ignore[method-assign]
+    store.complete_many_soon = counting_soon  # type: ignore[method-assign]
     store.complete = counting_single  # type: ignore[method-assign]
     ids = outbox.push_many(outbox.engine, [job.s(n) for n in range(60)])
     outbox.app.conf.broker_transport_options = {"polling_interval": 0.02}
@@ -205,8 +210,9 @@ def test_a_single_handler_process_writes_its_due_successes_on_its_own_thread(
     write_back.write_due()  # not due yet: nothing written
     assert outbox.get(first.id).status == "running"
     wait_until(lambda: time.monotonic() - write_back._since >= 0.05, 5, what="the hold to pass")
-    write_back.write_due()
-    assert (outbox.get(first.id).status, outbox.get(first.id).output) == ("completed", 1)  # written, on this thread
+    write_back.write_due()  # sent on this thread, without waiting for the commit
+    wait_until(lambda: outbox.get(first.id).status == "completed", 10, what="the success sent by write_due")
+    assert outbox.get(first.id).output == 1
     monkeypatch.setattr(writeback_mod, "IDLE_HOLDS", 2)
     write_back.submit(second, 2)
     wait_until(lambda: outbox.get(second.id).status == "completed", 10, what="the idle process's success")
