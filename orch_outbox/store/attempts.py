@@ -25,10 +25,13 @@ from .base import (
     StoreBase,
     _error_values,
 )
+from .grouped import Grouped
 from .hotpath import Prepared, _HotPath, prepared
 
 #: A success to record: (command id, attempt, output).
 Completion = tuple[uuid.UUID, int, Any]
+#: A start asked for: (command id, attempt, name, worker, lease).
+StartWanted = tuple[uuid.UUID, int, str, str, timedelta]
 
 
 class AttemptStatements(StoreBase):
@@ -38,10 +41,7 @@ class AttemptStatements(StoreBase):
         """Claim one attempt for a worker (dispatched → running); None if it is not this attempt's to run."""
         params = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker}
         if self._hot is not None:
-            statement = self._hot_start
-            given = {**params, "p_lease": timedelta(seconds=lease)}
-            rows = self._hot.run(self._relaxed is not None, statement, statement.values(given))
-            return Started(*rows[0]) if rows else None
+            return self._grouped_starts((command_id, attempt, name, worker, timedelta(seconds=lease)))
         with self._one(relaxed=True) as conn:
             row = conn.execute(self._start_stmt, {**params, **self._p_times(p_lease=lease)}).first()
         return Started(**row._mapping) if row else None
@@ -49,6 +49,32 @@ class AttemptStatements(StoreBase):
     @functools.cached_property
     def _hot_start(self) -> Prepared:
         return prepared(self.engine, self._start_stmt, f"{self.prefix}start", {"p_lease": timedelta})
+
+    @functools.cached_property
+    def _grouped_starts(self) -> Grouped[StartWanted, Started | None]:
+        """Starts of this process's handler threads: one alone goes at once; those that queue up while one is in
+        flight go next, in one round trip (see grouped.py)."""
+        return Grouped(self._start_one, self._start_many)
+
+    def _start_one(self, wanted: StartWanted) -> Started | None:
+        assert self._hot is not None
+        command_id, attempt, name, worker, lease = wanted
+        statement = self._hot_start
+        given = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker, "p_lease": lease}
+        rows = self._hot.run(self._relaxed is not None, statement, statement.values(given))
+        return Started(*rows[0]) if rows else None
+
+    def _start_many(self, wanted: Sequence[StartWanted]) -> list[Started | None]:
+        """Several starts in one round trip: the single start's statement once per attempt (each under its own
+        fence and primary-key plan), pipelined in one transaction."""
+        assert self._hot is not None
+        statement = self._hot_start
+        each = [
+            statement.values({"p_id": cid, "p_attempt": attempt, "p_name": name, "p_worker": worker, "p_lease": lease})
+            for cid, attempt, name, worker, lease in wanted
+        ]
+        firsts = self._hot.run_each(self._relaxed is not None, statement, each)
+        return [None if first is None else Started(*first) for first in firsts]
 
     @functools.cached_property
     def _hot_complete(self) -> Prepared:

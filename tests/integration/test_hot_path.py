@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -117,3 +118,25 @@ def test_a_statement_gone_from_the_session_is_prepared_again(make_outbox: Callab
     assert store.start(second, claimed[second], "job", "w", 60) is not None
     assert store.complete_many([(first, claimed[first], 1), (second, claimed[second], 2)]) == {first, second}
     assert [outbox.get(i).output for i in (first, second)] == [1, 2]
+
+
+def test_starts_grouped_in_one_round_trip_are_each_fenced(make_outbox: Callable[..., Outbox]) -> None:
+    """Guarantee 3 for the starts of a threads pool sent together: in one group, the attempt that holds its row
+    starts (under its own worker name); a duplicate of it, an attempt number that never held a row and a
+    canceled command start nothing; each caller gets its own answer, in order."""
+    outbox, (held, canceled), claimed = _claimed(make_outbox, "hp-group")
+    store = outbox.store
+    assert outbox.cancel(canceled)
+    lease = timedelta(seconds=90)
+    wanted = [
+        (held, claimed[held] + 1, "job", "w-stale", lease),
+        (held, claimed[held], "job", "w-one", lease),
+        (canceled, claimed[canceled], "job", "w-canceled", lease),
+        (held, claimed[held], "job", "w-again", lease),  # the same message delivered twice, in the same group
+    ]
+    answers = store._start_many(wanted)
+    assert [a is not None for a in answers] == [False, True, False, False]
+    assert answers[1] is not None and (answers[1].id, answers[1].input) == (held, {"n": 1})
+    row = outbox.get(held)
+    assert (row.status, row.worker) == ("running", "w-one")
+    assert outbox.get(canceled).status == "canceled"

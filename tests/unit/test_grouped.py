@@ -1,0 +1,97 @@
+"""Calls that arrive while one is in flight go next, together, and each caller gets its own answer."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from orch_outbox.store.grouped import Grouped
+
+WAIT = 10.0
+
+
+class Gate:
+    """``one``/``many`` that record their calls; the first call waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+        self.fail_many = False
+
+    def one(self, x: int) -> int:
+        self.calls.append([x])
+        self.entered.set()
+        assert self.gate.wait(WAIT)
+        return x * 10
+
+    def many(self, xs: Sequence[int]) -> list[int]:
+        self.calls.append(list(xs))
+        if self.fail_many:
+            raise ConnectionError("database away")
+        return [x * 10 for x in xs]
+
+
+def _wait_queued(grouped: Grouped[int, int], n: int) -> None:
+    """Wait (bounded) until ``n`` callers queue behind the call in flight."""
+    pause = threading.Event()
+    for _ in range(1000):
+        with grouped._lock:
+            if len(grouped._queue) == n:
+                return
+        pause.wait(0.01)
+    raise AssertionError(f"{n} callers never queued")
+
+
+def test_a_caller_alone_goes_at_once_and_those_queued_behind_it_go_next_as_one() -> None:
+    """Proves the grouping: a lone call runs by itself; three calls made while it is in flight run as one group
+    (one call of ``many``), and each caller gets the answer to its own input, not another's."""
+    gate = Gate()
+    grouped: Grouped[int, int] = Grouped(gate.one, gate.many)
+    answers: dict[int, int] = {}
+
+    def call(x: int) -> None:
+        answers[x] = grouped(x)
+
+    first = threading.Thread(target=call, args=(1,))
+    first.start()
+    assert gate.entered.wait(WAIT)
+    others = [threading.Thread(target=call, args=(x,)) for x in (2, 3, 4)]
+    for thread in others:
+        thread.start()
+    _wait_queued(grouped, 3)
+    gate.gate.set()
+    for thread in [first, *others]:
+        thread.join(WAIT)
+    assert gate.calls[0] == [1] and sorted(gate.calls[1]) == [2, 3, 4] and len(gate.calls) == 2
+    assert answers == {1: 10, 2: 20, 3: 30, 4: 40}
+    assert grouped(5) == 50 and gate.calls[-1] == [5]  # alone again: at once, by itself
+
+
+def test_a_failed_group_fails_each_of_its_callers_and_the_next_caller_still_goes() -> None:
+    """Proves a failure reaches every caller of the group that failed (each retries on its own), and leaves the
+    grouping usable: nobody is left waiting, and a later call runs."""
+    gate = Gate()
+    gate.fail_many = True
+    grouped: Grouped[int, int] = Grouped(gate.one, gate.many)
+    errors: list[BaseException] = []
+
+    def call(x: int) -> None:
+        try:
+            grouped(x)
+        except ConnectionError as exc:
+            errors.append(exc)
+
+    first = threading.Thread(target=call, args=(1,))
+    first.start()
+    assert gate.entered.wait(WAIT)
+    others = [threading.Thread(target=call, args=(x,)) for x in (2, 3)]
+    for thread in others:
+        thread.start()
+    _wait_queued(grouped, 2)
+    gate.gate.set()
+    for thread in [first, *others]:
+        thread.join(WAIT)
+        assert not thread.is_alive()
+    assert len(errors) == 2  # both callers of the failed group, and only they (the first one's call succeeded)
+    assert grouped(7) == 70
