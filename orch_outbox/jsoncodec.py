@@ -122,9 +122,15 @@ class Arguments(dict[str, JSON]):
     text: str
 
 
+#: JSON's own scalar types: a value of exactly the annotated one is returned as stored.
+_PLAIN = frozenset({str, int, float, bool})
+
+
 def decode(data: JSON, annotation: Any) -> Any:
     """Rebuild a typed value from JSON data, guided by a type annotation."""
     if annotation in (inspect.Parameter.empty, Any, None, object) or data is None:
+        return data
+    if type(data) is annotation and annotation in _PLAIN:  # a str for a str, an int for an int...: as stored
         return data
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -271,6 +277,10 @@ def decode_arguments(
     """Positional and keyword arguments for a handler, rebuilt from its stored input."""
     if not isinstance(data, Mapping):
         raise InvalidInput(f"stored input must be a JSON object of arguments, not {type(data).__name__}")
+    names = _names_of(signature)
+    if names is not None and len(names) == len(data) and all(name in data for name in names):
+        # every parameter required, positional-or-keyword, and given: positional, in order (as bind would have it)
+        return tuple(decode(data[name], hints.get(name, Any)) for name in names), {}
     arguments: dict[str, Any] = {}
     for name, value in data.items():
         param = signature.parameters.get(name)

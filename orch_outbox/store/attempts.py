@@ -69,12 +69,16 @@ class AttemptStatements(StoreBase):
         fence and primary-key plan), pipelined in one transaction."""
         assert self._hot is not None
         statement = self._hot_start
+        order = sorted(range(len(wanted)), key=lambda i: wanted[i][0])  # rows locked in one order by every process
         each = [
             statement.values({"p_id": cid, "p_attempt": attempt, "p_name": name, "p_worker": worker, "p_lease": lease})
-            for cid, attempt, name, worker, lease in wanted
+            for cid, attempt, name, worker, lease in (wanted[i] for i in order)
         ]
         firsts = self._hot.run_each(self._relaxed is not None, statement, each)
-        return [None if first is None else Started(*first) for first in firsts]
+        answers: list[Started | None] = [None] * len(wanted)
+        for i, first in zip(order, firsts, strict=True):
+            answers[i] = None if first is None else Started(*first)
+        return answers
 
     @functools.cached_property
     def _hot_complete(self) -> Prepared:

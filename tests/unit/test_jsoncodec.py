@@ -255,6 +255,22 @@ def test_arguments_not_matching_signature_refused(args: tuple[Any, ...], kwargs:
         encode_arguments(inspect.signature(two), args, kwargs)
 
 
+def test_a_plain_signature_is_rebuilt_positionally_and_typed() -> None:
+    """The common handler (every parameter required, positional-or-keyword) is called with every argument in
+    order and typed as before: an int stored for a float comes back a float, a dataclass a dataclass, an
+    unannotated value as stored; a stored input missing one of them still binds the general way."""
+
+    def plain(a: int, b: float, c: str, d: Email, e) -> None:  # type: ignore[no-untyped-def]
+        ...
+
+    sig, hints = inspect.signature(plain), typing.get_type_hints(plain)
+    email = Email("t", "s")
+    args, kwargs = decode_arguments(sig, hints, {"a": 1, "b": 2, "c": "x", "d": encode(email), "e": [1]})
+    assert args == (1, 2.0, "x", email, [1]) and kwargs == {}
+    assert type(args[1]) is float and isinstance(args[3], Email)
+    assert decode_arguments(sig, hints, {"a": 1, "c": "x"}) == ((1,), {"c": "x"})
+
+
 def test_decode_arguments_refuses_unknown_stored_parameter() -> None:
     """A hand-written row naming a parameter the handler lacks is refused (no blind **splat)."""
 
