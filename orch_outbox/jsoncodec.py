@@ -226,6 +226,20 @@ def _plain_parameters(signature: inspect.Signature) -> tuple[str, ...] | None:
     return tuple(names)
 
 
+#: :func:`_names_of` per signature object, looked up by identity (hashing a signature costs more than decoding).
+_BY_SIGNATURE: dict[int, tuple[inspect.Signature, tuple[str, ...] | None]] = {}
+
+
+def _plain_names(signature: inspect.Signature) -> tuple[str, ...] | None:
+    """:func:`_names_of` for a handler's signature, kept per signature object (a worker decodes per command)."""
+    entry = _BY_SIGNATURE.get(id(signature))
+    if entry is None or entry[0] is not signature:
+        entry = (signature, _names_of(signature))
+        if len(_BY_SIGNATURE) < 4096:  # bounded: a process has as many as it has handlers
+            _BY_SIGNATURE[id(signature)] = entry
+    return entry[1]
+
+
 def _names_of(signature: inspect.Signature) -> tuple[str, ...] | None:
     try:
         return _plain_parameters(signature)
@@ -277,7 +291,7 @@ def decode_arguments(
     """Positional and keyword arguments for a handler, rebuilt from its stored input."""
     if not isinstance(data, Mapping):
         raise InvalidInput(f"stored input must be a JSON object of arguments, not {type(data).__name__}")
-    names = _names_of(signature)
+    names = _plain_names(signature)
     if names is not None and len(names) == len(data) and all(name in data for name in names):
         # every parameter required, positional-or-keyword, and given: positional, in order (as bind would have it)
         return tuple(decode(data[name], hints.get(name, Any)) for name in names), {}

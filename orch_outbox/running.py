@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CommandCanceled, CommandTimeout, LeaseLost
+from .pid import current as current_pid
 
 log = logging.getLogger("orch_outbox.running")
 
@@ -46,6 +47,7 @@ class Deadlines:
         self._seq = 0
         self._finished = 0
         self._thread: threading.Thread | None = None
+        self._thread_pid = 0  # the process that started the thread
 
     def finished(self) -> None:
         """A guard ended before its deadline; compact the heap when such entries dominate it."""
@@ -61,9 +63,10 @@ class Deadlines:
         with self._cond:
             self._seq += 1
             heapq.heappush(self._heap, (at, self._seq, guard))
-            if self._thread is None or not self._thread.is_alive():
+            if self._thread_pid != current_pid():  # none yet in this process (a forked child starts without it)
                 self._thread = threading.Thread(target=self._run, name="orch-outbox-timeouts", daemon=True)
                 self._thread.start()
+                self._thread_pid = current_pid()
             if self._heap[0][1] == self._seq:  # the new deadline comes first: the thread must wake earlier
                 self._cond.notify()
             return self._seq
@@ -74,7 +77,10 @@ class Deadlines:
                 while not self._heap or self._heap[0][0] > time.monotonic():
                     self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
                 _, token, guard = heapq.heappop(self._heap)
-            guard.expire(token)
+            try:
+                guard.expire(token)
+            except Exception:  # never let the thread die: every handler's timeout in this process depends on it
+                log.exception("delivering a handler's timeout failed")
 
 
 DEADLINES = Deadlines()
@@ -201,6 +207,7 @@ class Running:
         self._lock = threading.Lock()
         self._entries: dict[str, Entry] = {}
         self._watcher: threading.Thread | None = None
+        self._watcher_pid = 0  # the process that started the watcher
         #: set in a prefork child (``worker_process_init``): only there may the watchdog end the process
         self.in_pool_child = False
 
@@ -208,9 +215,10 @@ class Running:
         key = f"{entry.command_id}:{entry.attempt}"
         with self._lock:
             self._entries[key] = entry
-            if self._watcher is None or not self._watcher.is_alive():
+            if self._watcher_pid != current_pid():  # none yet in this process (a forked child starts without it)
                 self._watcher = threading.Thread(target=self._watch, name="orch-outbox-leases", daemon=True)
                 self._watcher.start()
+                self._watcher_pid = current_pid()
         return key
 
     def remove(self, key: str) -> None:
