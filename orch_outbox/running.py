@@ -50,9 +50,15 @@ class Deadlines:
         self._thread_pid = 0  # the process that started the thread
 
     def finished(self) -> None:
-        """A guard ended before its deadline; compact the heap when such entries dominate it."""
+        """A guard ended before its deadline: drop the ended ones from the head of the heap (handlers mostly end in
+        the order they started, so the thread does not wake for them a timeout later), and compact the heap when
+        ended entries dominate it."""
         with self._cond:
             self._finished += 1
+            heap = self._heap
+            while heap and not heap[0][2].pending(heap[0][1]):
+                heapq.heappop(heap)
+                self._finished = max(self._finished - 1, 0)
             if self._finished > 1000 and self._finished * 2 > len(self._heap):
                 self._heap = [entry for entry in self._heap if entry[2].pending(entry[1])]
                 heapq.heapify(self._heap)
