@@ -12,7 +12,7 @@ the worker has run the N-th task. Both handlers do one Redis ``INCR`` (the bench
 procrastinate: the same no-op job, ``batch_defer`` in batches of 1 000, until every job is
 ``succeeded``; one ``procrastinate worker`` with the threads pool's concurrency.
 
-Each scenario runs ``sizes.rounds`` times, the two sides interleaved (ours, Celery, ours,
+Each scenario runs ``sizes.throughput_rounds`` times, the two sides interleaved (ours, Celery, ours,
 Celery, ...), and each side's best run counts: on a shared 2-core machine a run is only
 ever slowed down by what else happens to run, by 20 % or more, on either side.
 """
@@ -238,7 +238,7 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
         push_batch=PUSH_BATCH,
         relay="orch-outbox -A bench.app:outbox relay (ListeningRelay subprocess)",
         pools={p: c for p, c in POOLS},
-        rounds=f"{sizes.rounds}, interleaved; the best of each side",
+        rounds=f"{sizes.throughput_rounds}, interleaved; the best of each side",
     )
     rates: dict[str, float] = {}
     for broker in BROKERS:
@@ -248,7 +248,7 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
             for pool, conc in POOLS:
                 tag = f"tp-{broker}-{pool}"
                 runs: list[tuple[Timed, Timed]] = []
-                for i in range(sizes.rounds):
+                for i in range(sizes.throughput_rounds):
                     ours = outbox_run(run, bench, broker, pool, conc, n, warm, f"{tag}-o{i}")
                     runs.append((ours, celery_run(run, bench, broker, pool, conc, n, warm, f"{tag}-c{i}")))
                 ours = max((o for o, _ in runs), key=lambda t: t.rate)
