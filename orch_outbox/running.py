@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import heapq
 import logging
+import math
 import os
 import signal
 import threading
@@ -36,6 +37,8 @@ log = logging.getLogger("orch_outbox.running")
 
 #: Seconds between the lease renewals (and cancel checks) of one worker process.
 CANCEL_POLL_SECONDS = 1.0
+#: Longest the timeouts thread sleeps before it looks at the deadlines again (shorter ones wake it).
+LOOK_SECONDS = 1.0
 
 
 class Deadlines:
@@ -48,6 +51,7 @@ class Deadlines:
         self._finished = 0
         self._thread: threading.Thread | None = None
         self._thread_pid = 0  # the process that started the thread
+        self._wake_at = -math.inf  # when the thread wakes on its own (-inf: it is awake, or not started yet)
 
     def finished(self) -> None:
         """A guard ended before its deadline: drop the ended ones from the head of the heap (handlers mostly end in
@@ -73,7 +77,7 @@ class Deadlines:
                 self._thread = threading.Thread(target=self._run, name="orch-outbox-timeouts", daemon=True)
                 self._thread.start()
                 self._thread_pid = current_pid()
-            if self._heap[0][1] == self._seq:  # the new deadline comes first: the thread must wake earlier
+            if at < self._wake_at:  # the thread sleeps past this deadline: it must wake earlier
                 self._cond.notify()
             return self._seq
 
@@ -81,7 +85,12 @@ class Deadlines:
         while True:
             with self._cond:
                 while not self._heap or self._heap[0][0] > time.monotonic():
-                    self._cond.wait(None if not self._heap else self._heap[0][0] - time.monotonic())
+                    # Woken only by a deadline earlier than this one, not by every handler that starts (the
+                    # heap is often empty: ended handlers leave it), so it looks again at least once a second.
+                    look = time.monotonic() + LOOK_SECONDS
+                    self._wake_at = min(self._heap[0][0], look) if self._heap else look
+                    self._cond.wait(self._wake_at - time.monotonic())
+                self._wake_at = -math.inf  # awake: nobody needs to wake it
                 _, token, guard = heapq.heappop(self._heap)
             try:
                 guard.expire(token)

@@ -31,3 +31,23 @@ def test_a_timeout_still_fires_after_many_guards_ended() -> None:
     with pytest.raises(CommandTimeout), Guard(0.05):
         for _ in range(500):  # bounded: the timeout arrives within 5 s
             caught.wait(0.01)
+
+
+def test_handlers_that_start_do_not_wake_the_timeouts_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves the timeouts thread is woken only by a deadline earlier than the one it sleeps until: a hundred
+    handlers with the same timeout start and end without a single wake-up (each one woke it before, taking the
+    GIL from the handler's thread); a shorter timeout still fires (the next test)."""
+    with Guard(60.0):
+        pass
+    pause = threading.Event()
+    for _ in range(500):  # bounded: the thread is asleep, until its deadline, within 5 s
+        with DEADLINES._cond:
+            if DEADLINES._wake_at > 0:
+                break
+        pause.wait(0.01)
+    woken: list[int] = []
+    monkeypatch.setattr(DEADLINES._cond, "notify", lambda n=1: woken.append(n))
+    for _ in range(100):
+        with Guard(60.0):
+            pass
+    assert woken == []
