@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from orch_outbox.store.grouped import Grouped
 
@@ -43,6 +43,22 @@ def _wait_queued(grouped: Grouped[int, int], n: int) -> None:
     raise AssertionError(f"{n} callers never queued")
 
 
+def _one_in_flight_then_others(gate: Gate, grouped: Grouped[int, int], call: Callable[[int], None], n: int) -> None:
+    """``call(1)`` in flight (held at the gate), then ``call(2..n+1)`` queued behind it; the gate opened and every
+    caller finished (bounded)."""
+    first = threading.Thread(target=call, args=(1,))
+    first.start()
+    assert gate.entered.wait(WAIT)
+    others = [threading.Thread(target=call, args=(x,)) for x in range(2, n + 2)]
+    for thread in others:
+        thread.start()
+    _wait_queued(grouped, n)
+    gate.gate.set()
+    for thread in [first, *others]:
+        thread.join(WAIT)
+        assert not thread.is_alive()
+
+
 def test_a_caller_alone_goes_at_once_and_those_queued_behind_it_go_next_as_one() -> None:
     """Proves the grouping: a lone call runs by itself; three calls made while it is in flight run as one group
     (one call of ``many``), and each caller gets the answer to its own input, not another's."""
@@ -53,16 +69,7 @@ def test_a_caller_alone_goes_at_once_and_those_queued_behind_it_go_next_as_one()
     def call(x: int) -> None:
         answers[x] = grouped(x)
 
-    first = threading.Thread(target=call, args=(1,))
-    first.start()
-    assert gate.entered.wait(WAIT)
-    others = [threading.Thread(target=call, args=(x,)) for x in (2, 3, 4)]
-    for thread in others:
-        thread.start()
-    _wait_queued(grouped, 3)
-    gate.gate.set()
-    for thread in [first, *others]:
-        thread.join(WAIT)
+    _one_in_flight_then_others(gate, grouped, call, 3)
     assert gate.calls[0] == [1] and sorted(gate.calls[1]) == [2, 3, 4] and len(gate.calls) == 2
     assert answers == {1: 10, 2: 20, 3: 30, 4: 40}
     assert grouped(5) == 50 and gate.calls[-1] == [5]  # alone again: at once, by itself
@@ -82,16 +89,6 @@ def test_a_failed_group_fails_each_of_its_callers_and_the_next_caller_still_goes
         except ConnectionError as exc:
             errors.append(exc)
 
-    first = threading.Thread(target=call, args=(1,))
-    first.start()
-    assert gate.entered.wait(WAIT)
-    others = [threading.Thread(target=call, args=(x,)) for x in (2, 3)]
-    for thread in others:
-        thread.start()
-    _wait_queued(grouped, 2)
-    gate.gate.set()
-    for thread in [first, *others]:
-        thread.join(WAIT)
-        assert not thread.is_alive()
+    _one_in_flight_then_others(gate, grouped, call, 2)
     assert len(errors) == 2  # both callers of the failed group, and only they (the first one's call succeeded)
     assert grouped(7) == 70
