@@ -3,7 +3,7 @@
 A worker's threads pool runs many handlers in one process, and each attempt starts with a
 fenced round trip to the database. While one thread waits for its start, the others that
 arrive queue up; when its answer comes, the first of them sends every queued start in one
-statement and one round trip. A thread alone (a prefork child, a quiet worker) runs its own
+round trip. A thread alone (a prefork child, a quiet worker) runs its own
 call at once, as if nothing stood between it and the database.
 """
 
@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
+
+from ..pid import current as current_pid
 
 In = TypeVar("In")
 Out = TypeVar("Out")
@@ -39,11 +41,18 @@ class Grouped(Generic[In, Out]):
 
     def __init__(self, one: Callable[[In], Out], many: Callable[[Sequence[In]], Sequence[Out]]) -> None:
         self._one, self._many = one, many
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """No call in flight, none queued (also in a forked child: its parent's callers are not its own)."""
+        self._pid = current_pid()
         self._lock = threading.Lock()
         self._queue: list[_Waiter[In, Out]] = []
         self._busy = False
 
     def __call__(self, given: In) -> Out:
+        if self._pid != current_pid():
+            self._fresh()
         waiter: _Waiter[In, Out] = _Waiter(given)
         with self._lock:
             self._queue.append(waiter)

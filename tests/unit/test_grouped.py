@@ -92,3 +92,29 @@ def test_a_failed_group_fails_each_of_its_callers_and_the_next_caller_still_goes
     _one_in_flight_then_others(gate, grouped, call, 2)
     assert len(errors) == 2  # both callers of the failed group, and only they (the first one's call succeeded)
     assert grouped(7) == 70
+
+
+def test_a_forked_child_starts_with_no_call_in_flight() -> None:
+    """Proves a process forked while a call was in flight in its parent does not wait for it: the child's first
+    call runs at once (its parent's callers are not its own)."""
+    import os
+
+    gate = Gate()
+    grouped: Grouped[int, int] = Grouped(gate.one, gate.many)
+    first = threading.Thread(target=grouped, args=(1,))
+    first.start()
+    assert gate.entered.wait(WAIT)  # the parent's call is in flight, held at the gate
+    pid = os.fork()
+    if pid == 0:  # the child: its call must not queue behind the parent's (bounded: WAIT seconds)
+        gate.gate.set()
+        answer: list[int] = []
+        child = threading.Thread(target=lambda: answer.append(grouped(5)), daemon=True)
+        child.start()
+        child.join(WAIT)
+        os._exit(0 if answer == [50] else 1)
+    try:
+        _, status = os.waitpid(pid, 0)
+    finally:
+        gate.gate.set()
+        first.join(WAIT)
+    assert os.waitstatus_to_exitcode(status) == 0
