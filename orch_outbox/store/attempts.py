@@ -56,25 +56,23 @@ class AttemptStatements(StoreBase):
         flight go next, in one round trip (see grouped.py)."""
         return Grouped(self._start_one, self._start_many)
 
+    def _start_values(self, wanted: StartWanted) -> list[bytes | None]:
+        command_id, attempt, name, worker, lease = wanted
+        given = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker, "p_lease": lease}
+        return self._hot_start.values(given)
+
     def _start_one(self, wanted: StartWanted) -> Started | None:
         assert self._hot is not None
-        command_id, attempt, name, worker, lease = wanted
-        statement = self._hot_start
-        given = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker, "p_lease": lease}
-        rows = self._hot.run(self._relaxed is not None, statement, statement.values(given))
+        rows = self._hot.run(self._relaxed is not None, self._hot_start, self._start_values(wanted))
         return Started(*rows[0]) if rows else None
 
     def _start_many(self, wanted: Sequence[StartWanted]) -> list[Started | None]:
         """Several starts in one round trip: the single start's statement once per attempt (each under its own
         fence and primary-key plan), pipelined in one transaction."""
         assert self._hot is not None
-        statement = self._hot_start
         order = sorted(range(len(wanted)), key=lambda i: wanted[i][0])  # rows locked in one order by every process
-        each = [
-            statement.values({"p_id": cid, "p_attempt": attempt, "p_name": name, "p_worker": worker, "p_lease": lease})
-            for cid, attempt, name, worker, lease in (wanted[i] for i in order)
-        ]
-        firsts = self._hot.run_each(self._relaxed is not None, statement, each)
+        each = [self._start_values(wanted[i]) for i in order]
+        firsts = self._hot.run_each(self._relaxed is not None, self._hot_start, each)
         answers: list[Started | None] = [None] * len(wanted)
         for i, first in zip(order, firsts, strict=True):
             answers[i] = None if first is None else Started(*first)
@@ -214,7 +212,7 @@ class AttemptStatements(StoreBase):
         self.settle_batches(r.batch_id for r in rows)
         return {r.id for r in rows}
 
-    def complete_many_soon(self, items: Sequence[tuple[uuid.UUID, int, Any]]) -> Callable[[], set[uuid.UUID]]:
+    def complete_many_soon(self, items: Sequence[Completion]) -> Callable[[], set[uuid.UUID]]:
         """:meth:`complete_many` sent without waiting for its commit: call the result for what it returns.
 
         With PostgreSQL on psycopg the statements go out in one pipeline (one transaction,

@@ -243,7 +243,7 @@ class InFlight:
                 self._firsts = self._hot.run_each(self._relaxed, self._statement, self._each)
                 return
             if failed is not None:
-                self._hot._check(self._relaxed, held, failed)
+                self._hot._check(held, failed)
             self._firsts = [rows[0] if rows else None for rows in (_rows(held, r) for r in results)]
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._hot._drop(held.cursor.connection)
@@ -298,7 +298,7 @@ class _HotPath:
             if result.status in _OK:
                 return _rows(held, result)
             if _sqlstate(result) not in _PREPARE_AGAIN:
-                self._check(relaxed, held, result)
+                self._check(held, result)
             _forget(held, statement.name)  # gone from the session, or stale: prepared again below
         return self._send(relaxed, statement, [values], False)[0]
 
@@ -319,7 +319,7 @@ class _HotPath:
         pgconn = held.cursor.connection.pgconn
         try:
             if statement.name not in held.prepared:
-                self._check(relaxed, held, pgconn.prepare(statement.name, statement.sql, statement.types))
+                self._check(held, pgconn.prepare(statement.name, statement.sql, statement.types))
                 held.prepared.add(statement.name)
             _send_pipeline(pgconn, statement.name, each)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
@@ -338,7 +338,7 @@ class _HotPath:
         try:
             for again in (True, False):
                 if statement.name not in held.prepared:
-                    self._check(relaxed, held, pgconn.prepare(statement.name, statement.sql, statement.types))
+                    self._check(held, pgconn.prepare(statement.name, statement.sql, statement.types))
                     held.prepared.add(statement.name)
                 if pipeline:
                     results = _pipelined(pgconn, statement.name, each)
@@ -348,14 +348,14 @@ class _HotPath:
                 if failed is None:
                     break
                 if not again or _sqlstate(failed) not in _PREPARE_AGAIN:
-                    self._check(relaxed, held, failed)
+                    self._check(held, failed)
                 _forget(held, statement.name)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._drop(held.cursor.connection)
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
         return [_rows(held, result) for result in results]
 
-    def _check(self, relaxed: bool, held: _Held, result: Any) -> None:
+    def _check(self, held: _Held, result: Any) -> None:
         """Raise the error a failed libpq call reported (a lost connection as :class:`StoreUnavailable`)."""
         import psycopg
         from psycopg import pq

@@ -216,3 +216,42 @@ def test_a_single_handler_process_writes_its_due_successes_on_its_own_thread(
     monkeypatch.setattr(writeback_mod, "IDLE_HOLDS", 2)
     write_back.submit(second, 2)
     wait_until(lambda: outbox.get(second.id).status == "completed", 10, what="the idle process's success")
+
+
+def test_a_sent_batch_whose_answer_is_lost_is_written_again_fenced(
+    make_outbox: Callable[..., Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves the promise of a durable outcome for successes sent without waiting (prefork, solo): when the answer
+    of a sent batch is lost with its connection, the batch is written again with the same fence, so the row is
+    completed with its output, once, and nothing is reported as fenced."""
+    monkeypatch.setattr(writeback_mod, "WRITE_BACK_HOLD", 0.0)
+    monkeypatch.setattr(writeback_mod, "IDLE_HOLDS", 1000)
+    outbox = make_outbox()
+
+    @outbox.command(target=unique_target("wb-lost"))
+    def job(n: int) -> int:
+        return n
+
+    started = _started(outbox, job, 7)
+    store = outbox.store
+    real_soon = store.complete_many_soon
+
+    def answer_lost(items: Any) -> Any:
+        real_soon(items)()  # the batch did reach the database and commit...
+
+        def lost() -> set[Any]:  # ...but its answer went with the connection
+            raise StoreUnavailable("outbox database unavailable: connection lost")
+
+        return lost
+
+    store.complete_many_soon = answer_lost  # type: ignore[method-assign]
+    executor = outbox.executor
+    executor.start_write_back(one_handler_thread=True)
+    write_back = executor.write_back
+    assert write_back is not None
+    write_back.submit(started, 7)
+    write_back.write_due()
+    assert executor.flush(10)
+    row = outbox.get(started.id)
+    assert (row.status, row.output) == ("completed", 7)
+    assert executor.dropped["fenced"] == 0
