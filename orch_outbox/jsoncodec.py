@@ -194,12 +194,12 @@ def _decode_scalar(data: JSON, annotation: type) -> Any:
 
 def encode_arguments(signature: inspect.Signature, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, JSON]:
     """Bind a call to a handler's signature and encode it as a JSON object, one key per parameter."""
-    return _encode_bound(signature, _names_of(signature), args, kwargs)
+    return _encode_bound(signature, _plain_names(signature), args, kwargs)
 
 
 def argument_encoder(signature: inspect.Signature) -> Callable[[tuple[Any, ...], dict[str, Any]], Arguments]:
     """:func:`encode_arguments` for one signature, with the signature's analysis done once (bulk pushes)."""
-    names = _names_of(signature)
+    names = _plain_names(signature)
     return lambda args, kwargs: _encode_bound(signature, names, args, kwargs)
 
 
@@ -231,7 +231,8 @@ _BY_SIGNATURE: dict[int, tuple[inspect.Signature, tuple[str, ...] | None]] = {}
 
 
 def _plain_names(signature: inspect.Signature) -> tuple[str, ...] | None:
-    """:func:`_names_of` for a handler's signature, kept per signature object (a worker decodes per command)."""
+    """:func:`_names_of` for a handler's signature, kept per signature object (a worker decodes per command, a
+    caller encodes per push)."""
     entry = _BY_SIGNATURE.get(id(signature))
     if entry is None or entry[0] is not signature:
         entry = (signature, _names_of(signature))

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import StoreUnavailable, UnknownCommand
 from .flow import Limit, Plan
-from .messages import Messages
+from .messages import Messages, coalesced_writes
 from .store import Dispatch, ErrorInfo
 from .telemetry import OFF, Telemetry
 
@@ -165,7 +165,7 @@ class Relay:
             # AMQP it publishes at once). Until then a message is as unconfirmed as one awaiting a confirm.
             deferred = confirms is None and producer.supports_batch_publish
             checked: dict[tuple[str, str], tuple[str, ErrorInfo] | None] = {}
-            with producer.batch(max(len(batch), 1)):
+            with producer.batch(max(len(batch), 1)), coalesced_writes(producer.connection):
                 for item in batch:
                     refusal = self._refusal(item, checked)
                     if refusal is None:

@@ -7,6 +7,7 @@ message only says *which attempt* to run; the input comes from the database row.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import typing
@@ -194,6 +195,8 @@ class Handler:
 
 #: Attribute holding a plain Celery task's own ``run`` once the outbox adopted the task.
 ORIGINAL_RUN = "_orch_outbox_run"
+#: Attribute holding a plain Celery task's :class:`Handler` (a signature per push or per command costs).
+_HANDLER = "_orch_outbox_handler"
 
 
 def handler_of(task: Any) -> Handler:
@@ -201,11 +204,17 @@ def handler_of(task: Any) -> Handler:
     if isinstance(task, OutboxTask):
         return Handler(task.run, task.handler_signature, task.handler_hints)
     run = getattr(task, ORIGINAL_RUN, None) or task.run
+    known = getattr(task, _HANDLER, None)
+    if known is not None and known.run == run:  # its signature and hints worked out once per task (per run)
+        return known  # type: ignore[no-any-return]
     try:
         hints = typing.get_type_hints(run)
     except Exception:
         hints = {}
-    return Handler(run, inspect.signature(run), hints)
+    handler = Handler(run, inspect.signature(run), hints)
+    with contextlib.suppress(AttributeError, TypeError):  # a task object that takes no attributes: worked out each time
+        setattr(task, _HANDLER, handler)
+    return handler
 
 
 def adopt(task: Any, execute: Callable[[Any, Any], Any]) -> bool:

@@ -30,6 +30,9 @@ from .hotpath import Prepared, _HotPath, prepared
 
 #: A success to record: (command id, attempt, output).
 Completion = tuple[uuid.UUID, int, Any]
+#: The connection every start of a process goes on: the grouped starts send one call at a time, so one connection
+#: serves all the handler threads, and its server process stays busy instead of one per thread waking for a few.
+START_LANE = "start"
 #: A start asked for: (command id, attempt, name, worker, lease).
 StartWanted = tuple[uuid.UUID, int, str, str, timedelta]
 
@@ -63,7 +66,7 @@ class AttemptStatements(StoreBase):
 
     def _start_one(self, wanted: StartWanted) -> Started | None:
         assert self._hot is not None
-        rows = self._hot.run(self._relaxed is not None, self._hot_start, self._start_values(wanted))
+        rows = self._hot.run(self._relaxed is not None, self._hot_start, self._start_values(wanted), START_LANE)
         return Started(*rows[0]) if rows else None
 
     def _start_many(self, wanted: Sequence[StartWanted]) -> list[Started | None]:
@@ -72,7 +75,7 @@ class AttemptStatements(StoreBase):
         assert self._hot is not None
         order = sorted(range(len(wanted)), key=lambda i: wanted[i][0])  # rows locked in one order by every process
         each = [self._start_values(wanted[i]) for i in order]
-        firsts = self._hot.run_each(self._relaxed is not None, self._hot_start, each)
+        firsts = self._hot.run_each(self._relaxed is not None, self._hot_start, each, START_LANE)
         answers: list[Started | None] = [None] * len(wanted)
         for i, first in zip(order, firsts, strict=True):
             answers[i] = None if first is None else Started(*first)

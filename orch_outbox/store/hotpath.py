@@ -276,7 +276,7 @@ class _HotPath:
     def __init__(self, engine: sa.Engine) -> None:
         self._engine = engine
         self._lock = threading.Lock()
-        self._conns: dict[tuple[int, bool], _Held] = {}  # (thread, relaxed) -> its connection
+        self._conns: dict[tuple[int | str, bool], _Held] = {}  # (thread or lane, relaxed) -> its connection
         self._pid = current_pid()
 
     def compile(self, engine: sa.Engine, stmt: sa.Update) -> tuple[str, dict[str, Any]]:
@@ -284,9 +284,11 @@ class _HotPath:
         compiled = stmt.compile(dialect=engine.dialect)
         return compiled.string, {k: v for k, v in compiled.params.items() if not k.startswith("p_")}
 
-    def run(self, relaxed: bool, statement: Prepared, values: Sequence[bytes | None]) -> list[tuple[Any, ...]]:
-        """Run a prepared statement in autocommit on this thread's connection; its rows."""
-        held = self._held(relaxed)
+    def run(
+        self, relaxed: bool, statement: Prepared, values: Sequence[bytes | None], lane: str | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Run a prepared statement in autocommit on this thread's connection (or ``lane``'s); its rows."""
+        held = self._held(relaxed, lane)
         if statement.name in held.prepared:  # the common case, straight through (a worker runs it per command)
             import psycopg
 
@@ -300,15 +302,15 @@ class _HotPath:
             if _sqlstate(result) not in _PREPARE_AGAIN:
                 self._check(held, result)
             _forget(held, statement.name)  # gone from the session, or stale: prepared again below
-        return self._send(relaxed, statement, [values], False)[0]
+        return self._send(relaxed, statement, [values], False, lane)[0]
 
     def run_each(
-        self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]]
+        self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]], lane: str | None = None
     ) -> list[tuple[Any, ...] | None]:
         """Run a prepared statement once per set of values in ONE transaction and one round trip (a libpq
         pipeline with one sync at its end, which PostgreSQL runs as one implicit transaction: a failing
         statement rolls the others back); each one's first row or None."""
-        return [rows[0] if rows else None for rows in self._send(relaxed, statement, each, True)]
+        return [rows[0] if rows else None for rows in self._send(relaxed, statement, each, True, lane)]
 
     def send_each(self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]]) -> InFlight:
         """:meth:`run_each` without waiting: the statements are sent in one pipeline (one transaction) and the
@@ -329,11 +331,16 @@ class _HotPath:
         return held.inflight
 
     def _send(
-        self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]], pipeline: bool
+        self,
+        relaxed: bool,
+        statement: Prepared,
+        each: Sequence[Sequence[bytes | None]],
+        pipeline: bool,
+        lane: str | None = None,
     ) -> list[list[tuple[Any, ...]]]:
         import psycopg
 
-        held = self._held(relaxed)
+        held = self._held(relaxed, lane)
         pgconn = held.cursor.connection.pgconn
         try:
             for again in (True, False):
@@ -384,11 +391,13 @@ class _HotPath:
             self._drop(cursor.connection)
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
 
-    def _held(self, relaxed: bool) -> _Held:
-        """This thread's connection for ``relaxed`` (kept: a new one per statement costs)."""
+    def _held(self, relaxed: bool, lane: str | None = None) -> _Held:
+        """This thread's connection for ``relaxed`` (kept: a new one per statement costs), or the process's
+        connection of ``lane``: one for every thread, whose callers take turns (a caller that serializes them,
+        such as the grouped starts, sends at most one call at a time)."""
         if current_pid() != self._pid:
             self._forget_inherited()
-        key = (threading.get_ident(), relaxed)
+        key: tuple[int | str, bool] = (threading.get_ident() if lane is None else lane, relaxed)
         held = self._conns.get(key)
         if held is not None and held.inflight is not None:  # statements sent earlier: read before it serves again
             with contextlib.suppress(Exception):  # their sender learns of a failure from its own wait()
@@ -427,7 +436,7 @@ class _HotPath:
 
     def _close_dead_threads(self) -> None:
         alive = {t.ident for t in threading.enumerate()}
-        for key in [k for k in self._conns if k[0] not in alive]:
+        for key in [k for k in self._conns if isinstance(k[0], int) and k[0] not in alive]:
             with contextlib.suppress(Exception):
                 self._conns.pop(key).pooled.close()
 

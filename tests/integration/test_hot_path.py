@@ -9,6 +9,7 @@ outbox in a schema of its own).
 from __future__ import annotations
 
 import secrets
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -20,6 +21,7 @@ from sqlalchemy import event
 
 from orch_outbox import Outbox
 from orch_outbox.store import make_engine
+from orch_outbox.store.attempts import START_LANE
 
 from conftest import PG_URL
 
@@ -111,9 +113,9 @@ def test_a_statement_gone_from_the_session_is_prepared_again(make_outbox: Callab
     the write-back after it records both outcomes."""
     outbox, (first, second), claimed = _claimed(make_outbox, "hp-reset")
     store = outbox.store
-    assert store.start(first, claimed[first], "job", "w", 60) is not None  # prepared on this thread's connection
-    for relaxed in (False, True):
-        held = store._hot._held(relaxed)
+    assert store.start(first, claimed[first], "job", "w", 60) is not None  # prepared on the starts' connection
+    relaxed = store._relaxed is not None
+    for held in (store._hot._held(False), store._hot._held(relaxed, START_LANE)):
         held.cursor.connection.pgconn.exec_(b"DEALLOCATE ALL")
     assert store.start(second, claimed[second], "job", "w", 60) is not None
     assert store.complete_many([(first, claimed[first], 1), (second, claimed[second], 2)]) == {first, second}
@@ -140,3 +142,39 @@ def test_starts_grouped_in_one_round_trip_are_each_fenced(make_outbox: Callable[
     row = outbox.get(held)
     assert (row.status, row.worker) == ("running", "w-one")
     assert outbox.get(canceled).status == "canceled"
+
+
+def test_the_starts_of_a_process_share_one_connection(make_outbox: Callable[..., Outbox]) -> None:
+    """Proves a threads pool does not hold a database connection per handler thread for its starts: four
+    threads, alive together, each start an attempt, and the database sees one session that ran the start
+    statement (each attempt still started, under its own worker name)."""
+    outbox = make_outbox()
+    assert outbox.store._hot is not None, "this outbox must use the hot path"
+
+    @outbox.command(target="hp-lane")
+    def job(n: int) -> int:
+        return n
+
+    ids = [job.push(outbox.engine, n) for n in range(4)]
+    claimed = {d.id: d.attempt for d in outbox.store.claim(10, 60)}
+    started: dict[uuid.UUID, bool] = {}
+    all_started = threading.Barrier(len(ids))
+
+    def start(command_id: uuid.UUID, worker: str) -> None:
+        started[command_id] = outbox.store.start(command_id, claimed[command_id], "job", worker, 60) is not None
+        all_started.wait(10)  # every thread still alive when the sessions are counted below
+
+    threads = [threading.Thread(target=start, args=(i, f"w{n}")) for n, i in enumerate(ids)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert started == dict.fromkeys(ids, True)
+    assert sorted(outbox.get(i).worker or "" for i in ids) == ["w0", "w1", "w2", "w3"]
+    table = outbox.store.table.name
+    with outbox.engine.connect() as conn:
+        sessions = conn.execute(
+            sa.text("SELECT count(*) FROM pg_stat_activity WHERE query LIKE :start"),
+            {"start": f"UPDATE {table} SET status=%started_at%"},
+        ).scalar_one()
+    assert sessions == 1
