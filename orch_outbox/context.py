@@ -64,11 +64,14 @@ class CommandContext:
 
 def current() -> CommandContext:
     """The command the calling handler is executing; raises outside a handler."""
-    ctx: CommandContext | None = getattr(_local, "ctx", None)
+    ctx: CommandContext | Callable[[], CommandContext] | None = getattr(_local, "ctx", None)
     if ctx is None:
         raise OutboxError("orch_outbox.current() is only available inside a command handler")
+    if not isinstance(ctx, CommandContext):  # made on first use: most handlers never ask
+        ctx = _local.ctx = ctx()
     return ctx
 
 
-def _set(ctx: CommandContext | None) -> None:
+def _set(ctx: CommandContext | Callable[[], CommandContext] | None) -> None:
+    """The calling thread's command from now on: a context, or what makes it when a handler first asks."""
     _local.ctx = ctx

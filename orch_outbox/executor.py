@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import threading
 import time
@@ -207,18 +208,7 @@ class Executor:
 
     def _run(self, task: Any, started: Started) -> Any:
         guard = Guard(started.timeout)
-        _set(
-            CommandContext(
-                started.id,
-                started.name,
-                started.target,
-                started.attempt,
-                started.retries,
-                started.retries_left,
-                _heartbeat=lambda seconds: self._heartbeat(started, guard, seconds),
-                _cancel_requested=lambda: self.store.cancel_requested(started.id, started.attempt),
-            )
-        )
+        _set(functools.partial(self._context, started, guard))  # made if the handler asks (most never do)
         handler = handler_of(task)
         try:
             args, kwargs = decode_arguments(handler.signature, handler.hints, started.input)
@@ -272,6 +262,19 @@ class Executor:
             self._end_failed(task, started, "failure", final, info, True, _seconds(error.when))
         self._end_failed(task, started, "failure", error, error_of(error), celery_meaning.retries_errors(task))
 
+    def _context(self, started: Started, guard: Guard) -> CommandContext:
+        """What ``orch_outbox.current()`` returns to the handler of ``started``."""
+        return CommandContext(
+            started.id,
+            started.name,
+            started.target,
+            started.attempt,
+            started.retries,
+            started.retries_left,
+            _heartbeat=lambda seconds: self._heartbeat(started, guard, seconds),
+            _cancel_requested=lambda: self.store.cancel_requested(started.id, started.attempt),
+        )
+
     def _heartbeat(self, started: Started, guard: Guard, seconds: float | None) -> None:
         extend = started.timeout if seconds is None else seconds
         if isinstance(extend, bool) or not isinstance(extend, (int, float)) or not 0 < extend <= 7 * 24 * 3600:
@@ -292,11 +295,12 @@ class Executor:
 
     def _succeeded(self, task: Any, started: Started, result: Any) -> Any:
         try:
-            output = encode(result, f"output of {task.name}")
-            check_size(output, self.settings.max_input_bytes, f"output of {task.name}")
-            children = Plan.of(
-                self._chained_rows(task.name, "then", Outcome(started.id, task.name, started.input, result))
-            )
+            where = f"output of {task.name}"
+            output = encode(result, where)
+            check_size(output, self.settings.max_input_bytes, where)
+            hooks = getattr(task, "outbox_hooks", None)  # a plain task has none
+            outcome = Outcome(started.id, task.name, started.input, result) if hooks and hooks.then else None
+            children = Plan() if outcome is None else Plan.of(self._chained_rows(task.name, "then", outcome))
             if started.chain:  # the next step of a durable chain, with this output as its first argument
                 children.extend(next_in_chain(started.chain, output, started.id, started.tenant))
         except Exception as exc:  # a bad output or a failing hook fails the attempt: no parent without children
@@ -401,7 +405,7 @@ def parse_header(header: Any) -> tuple[uuid.UUID, int, float] | None:
     """(command id, attempt, timeout) of a message's ``outbox`` header, or None if it is not one."""
     try:
         raw_id, attempt, timeout = header[:3]
-        fence = (uuid.UUID(str(raw_id)), int(attempt), float(timeout))
+        fence = (uuid.UUID(raw_id if type(raw_id) is str else str(raw_id)), int(attempt), float(timeout))
     except (TypeError, ValueError):
         return None
     return fence if fence[1] >= 1 and fence[2] > 0 else None

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import ctypes
-import heapq
 import logging
 import math
 import os
@@ -42,60 +41,72 @@ LOOK_SECONDS = 1.0
 
 
 class Deadlines:
-    """One thread per process fires every handler timeout (a Timer thread per attempt costs too much)."""
+    """One thread per process fires every handler timeout (a Timer thread per attempt costs too much).
+
+    A guard that starts or ends only sets or drops its own entry (no lock: a dict's item
+    assignment is atomic), so the handlers of a threads pool do not queue on a shared lock
+    for each command. The thread sleeps until the earliest deadline it knows of, at most
+    ``LOOK_SECONDS``, then looks at every live guard; a guard whose deadline falls before
+    that wakes it (rare: a timeout shorter than a second, or a heartbeat's shorter extension).
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Guard]] = []
-        self._seq = 0
-        self._finished = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._live: dict[Guard, None] = {}
         self._thread: threading.Thread | None = None
         self._thread_pid = 0  # the process that started the thread
-        self._wake_at = -math.inf  # when the thread wakes on its own (-inf: it is awake, or not started yet)
+        #: when the thread wakes on its own; inf while it looks (then every new deadline pokes it)
+        self._wake_at = math.inf
+        self._poked = False  # a deadline arrived while the thread looked: it looks again before it sleeps
 
-    def finished(self) -> None:
-        """A guard ended before its deadline: drop the ended ones from the head of the heap (handlers mostly end in
-        the order they started, so the thread does not wake for them a timeout later), and compact the heap when
-        ended entries dominate it."""
-        with self._cond:
-            self._finished += 1
-            heap = self._heap
-            while heap and not heap[0][2].pending(heap[0][1]):
-                heapq.heappop(heap)
-                self._finished = max(self._finished - 1, 0)
-            if self._finished > 1000 and self._finished * 2 > len(self._heap):
-                self._heap = [entry for entry in self._heap if entry[2].pending(entry[1])]
-                heapq.heapify(self._heap)
-                self._finished = 0
-
-    def schedule(self, guard: Guard, at: float) -> int:
-        """Fire ``guard`` at monotonic time ``at``; returns a token (a later schedule supersedes it)."""
-        with self._cond:
-            self._seq += 1
-            heapq.heappush(self._heap, (at, self._seq, guard))
-            if self._thread_pid != current_pid():  # none yet in this process (a forked child starts without it)
-                self._thread = threading.Thread(target=self._run, name="orch-outbox-timeouts", daemon=True)
-                self._thread.start()
-                self._thread_pid = current_pid()
-            if at < self._wake_at:  # the thread sleeps past this deadline: it must wake earlier
+    def schedule(self, guard: Guard, at: float) -> None:
+        """Watch ``guard``, due at monotonic time ``at`` (its ``deadline``); again after an extension."""
+        self._live[guard] = None
+        if self._thread_pid != current_pid():  # none yet in this process (a forked child starts without it)
+            with self._cond:
+                if self._thread_pid != current_pid():
+                    self._live = {guard: None}  # the parent's guards are not this process's
+                    self._wake_at = math.inf
+                    self._thread = threading.Thread(target=self._run, name="orch-outbox-timeouts", daemon=True)
+                    self._thread.start()
+                    self._thread_pid = current_pid()
+        if at < self._wake_at:  # the thread sleeps past this deadline (or is looking): it must look again
+            with self._cond:
+                self._poked = True
                 self._cond.notify()
-            return self._seq
+
+    def finished(self, guard: Guard) -> None:
+        """A guard ended: no longer watched."""
+        self._live.pop(guard, None)
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._heap or self._heap[0][0] > time.monotonic():
-                    # Woken only by a deadline earlier than this one, not by every handler that starts (the
-                    # heap is often empty: ended handlers leave it), so it looks again at least once a second.
-                    look = time.monotonic() + LOOK_SECONDS
-                    self._wake_at = min(self._heap[0][0], look) if self._heap else look
-                    self._cond.wait(self._wake_at - time.monotonic())
-                self._wake_at = -math.inf  # awake: nobody needs to wake it
-                _, token, guard = heapq.heappop(self._heap)
+                self._poked = False
+                self._wake_at = math.inf
+            nearest = self._fire_due()
+            with self._cond:
+                if self._poked:
+                    continue
+                self._wake_at = nearest
+                left = nearest - time.monotonic()
+                if left > 0:
+                    self._cond.wait(left)
+
+    def _fire_due(self) -> float:
+        """Interrupt every live guard past its deadline; the next deadline (``LOOK_SECONDS`` from now at most)."""
+        now = time.monotonic()
+        nearest = now + LOOK_SECONDS
+        for guard in list(self._live):
+            deadline = guard.deadline
+            if deadline > now:
+                nearest = min(nearest, deadline)
+                continue
             try:
-                guard.expire(token)
+                guard.expire(now)
             except Exception:  # never let the thread die: every handler's timeout in this process depends on it
                 log.exception("delivering a handler's timeout failed")
+        return nearest
 
 
 DEADLINES = Deadlines()
@@ -117,7 +128,6 @@ class Guard:
         self._lock = threading.Lock()
         self._active = False
         self._seconds = seconds
-        self._token = 0
         #: monotonic time the handler's timeout falls due (moved by heartbeats)
         self.deadline = self.started + seconds
 
@@ -125,7 +135,7 @@ class Guard:
         with self._lock:
             self._active = True
             self.deadline = time.monotonic() + self._seconds
-            self._token = DEADLINES.schedule(self, self.deadline)
+        DEADLINES.schedule(self, self.deadline)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -133,22 +143,21 @@ class Guard:
             self._active = False
             if self.fired:  # clear an exception not yet delivered: the handler already returned
                 _async_raise(self.thread_id, None)
-        DEADLINES.finished()
-
-    def pending(self, token: int) -> bool:
-        """Whether the deadline scheduled as ``token`` still matters."""
-        return self._active and token == self._token
+        DEADLINES.finished(self)
 
     def extend(self, seconds: float) -> None:
         """Move the timeout to ``seconds`` from now."""
         with self._lock:
-            if self._active and not self.fired:
-                self.deadline = time.monotonic() + seconds
-                self._token = DEADLINES.schedule(self, self.deadline)
+            if not self._active or self.fired:
+                return
+            self.deadline = time.monotonic() + seconds
+        DEADLINES.schedule(self, self.deadline)
 
-    def expire(self, token: int) -> None:
-        """The deadline scheduled as ``token`` passed (ignored if superseded or finished)."""
-        if token == self._token:
+    def expire(self, now: float) -> None:
+        """The timeouts thread's look at ``now``: the timeout, if the deadline passed (an extension moves it)."""
+        with self._lock:
+            due = self._active and not self.fired and self.deadline <= now
+        if due:
             self.interrupt(CommandTimeout)
 
     def interrupt(self, kind: type[BaseException]) -> bool:
@@ -228,22 +237,21 @@ class Running:
 
     def add(self, entry: Entry) -> str:
         key = f"{entry.command_id}:{entry.attempt}"
-        with self._lock:
-            self._entries[key] = entry
-            if self._watcher_pid != current_pid():  # none yet in this process (a forked child starts without it)
-                self._watcher = threading.Thread(target=self._watch, name="orch-outbox-leases", daemon=True)
-                self._watcher.start()
-                self._watcher_pid = current_pid()
+        self._entries[key] = entry  # atomic: the handlers of a threads pool do not queue on a lock per command
+        if self._watcher_pid != current_pid():  # none yet in this process (a forked child starts without it)
+            with self._lock:
+                if self._watcher_pid != current_pid():
+                    self._watcher = threading.Thread(target=self._watch, name="orch-outbox-leases", daemon=True)
+                    self._watcher.start()
+                    self._watcher_pid = current_pid()
         return key
 
     def remove(self, key: str) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
+        self._entries.pop(key, None)
 
     def interrupt(self, task_id: str) -> bool:
         """Cancel the attempt ``"<id>:<attempt>"``, or any attempt of the command ``"<id>"``, running here."""
-        with self._lock:
-            entries = [e for k, e in self._entries.items() if k == task_id or k.split(":", 1)[0] == task_id]
+        entries = [e for k, e in self._running() if k == task_id or k.split(":", 1)[0] == task_id]
         return any([e.guard.interrupt(CommandCanceled) for e in entries])
 
     def _watch(self) -> None:
@@ -257,8 +265,7 @@ class Running:
     def check_once(self) -> None:
         """Renew the leases of attempts older than a poll interval; interrupt canceled or lost ones; stop stuck ones."""
         now = time.monotonic()
-        with self._lock:
-            old = [e for e in self._entries.values() if now - e.guard.started >= CANCEL_POLL_SECONDS]
+        old = [e for _, e in self._running() if now - e.guard.started >= CANCEL_POLL_SECONDS]
         by_store: dict[Any, list[Entry]] = {}
         for entry in old:
             by_store.setdefault(entry.renew, []).append(entry)
@@ -281,8 +288,11 @@ class Running:
                     self._end_child(e)
 
     def _still(self, entry: Entry) -> bool:
-        with self._lock:
-            return entry in self._entries.values()
+        return any(e is entry for _, e in self._running())
+
+    def _running(self) -> list[tuple[str, Entry]]:
+        """The entries now (copied in one step: handlers add and remove theirs without a lock)."""
+        return list(self._entries.items())
 
     def _end_child(self, entry: Entry) -> None:
         log.error(

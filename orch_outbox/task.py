@@ -195,23 +195,26 @@ class Handler:
 
 #: Attribute holding a plain Celery task's own ``run`` once the outbox adopted the task.
 ORIGINAL_RUN = "_orch_outbox_run"
-#: Attribute holding a plain Celery task's :class:`Handler` (a signature per push or per command costs).
+#: Attribute holding a task's :class:`Handler` (working a signature out per push or per command costs).
 _HANDLER = "_orch_outbox_handler"
 
 
 def handler_of(task: Any) -> Handler:
-    """The handler of an outbox command, or of a plain Celery task pushed through the outbox."""
-    if isinstance(task, OutboxTask):
-        return Handler(task.run, task.handler_signature, task.handler_hints)
-    run = getattr(task, ORIGINAL_RUN, None) or task.run
+    """The handler of an outbox command, or of a plain Celery task pushed through the outbox (worked out once per
+    task, and again when its ``run`` is replaced)."""
+    command = isinstance(task, OutboxTask)
+    run = task.run if command else getattr(task, ORIGINAL_RUN, None) or task.run
     known = getattr(task, _HANDLER, None)
-    if known is not None and known.run == run:  # its signature and hints worked out once per task (per run)
+    if known is not None and known.run == run:
         return known  # type: ignore[no-any-return]
-    try:
-        hints = typing.get_type_hints(run)
-    except Exception:
-        hints = {}
-    handler = Handler(run, inspect.signature(run), hints)
+    if command:
+        handler = Handler(run, task.handler_signature, task.handler_hints)
+    else:
+        try:
+            hints = typing.get_type_hints(run)
+        except Exception:
+            hints = {}
+        handler = Handler(run, inspect.signature(run), hints)
     with contextlib.suppress(AttributeError, TypeError):  # a task object that takes no attributes: worked out each time
         setattr(task, _HANDLER, handler)
     return handler
