@@ -6,6 +6,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import OutboxError
 
@@ -60,6 +61,27 @@ class CommandContext:
     def is_retry(self) -> bool:
         """True when an earlier attempt of this command failed."""
         return self.retries_left < self.retries
+
+
+def context_of(
+    started: Any,
+    heartbeat: Callable[[float | None], None],
+    cancel_requested: Callable[[], bool],
+    stop: threading.Event | None = None,
+) -> CommandContext:
+    """The context of an attempt as a worker started it (``store.Started``: its id, name, target, attempt and
+    retries), with what its ``heartbeat()`` and ``cancel_requested()`` call."""
+    return CommandContext(
+        started.id,
+        started.name,
+        started.target,
+        started.attempt,
+        started.retries,
+        started.retries_left,
+        _heartbeat=heartbeat,
+        _cancel_requested=cancel_requested,
+        _stop=stop,
+    )
 
 
 def current() -> CommandContext:

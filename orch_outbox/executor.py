@@ -31,7 +31,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 
 from . import celery_meaning
 from .canvas import Plan, next_in_chain
-from .context import CommandContext, _set
+from .context import CommandContext, _set, context_of
 from .errors import CommandCanceled, CommandTimeout, InvalidOption, LeaseLost, StoreUnavailable
 from .jsoncodec import check_size, decode_arguments, encode
 from .pid import current as current_pid
@@ -264,15 +264,10 @@ class Executor:
 
     def _context(self, started: Started, guard: Guard) -> CommandContext:
         """What ``orch_outbox.current()`` returns to the handler of ``started``."""
-        return CommandContext(
-            started.id,
-            started.name,
-            started.target,
-            started.attempt,
-            started.retries,
-            started.retries_left,
-            _heartbeat=lambda seconds: self._heartbeat(started, guard, seconds),
-            _cancel_requested=lambda: self.store.cancel_requested(started.id, started.attempt),
+        return context_of(
+            started,
+            lambda seconds: self._heartbeat(started, guard, seconds),
+            lambda: self.store.cancel_requested(started.id, started.attempt),
         )
 
     def _heartbeat(self, started: Started, guard: Guard, seconds: float | None) -> None:

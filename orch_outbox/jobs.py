@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .context import CommandContext, _set
+from .context import CommandContext, _set, context_of
 from .errors import CommandCanceled, LeaseLost, StoreUnavailable, WorkerLeaving
 from .executor import ChainedRows, attempt_of, error_of
 from .jsoncodec import decode_arguments, encode
@@ -236,16 +236,8 @@ class JobRunner:
                 guard.interrupt(CommandCanceled)
                 raise CommandCanceled(f"job {started.id} was stopped")
 
-        return CommandContext(
-            started.id,
-            started.name,
-            started.target,
-            started.attempt,
-            started.retries,
-            started.retries_left,
-            _heartbeat=heartbeat,
-            _cancel_requested=lambda: self.store.cancel_requested(started.id, started.attempt),
-            _stop=guard.stopped,
+        return context_of(
+            started, heartbeat, lambda: self.store.cancel_requested(started.id, started.attempt), guard.stopped
         )
 
     def _renew(self, attempts: list[tuple[uuid.UUID, int]]) -> dict[tuple[uuid.UUID, int], bool]:
