@@ -65,7 +65,6 @@ class Deadlines:
         if self._thread_pid != current_pid():  # none yet in this process (a forked child starts without it)
             with self._cond:
                 if self._thread_pid != current_pid():
-                    self._live = {guard: None}  # the parent's guards are not this process's
                     self._wake_at = math.inf
                     self._thread = threading.Thread(target=self._run, name="orch-outbox-timeouts", daemon=True)
                     self._thread.start()
