@@ -31,7 +31,7 @@ from .hotpath import Prepared, _HotPath, prepared
 #: A success to record: (command id, attempt, output).
 Completion = tuple[uuid.UUID, int, Any]
 #: The connection every start of a process goes on: the grouped starts send one call at a time, so one connection
-#: serves all the handler threads, and its server process stays busy instead of one per thread waking for a few.
+#: serves all the handler threads (a threads pool holds one session for its starts, not one per thread).
 START_LANE = "start"
 #: A start asked for: (command id, attempt, name, worker, lease).
 StartWanted = tuple[uuid.UUID, int, str, str, timedelta]
