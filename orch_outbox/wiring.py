@@ -95,6 +95,8 @@ class Wiring(OutboxParts):
         problem = self.database_problem()
         if problem:
             raise SystemExit(f"orch_outbox: {problem}")
+        url = self.engine.url.render_as_string(hide_password=True)
+        log.info("outbox database ready: %s (tables %s*)", url, self.settings.table_prefix)
 
     def database_problem(self) -> str | None:
         """One line saying why the outbox database cannot serve (unreachable, tables missing), or None."""

@@ -61,7 +61,10 @@ def test_failover_loses_no_acknowledged_push_and_records_each_outcome_once(pair:
         project.migrate()
         argv = worker_argv(project.queue, project.node, "threads", 4)
         project.wait_for(project.spawn("worker", argv, ready_text=" ready.").ready, "the worker to be ready")
-        project.spawn("beat", beat_argv())
+        # The kill waits for beat's start-up check of the database: a beat that cannot reach it at start refuses to
+        # run (tests/unit/test_operator_hygiene.py), which is not what this test is about.
+        beat = project.spawn("beat", beat_argv(), ready_text="outbox database ready")
+        project.wait_for(beat.ready, "beat to pass its start-up check")
 
         pusher = Outbox(Celery("ha-pusher", broker="memory://", set_as_current=False), pair.url, table_prefix=prefix)
 
