@@ -1,8 +1,8 @@
 """Section ``flow``: the cost of a claim under flow control, beside the plain claim, on 10 000 due rows.
 
 Each outbox gets 10 000 due rows; one claim of a relay batch (200 rows) is timed, its rows
-handed back to pending (``Store.undispatch``), and again, ``CLAIMS`` times after a warm-up;
-the median is reported. Side by side:
+handed back to pending (``Store.undispatch``), and again, ``CLAIMS`` times after a warm-up,
+the outboxes taking turns claim by claim; the median is reported. Side by side:
 
 - the plain claim (no limits, no tenants): the one statement the relay runs by default;
 - limits configured (a target concurrency, a target rate and a command concurrency, none of
@@ -54,20 +54,33 @@ def fill(outbox: Outbox, tenants: int) -> None:
     common.pg_exec(f"ANALYZE {outbox.store.table.name}")
 
 
-def claim_ms(outbox: Outbox) -> float:
-    """Median milliseconds of one claim of BATCH rows (each claimed batch handed back after)."""
-    s, plan = outbox.settings, outbox.relay.plan()
-    times = []
+def claim_once(outbox: Outbox) -> float:
+    """Milliseconds of one claim of BATCH rows (the batch handed back to pending after)."""
+    s = outbox.settings
+    plan = outbox.relay.plan()
+    t0 = time.perf_counter()
+    batch = outbox.store.claim(BATCH, s.dispatch_timeout, s.max_in_flight, plan=plan)
+    elapsed = time.perf_counter() - t0
+    if len(batch) != BATCH:
+        raise common.BenchError(f"a claim took {len(batch)} rows, expected {BATCH}")
+    outbox.store.undispatch(batch)
+    return elapsed * 1000
+
+
+def claims_ms(outboxes: dict[str, Outbox]) -> dict[str, float]:
+    """Median milliseconds of one claim per outbox, the outboxes taking turns claim by claim.
+
+    Taking turns, every scenario meets the same moments of the machine (a 2-core machine
+    shared with its servers drifts by 50 % or more between one run and the next), so the
+    ratios compare like with like.
+    """
+    times: dict[str, list[float]] = {name: [] for name in outboxes}
     for i in range(CLAIMS + 3):
-        t0 = time.perf_counter()
-        batch = outbox.store.claim(BATCH, s.dispatch_timeout, s.max_in_flight, plan=plan)
-        elapsed = time.perf_counter() - t0
-        if len(batch) != BATCH:
-            raise common.BenchError(f"a claim took {len(batch)} rows, expected {BATCH}")
-        outbox.store.undispatch(batch)
-        if i >= 3:
-            times.append(elapsed * 1000)
-    return statistics.median(times)
+        for name, outbox in outboxes.items():
+            elapsed = claim_once(outbox)
+            if i >= 3:
+                times[name].append(elapsed)
+    return {name: statistics.median(spent) for name, spent in times.items()}
 
 
 def run_section(run: Run, sizes: Sizes, section: Section) -> None:
@@ -81,15 +94,16 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
         "tenants": ({}, 50),
         "tenant_limits": ({"limits": {"tenant:*": {"concurrency": 10_000}}}, 50),
     }
-    figures: dict[str, float] = {}
-    for name, (settings, tenants) in scenarios.items():
-        outbox = outbox_with(run, name, **settings)
-        try:
-            fill(outbox, tenants)
-            figures[name] = claim_ms(outbox)
-        finally:
+    outboxes: dict[str, Outbox] = {}
+    try:
+        for name, (settings, tenants) in scenarios.items():
+            outboxes[name] = outbox_with(run, name, **settings)
+            fill(outboxes[name], tenants)
+        figures = claims_ms(outboxes)
+    finally:
+        for outbox in outboxes.values():
             common.drop_outbox(outbox)
-    section.setup.update(rows=ROWS, batch=BATCH, claims=f"{CLAIMS}, median", tenants=50)
+    section.setup.update(rows=ROWS, batch=BATCH, claims=f"{CLAIMS}, median, the scenarios in turns", tenants=50)
     plain = figures["plain"]
     section.metrics += [
         common.Metric("claim, no limits, no tenants", plain, None, "ms"),

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -60,6 +60,14 @@ class LimitState:
     due: int
     #: True when the key has no room now: its due commands wait on it
     held: bool
+
+
+class _Route(NamedTuple):
+    """What the limits of a row depend on (see ``Plan.keys_of``)."""
+
+    target: str
+    name: str
+    tenant: str | None
 
 
 class FlowStatements(StoreBase):
@@ -123,8 +131,8 @@ class FlowStatements(StoreBase):
                 ]
                 order = {c.id: i for i, c in enumerate(taken)}
             claimed = [r for r in rows if r.status == Status.DISPATCHED]
-            if order is None:
-                claimed.sort(key=lambda r: (-r.priority, r.id))  # as the plain claim: within a priority, oldest first
+            if order is None:  # as the plain claim: within a priority, oldest first (compared as ints: UUID's own
+                claimed.sort(key=lambda r: (-r.priority, r.id.int))  # comparison is Python code)
             else:
                 claimed.sort(key=lambda r: order[r.id])
             self._spend(conn, plan, buckets, claimed, now)
@@ -335,10 +343,11 @@ class FlowStatements(StoreBase):
         spent: dict[str, int] = {}
         if not any(lim.per_second is not None for lim in plan.limits):
             return
-        for row in claimed:
-            for key in plan.keys_of(row):
+        # The keys of a row follow from its target, name and tenant: worked out once per combination, not per row.
+        for route, n in Counter(_Route(row.target, row.name, row.tenant) for row in claimed).items():
+            for key in plan.keys_of(route):
                 if plan.limit_of(key).per_second is not None:
-                    spent[key] = spent.get(key, 0) + 1
+                    spent[key] = spent.get(key, 0) + n
         if not spent:
             return
         values = [

@@ -174,6 +174,29 @@ def test_claim_finds_the_rows_it_locked_by_address_when_statistics_lag(
     assert f"Tid Scan on {store.table.name}" in plan, plan
 
 
+@pytest.mark.parametrize("claim", ["plain", "max-in-flight", "flow"])
+def test_claim_finds_the_rows_it_locked_by_address_on_a_freshly_analysed_table(
+    make_outbox: Callable[..., Outbox], claim: str
+) -> None:
+    """Proves the claim's UPDATE reaches each locked row directly (a TID scan) on a small, freshly analysed table of
+    pending rows, where joining the locked rows to the table by address let the planner prefer reading the whole
+    table into a hash (4 ms of a 7 ms claim of 200 among 10 000 rows)."""
+    outbox = make_outbox()
+    store = outbox.store
+    _fill(outbox, "pending", rows=10_000)
+    with store.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(f"ANALYZE {store.table.name}")
+    if claim == "flow":
+        sql, constants = store._hot_flow_claim
+        extra: dict[str, Any] = {"p_out_targets": ["held"], "p_out_commands": [], "p_out_tenants": []}
+    else:
+        sql, constants = store._hot_claim_capped if claim == "max-in-flight" else store._hot_claim
+        extra = {"p_cap": 1000} if claim == "max-in-flight" else {}
+    plan = _plan(outbox, sql, {**constants, **extra, "p_limit": 200, "p_lease": timedelta(seconds=10)})
+    assert f"Tid Scan on {store.table.name}" in plan, plan
+    assert f"Seq Scan on {store.table.name}" not in plan, plan
+
+
 def test_a_completed_row_leaves_every_index_but_the_key_and_finished_at(
     make_outbox: Callable[..., Outbox],
 ) -> None:
