@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -27,17 +26,14 @@ from typing import Any, NamedTuple
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from ..flow import EACH_TENANT, Candidate, Plan, admit, fair_order, fresh_room
+from ..flow import EACH_TENANT, Plan, admit, fair_order, fresh_room
 from ..schema import UTCDateTime, limits_table
 from ..states import Status
-from .base import Dispatch, StoreBase
+from .base import Dispatch
+from .fair import FairCandidates
 from .hotpath import _CLAIMED
 
-#: Most tenants one claim visits (the next claim continues after the last one visited).
-TENANTS_PER_CLAIM = 100
 IN_FLIGHT = (Status.DISPATCHED, Status.RUNNING)
-#: Seconds claims keep taking tenants in turns after one met a command with a tenant.
-TENANTS_MEMORY = 60.0
 
 
 @dataclass
@@ -70,13 +66,8 @@ class _Route(NamedTuple):
     tenant: str | None
 
 
-class FlowStatements(StoreBase):
+class FlowStatements(FairCandidates):
     """The claim under flow control, and what the limits hold back."""
-
-    #: the tenant the last fair claim ended on (the next one starts after it)
-    _fair_cursor: str = ""
-    #: until this monotonic time, claims take tenants in turns (a claim lately saw commands with a tenant)
-    _tenants_until: float = 0.0
 
     @functools.cached_property
     def limits(self) -> sa.Table:
@@ -85,14 +76,6 @@ class FlowStatements(StoreBase):
     @functools.cached_property
     def _lock_key(self) -> int:
         return zlib.crc32(f"orch_outbox:{self.prefix}:claim".encode()) - 2**31
-
-    def tenants_lately(self) -> bool:
-        """True while claims have lately met commands with a tenant (only then do tenants take turns)."""
-        return time.monotonic() < self._tenants_until
-
-    def saw_tenants(self) -> None:
-        """A claim met commands with a tenant: the next claims, for a while, take tenants in turns."""
-        self._tenants_until = time.monotonic() + TENANTS_MEMORY
 
     def claim_flow(
         self,
@@ -121,14 +104,13 @@ class FlowStatements(StoreBase):
                 rows = self._claim_left_out(conn, {**self._left_out(plan, blocked), **times, "p_limit": limit})
                 order = None
             else:
-                candidates = self._candidates(conn, plan, limit, blocked, fair)
+                params = {**self._left_out(plan, blocked), **self._p_times()}
+                candidates = self._candidates(conn, params, self._left_out_where(), limit, fair)
                 ordered = fair_order(candidates) if fair else candidates
                 taken = admit(ordered, plan, room, limit, counts.dispatched, max_in_flight)
                 if not taken:
                     return [], []
-                rows = [
-                    _CLAIMED(*r) for r in conn.execute(self._flow_update, {"p_ids": [c.id for c in taken], **times})
-                ]
+                rows = self._claim_taken(conn, {"p_ids": [c.id for c in taken], **times})
                 order = {c.id: i for i, c in enumerate(taken)}
             claimed = [r for r in rows if r.status == Status.DISPATCHED]
             if order is None:  # as the plain claim: within a priority, oldest first (compared as ints: UUID's own
@@ -234,6 +216,20 @@ class FlowStatements(StoreBase):
             .cte("locked")
         )
         return self._claim_locked(locked)
+
+    def _claim_taken(self, conn: sa.Connection, params: dict[str, Any]) -> list[Any]:
+        """Claim the rows admitted (``p_ids``); on psycopg on the hot path's connection, as the one-statement claim."""
+        if self._hot is not None:
+            sql, constants = self._hot_flow_update
+            return [
+                _CLAIMED(*r) for r in self._hot.execute_all(self._relaxed is not None, sql, {**params, **constants})
+            ]
+        return [_CLAIMED(*r) for r in conn.execute(self._flow_update, params)]
+
+    @functools.cached_property
+    def _hot_flow_update(self) -> tuple[str, dict[str, Any]]:
+        assert self._hot is not None
+        return self._hot.compile(self.engine, self._flow_update)
 
     @functools.cached_property
     def _flow_update(self) -> sa.Update:
@@ -367,90 +363,6 @@ class FlowStatements(StoreBase):
             index_elements=[b.c.key],
             set_={"tokens": upsert.excluded.tokens, "updated_at": upsert.excluded.updated_at},
         )
-
-    # -- the candidates --------------------------------------------------------------------
-
-    def _candidates(
-        self, conn: sa.Connection, plan: Plan, limit: int, blocked: set[str], fair: bool
-    ) -> list[Candidate]:
-        """Due rows of the keys with room: in claim order, or (fair) those without a tenant and a share of each
-        tenant visited."""
-        t = self.table
-        params = {**self._left_out(plan, blocked), **self._p_times()}
-        where = self._left_out_where()
-        columns = (t.c.id, t.c.target, t.c.name, t.c.tenant, t.c.priority, t.c.scheduled_at)
-        order = (t.c.priority.desc(), t.c.scheduled_at)
-        if not fair:
-            stmt = sa.select(*columns).where(*where).order_by(*order).limit(limit * 2)
-            return [Candidate(*r) for r in conn.execute(stmt, params)]
-        held = set(params["p_out_tenants"])
-        tenants = [name for name in self._due_tenants(conn) if name not in held]
-        plain = sa.select(*columns).where(*where, t.c.tenant.is_(None)).order_by(*order).limit(limit)
-        found = [Candidate(*r) for r in conn.execute(plain, params)]
-        if not tenants:
-            return found
-        self.saw_tenants()
-        share = max(4, math.ceil(2 * limit / (len(tenants) + 1)))
-        rows = self._tenant_rows(conn, columns, where, params, tenants, share)
-        found.extend(rows)
-        # A tenant that filled its share may have more; with few rows found, fetch deeper into those.
-        each = Counter(r.tenant for r in rows)
-        full = [name for name in tenants if each[name] >= share]
-        if full and len(found) < 2 * limit and share < limit:
-            deeper = min(limit, max(2 * share, math.ceil(2 * limit / len(full))))
-            seen = {r.id for r in rows}
-            more = self._tenant_rows(conn, columns, where, params, full, deeper)
-            found.extend(r for r in more if r.id not in seen)
-        return found
-
-    def _tenant_rows(
-        self,
-        conn: sa.Connection,
-        columns: tuple[Any, ...],
-        where: list[Any],
-        params: dict[str, Any],
-        tenants: list[str],
-        share: int,
-    ) -> list[Candidate]:
-        """Up to ``share`` due rows of each tenant, in claim order (a lateral join per tenant on PostgreSQL)."""
-        t = self.table
-        order = (t.c.priority.desc(), t.c.scheduled_at)
-        if conn.dialect.name == "postgresql":
-            names = sa.values(sa.column("tenant", sa.String()), name="visited").data([(n,) for n in tenants])
-            rows = (
-                sa.select(*columns)
-                .where(*where, t.c.tenant == names.c.tenant)
-                .order_by(*order)
-                .limit(share)
-                .lateral("rows")
-            )
-            stmt = sa.select(*(rows.c[c.name] for c in columns)).select_from(names).join(rows, sa.true())
-        else:
-            turn = sa.func.row_number().over(partition_by=t.c.tenant, order_by=order).label("turn")
-            ranked = sa.select(*columns, turn).where(*where, t.c.tenant.in_(tenants)).subquery()
-            stmt = sa.select(*(ranked.c[c.name] for c in columns)).where(ranked.c.turn <= share)
-        return [Candidate(*r) for r in conn.execute(stmt, params)]
-
-    def _due_tenants(self, conn: sa.Connection) -> list[str]:
-        """Tenants with pending rows after the one the last claim ended on (wrapping round), a claim's worth at most."""
-        first = self._tenant_scan(conn, self._fair_cursor, TENANTS_PER_CLAIM)
-        if len(first) < TENANTS_PER_CLAIM and self._fair_cursor:
-            first += [n for n in self._tenant_scan(conn, "", TENANTS_PER_CLAIM - len(first)) if n not in first]
-        self._fair_cursor = first[-1] if len(first) >= TENANTS_PER_CLAIM else ""
-        return first
-
-    def _tenant_scan(self, conn: sa.Connection, after: str, most: int) -> list[str]:
-        """A skip scan of the due-by-tenant index: each step seeks the next tenant with a pending row."""
-        table = self.table.name
-        scope = "status = 'pending' AND kind IS NULL AND tenant IS NOT NULL"
-        sql = sa.text(
-            f"WITH RECURSIVE seen(tenant, n) AS ("
-            f"SELECT (SELECT min(tenant) FROM {table} WHERE {scope} AND tenant > :after), 1 "
-            f"UNION ALL SELECT (SELECT min(tenant) FROM {table} WHERE {scope} AND tenant > seen.tenant), n + 1 "
-            f"FROM seen WHERE seen.tenant IS NOT NULL AND n < :most) "
-            f"SELECT tenant FROM seen WHERE tenant IS NOT NULL"
-        )
-        return [r[0] for r in conn.execute(sql, {"after": after, "most": most})]
 
     # -- what the limits hold back ----------------------------------------------------------
 
