@@ -4,11 +4,12 @@ On PostgreSQL each claim first takes a session advisory lock of this outbox on a
 autocommit connection (released before the connection goes back to its pool), so the
 claims of several relays under flow control follow one another and each one's counts,
 read in a statement after the lock, include every claim committed before it: a limit
-holds across the cluster, not per process. On SQLite the claim is one transaction. Then: what is in flight per
-limited key, the rate buckets, the tenants with due rows (a skip scan of an index over
-pending rows with a tenant, continuing after the tenant the last claim ended on), a few
-due rows of each, the admission in Python, one UPDATE of the rows taken (re-checking
-that they are still pending), and the buckets written back.
+holds across the cluster, not per process. On SQLite the claim is one transaction. Then:
+what is in flight per limited key, the rate buckets, the tenants with due rows (a skip
+scan of an index over pending rows with a tenant, continuing after the tenant the last
+claim ended on), a few due rows of each (those candidates are read in ``fair.py``), the
+admission in Python, one UPDATE of the rows taken (re-checking that they are still
+pending), and the buckets written back.
 """
 
 from __future__ import annotations
