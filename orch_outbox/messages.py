@@ -237,13 +237,19 @@ def coalesced_writes(connection: Any) -> Iterator[None]:
             flush()
         return read_frame(*args, **kwargs)
 
-    transport._write, transport.read_frame = hold, read_after_flush
+    patched = {"_write": hold, "read_frame": read_after_flush}
+    own = {name: vars(transport)[name] for name in patched if name in vars(transport)}  # set on the instance before
+    for name, replacement in patched.items():
+        setattr(transport, name, replacement)
     try:
         yield
     except BaseException:
         held.clear()
         raise
     finally:
-        transport._write = send
-        del transport.read_frame  # back to the class's own method
+        for name in patched:  # back to what the instance had: its own attribute, or its class's method
+            if name in own:
+                setattr(transport, name, own[name])
+            else:
+                delattr(transport, name)
     flush()

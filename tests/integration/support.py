@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
@@ -25,6 +27,15 @@ def integration_prefix() -> str:
 def unique_target(what: str = "q") -> str:
     """A queue name of this test alone: the in-memory broker is shared by the whole process."""
     return f"{what}-{uuid.uuid4().hex[:10]}"
+
+
+@contextlib.contextmanager
+def target_queue(app: Any, what: str = "q") -> Iterator[str]:
+    """A queue name of this test alone (:func:`unique_target`), its queue deleted on the app's broker afterwards."""
+    name = unique_target(what)
+    yield name
+    with app.connection_for_write() as conn, contextlib.suppress(Exception):
+        conn.default_channel.queue_delete(queue=name)
 
 
 class FakeClock:

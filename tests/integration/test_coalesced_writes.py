@@ -7,7 +7,6 @@ half-way sends none of what it held; other transports are left as they are.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +18,7 @@ from orch_outbox.messages import Messages, coalesced_writes
 from orch_outbox.relay import PUBLISH_RETRY_POLICY
 from orch_outbox.store import Dispatch
 
-from .support import unique_target
+from .support import target_queue
 from conftest import AMQP_URL, REDIS_URL, make_app, require
 
 
@@ -40,10 +39,8 @@ def rabbit() -> Celery:
 
 @pytest.fixture
 def target(rabbit: Celery) -> Iterator[str]:
-    name = unique_target("cw")
-    yield name
-    with rabbit.connection_for_write() as conn, contextlib.suppress(Exception):
-        conn.default_channel.queue_delete(queue=name)
+    with target_queue(rabbit, "cw") as name:
+        yield name
 
 
 def _relay_connection(app: Celery) -> Any:
@@ -122,17 +119,13 @@ def test_a_batch_that_fails_half_way_sends_nothing_it_held(rabbit: Celery, targe
 def test_other_transports_are_left_as_they_are() -> None:
     """Proves the block changes nothing on Redis: the messages published inside it arrive, in order."""
     app = _app(REDIS_URL, 6379, "Redis")
-    target = unique_target("cw")
-    try:
+    with target_queue(app, "cw") as target:
         with _relay_connection(app) as conn:
             producer = app.amqp.Producer(conn)
             with coalesced_writes(conn):
                 for n in range(3):
                     _publish(app, producer, _row(target, n), declare=n == 0)
         assert _drain(app, target, 10) == [0, 1, 2]
-    finally:
-        with app.connection_for_write() as conn, contextlib.suppress(Exception):
-            conn.default_channel.queue_delete(queue=target)
 
 
 def test_messages_of_a_batch_larger_than_the_hold_go_in_several_writes(rabbit: Celery, target: str) -> None:

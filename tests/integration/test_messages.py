@@ -9,7 +9,6 @@ relay falls back to ``send_task`` where Celery would do more for a message.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import uuid
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from orch_outbox.messages import Messages
 from orch_outbox.relay import PUBLISH_RETRY_POLICY
 from orch_outbox.store import Dispatch
 
-from .support import unique_target
+from .support import target_queue
 from conftest import AMQP_URL, REDIS_URL, make_app, require
 
 BROKERS = [
@@ -48,10 +47,8 @@ def app(request: pytest.FixtureRequest) -> Celery:
 
 @pytest.fixture
 def target(app: Celery) -> Iterator[str]:
-    name = unique_target("msg")
-    yield name
-    with app.connection_for_write() as conn, contextlib.suppress(Exception):
-        conn.default_channel.queue_delete(queue=name)
+    with target_queue(app, "msg") as name:
+        yield name
 
 
 def _row(name: str, target: str, expires: bool) -> Dispatch:
