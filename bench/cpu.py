@@ -6,6 +6,11 @@ its pool children, a relay), the PostgreSQL server, the broker (RabbitMQ's Erlan
 Redis), and this benchmark process (the pusher, or Celery's ``apply_async`` loop). A process
 that ended inside the window loses what it used; the workers and relays measured here live
 through it.
+
+A group given as a subprocess is also split: ``<group> (main process)`` (the subprocess
+itself: a worker's consumer, and its handler threads on a threads pool) and ``<group> (pool
+processes)`` (its descendants: a prefork worker's children). Those parts are not added to
+the ``total`` again.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLOCK = os.sysconf("SC_CLK_TCK")
+#: Opens the name of a group's part (``worker (pool processes)``).
+PART = " ("
 #: Process names (``comm``) of each server group.
 SERVERS = {"postgres": ("postgres",), "rabbitmq": ("beam.smp", "erl_child_setup"), "redis": ("redis-server",)}
 
@@ -76,18 +83,22 @@ class CpuMeter:
                 if pid not in groups and stat.comm in comms:
                     groups[pid] = name
         spent: dict[str, float] = {}
+        roots = {root: name for name, root in self.roots.items()}
         for pid, name in groups.items():
             if pid not in after:
                 continue
-            used = after[pid].ticks - (self._before[pid].ticks if pid in self._before else 0)
-            spent[name] = spent.get(name, 0.0) + used / CLOCK
+            used = (after[pid].ticks - (self._before[pid].ticks if pid in self._before else 0)) / CLOCK
+            spent[name] = spent.get(name, 0.0) + used
+            if name in self.roots:
+                part = f"{name}{PART}{'main process' if roots.get(pid) == name else 'pool processes'})"
+                spent[part] = spent.get(part, 0.0) + used
         return spent
 
 
 def per_command_ms(seconds: Mapping[str, float], n: int) -> dict[str, float]:
     """Milliseconds of CPU per command of each group, and their ``total``."""
     out = {name: s * 1000 / n for name, s in seconds.items()}
-    out["total"] = sum(out.values())
+    out["total"] = sum(v for name, v in out.items() if PART not in name)
     return out
 
 

@@ -216,14 +216,27 @@ def procrastinate_run(run: Run, concurrency: int, n: int, warmup: int) -> Timed:
 
 
 #: The process groups of the CPU breakdown, in the order printed.
-CPU_GROUPS = ("worker", "relay", "postgres", "rabbitmq", "redis", "bench", "total")
+CPU_GROUPS = (
+    "worker",
+    "worker (main process)",
+    "worker (pool processes)",
+    "relay",
+    "postgres",
+    "rabbitmq",
+    "redis",
+    "bench",
+    "total",
+)
 
 
 def cpu_rows(scenario: str, ours: Timed, base: Timed, groups: tuple[str, ...] = CPU_GROUPS) -> list[common.Metric]:
     """CPU milliseconds per command of each process group, ours beside Celery's (same runs as the rate)."""
     rows = []
+    forked = any(t.cpu.get("worker (pool processes)") for t in (ours, base))
     for group in groups:
         value, baseline = ours.cpu.get(group, 0.0), base.cpu.get(group, 0.0)
+        if group == "worker (main process)" and not forked:  # a threads pool: all of it is the worker row
+            continue
         if value or baseline:
             name = f"  CPU per command, {scenario}: {group}"
             rows.append(common.Metric(name, value, baseline, "ms", "Celery", compare=baseline > 0))
