@@ -120,18 +120,27 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
         app_table.drop(bench.outbox.engine, checkfirst=True)
         common.drop_outbox(bench.outbox)
     section.setup.update(pushes=n, bulk=f"{sizes.bulk_calls} x push_many({BULK_SIZE})", broker="rabbitmq")
-    half = Target("ratio_max", 0.5, "≤ 0.5x")
+    # The goals: a push in its own transaction costs no more than the application's own INSERT + COMMIT (both wait
+    # for the same WAL flush, which an apply_async has no equivalent of: that row is for reading only), and a push
+    # among many in one transaction at most a fifth of an apply_async.
     section.metrics += [
-        common.Metric("push in its own transaction", own_tx * 1e6, apply * 1e6, "µs", "apply_async", half),
+        common.Metric("push in its own transaction", own_tx * 1e6, apply * 1e6, "µs", "apply_async", None),
         common.Metric(
             "push in its own transaction vs the app's own INSERT + COMMIT",
             own_tx * 1e6,
             app_tx * 1e6,
             "µs",
             "INSERT + COMMIT",
-            None,
+            Target("ratio_max", 1.0, "≤ 1.0x"),
         ),
-        common.Metric("push, N in one transaction", one_tx * 1e6, apply * 1e6, "µs", "apply_async", half),
+        common.Metric(
+            "push, N in one transaction",
+            one_tx * 1e6,
+            apply * 1e6,
+            "µs",
+            "apply_async",
+            Target("ratio_max", 0.2, "≤ 0.2x"),
+        ),
         common.Metric(
             "bulk push_many(10 000)",
             bulk,
