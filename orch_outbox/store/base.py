@@ -98,6 +98,12 @@ class Lapsed:
     kind: str | None = None
 
 
+def oldest_first(row: Any) -> tuple[int, int]:
+    """Claim order of claimed rows: higher priority first, then oldest (ids are time-ordered; compared as ints,
+    since a UUID's own comparison is Python code)."""
+    return -row.priority, row.id.int
+
+
 def make_engine(url: str, **options: Any) -> sa.Engine:
     """An engine for the outbox database, tuned for the outbox's access pattern.
 

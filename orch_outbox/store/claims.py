@@ -18,6 +18,7 @@ from .base import (
     Lapsed,
     StoreBase,
     _error_values,
+    oldest_first,
 )
 from .hotpath import _CLAIMED
 
@@ -81,8 +82,7 @@ class ClaimStatements(StoreBase):
             for r in rows
             if r.status == Status.DISPATCHED
         ]
-        # Within a priority, oldest first (ids are time-ordered; compared as ints: UUID's own comparison is Python).
-        claimed.sort(key=lambda d: (-d.priority, d.id.int))
+        claimed.sort(key=oldest_first)
         if plan is not None and plan.fair and any(r.tenant is not None for r in rows):
             self.saw_tenants()
         if len(claimed) < len(rows):

@@ -30,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from ..flow import EACH_TENANT, Plan, admit, fair_order, fresh_room
 from ..schema import UTCDateTime, limits_table
 from ..states import Status
-from .base import Dispatch
+from .base import Dispatch, oldest_first
 from .fair import FairCandidates
 from .hotpath import _CLAIMED
 
@@ -114,8 +114,8 @@ class FlowStatements(FairCandidates):
                 rows = self._claim_taken(conn, {"p_ids": [c.id for c in taken], **times})
                 order = {c.id: i for i, c in enumerate(taken)}
             claimed = [r for r in rows if r.status == Status.DISPATCHED]
-            if order is None:  # as the plain claim: within a priority, oldest first (compared as ints: UUID's own
-                claimed.sort(key=lambda r: (-r.priority, r.id.int))  # comparison is Python code)
+            if order is None:  # as the plain claim
+                claimed.sort(key=oldest_first)
             else:
                 claimed.sort(key=lambda r: order[r.id])
             self._spend(conn, plan, buckets, claimed, now)
@@ -193,11 +193,8 @@ class FlowStatements(FairCandidates):
         claim is) while ``conn`` holds the claim lock: the next flow claim takes the lock
         after this one's transaction ends, so it sees these rows dispatched all the same.
         """
-        if self._hot is not None:
-            sql, constants = self._hot_flow_claim
-            raw = self._hot.execute_all(self._relaxed is not None, sql, {**params, **constants})
-            return [_CLAIMED(*r) for r in raw]
-        return [_CLAIMED(*r) for r in conn.execute(self._flow_claim(False), params)]
+        hot = self._hot_flow_claim if self._hot is not None else None
+        return self._claim_rows(conn, hot, self._flow_claim(False), params)
 
     @functools.cached_property
     def _hot_flow_claim(self) -> tuple[str, dict[str, Any]]:
@@ -220,12 +217,19 @@ class FlowStatements(FairCandidates):
 
     def _claim_taken(self, conn: sa.Connection, params: dict[str, Any]) -> list[Any]:
         """Claim the rows admitted (``p_ids``); on psycopg on the hot path's connection, as the one-statement claim."""
-        if self._hot is not None:
-            sql, constants = self._hot_flow_update
-            return [
-                _CLAIMED(*r) for r in self._hot.execute_all(self._relaxed is not None, sql, {**params, **constants})
-            ]
-        return [_CLAIMED(*r) for r in conn.execute(self._flow_update, params)]
+        hot = self._hot_flow_update if self._hot is not None else None
+        return self._claim_rows(conn, hot, self._flow_update, params)
+
+    def _claim_rows(
+        self, conn: sa.Connection, hot: tuple[str, dict[str, Any]] | None, stmt: sa.Update, params: dict[str, Any]
+    ) -> list[Any]:
+        """Run a claim: ``hot`` (its SQL and constants) on the hot path's own connection, committed at once, or
+        ``stmt`` on ``conn``; the claimed rows."""
+        if self._hot is not None and hot is not None:
+            sql, constants = hot
+            rows = self._hot.execute_all(self._relaxed is not None, sql, {**params, **constants})
+            return [_CLAIMED(*r) for r in rows]
+        return [_CLAIMED(*r) for r in conn.execute(stmt, params)]
 
     @functools.cached_property
     def _hot_flow_update(self) -> tuple[str, dict[str, Any]]:
