@@ -3,7 +3,7 @@
 - one push per transaction: open a Session, push, commit — N times; mean µs per push; beside
   it the floor of any transactional write: a Session that INSERTs one row of the
   application's own table and commits (a commit waits for the WAL flush, which an
-  ``apply_async`` has no equivalent of);
+  ``apply_async`` has no equivalent of); the two in alternating blocks, the best block of each counts;
 - N pushes inside one transaction (one Session, one commit); mean µs per push;
 - Celery: ``plain_noop.apply_async`` N times (the usual call: a producer from the pool each time);
 - bulk: ``push_many`` of 10 000 commands per call, each call its own transaction.
@@ -22,6 +22,9 @@ from bench import common
 from bench.app import BenchApp, build
 from bench.common import BROKERS, BULK_SIZE, Run, Section, Sizes, Target
 
+#: Alternating blocks of the push and of the app's INSERT, each in its own transaction (see :func:`own_tx_pair`).
+OWN_TX_BLOCKS = 6
+
 
 def truncate(bench: BenchApp) -> None:
     common.pg_exec(f"TRUNCATE {bench.outbox.store.table.name} CASCADE")  # with the attempts that reference it
@@ -37,13 +40,32 @@ def push_each_in_own_tx(bench: BenchApp, queue: str, key: str, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def app_insert_each_in_own_tx(table: sa.Table, engine: sa.Engine, n: int) -> float:
-    """Mean seconds of: Session, INSERT one row of the application's own table, commit."""
+def app_insert_each_in_own_tx(table: sa.Table, engine: sa.Engine, n: int, first_id: int = 0) -> float:
+    """Mean seconds of: Session, INSERT one row of the application's own table (ids from ``first_id``), commit."""
     t0 = time.perf_counter()
-    for i in range(n):
+    for i in range(first_id, first_id + n):
         with Session(engine) as session, session.begin():
             session.execute(sa.insert(table).values(id=i, email="a@example.com"))
     return (time.perf_counter() - t0) / n
+
+
+def own_tx_pair(bench: BenchApp, table: sa.Table, queue: str, key: str, n: int) -> tuple[float, float]:
+    """(push, the app's INSERT), each in its own transaction: the best mean of ``OWN_TX_BLOCKS`` blocks of each.
+
+    The blocks alternate (push first, then the INSERT first, ...): both sides wait for the
+    same WAL flush, and this machine's speed drifts within seconds, which a run of one
+    side after the other would charge to whichever ran in the slower stretch.
+    """
+    size = max(n // OWN_TX_BLOCKS, 1)
+    pushes: list[float] = []
+    inserts: list[float] = []
+    for block in range(OWN_TX_BLOCKS):
+        for side in ("push", "insert") if block % 2 == 0 else ("insert", "push"):
+            if side == "push":
+                pushes.append(push_each_in_own_tx(bench, queue, key, size))
+            else:
+                inserts.append(app_insert_each_in_own_tx(table, bench.outbox.engine, size, block * size))
+    return min(pushes), min(inserts)
 
 
 def push_all_in_one_tx(bench: BenchApp, queue: str, key: str, n: int) -> float:
@@ -103,9 +125,8 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
         push_each_in_own_tx(bench, queue, key, 20)
         apply_async_each(bench, queue, key, 20)
         truncate(bench)
-        own_tx = push_each_in_own_tx(bench, queue, key, n)
+        own_tx, app_tx = own_tx_pair(bench, app_table, queue, key, n)
         truncate(bench)
-        app_tx = app_insert_each_in_own_tx(app_table, bench.outbox.engine, n)
         one_tx = push_all_in_one_tx(bench, queue, key, n)
         truncate(bench)
         apply = apply_async_each(bench, queue, key, n)

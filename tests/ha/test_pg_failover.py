@@ -52,7 +52,8 @@ def test_failover_loses_no_acknowledged_push_and_records_each_outcome_once(pair:
     """Proves the HA promise: pushes, claims and write-backs continue across a kill -9 of the primary and a
     promotion, and the relay, rescuer, listener and workers reconnect without being restarted. Synchronous
     replication: every push whose commit returned completes, once. Asynchronous: the pushes committed in the last
-    moment before the crash may be missing on the new primary (measured and printed); every other one completes."""
+    moment before the crash may be missing on the new primary (measured and printed); every other one completes,
+    a command whose acknowledged outcome was lost that way on a retry (the lapsed attempt runs again)."""
     parts = urlsplit(AMQP_URL)
     require(parts.hostname or "127.0.0.1", parts.port or 5672, "RabbitMQ")
     prefix = unique_prefix()
@@ -68,7 +69,9 @@ def test_failover_loses_no_acknowledged_push_and_records_each_outcome_once(pair:
 
         pusher = Outbox(Celery("ha-pusher", broker="memory://", set_as_current=False), pair.url, table_prefix=prefix)
 
-        @pusher.command(name="slow", target=project.queue, timeout=30, retries=0)
+        # Asynchronous replication may lose any write acknowledged in the last moment, an outcome among them: its
+        # attempt then looks lost on the new primary and runs again (at least once), which takes a retry.
+        @pusher.command(name="slow", target=project.queue, timeout=30, retries=0 if pair.synchronous else 2)
         def slow(seconds: float) -> float:
             return seconds
 

@@ -22,6 +22,7 @@ from sqlalchemy import event
 from orch_outbox import Outbox
 from orch_outbox.store import make_engine
 from orch_outbox.store.attempts import START_LANE
+from orch_outbox.testing import wait_until
 
 from conftest import PG_URL
 
@@ -120,6 +121,40 @@ def test_a_statement_gone_from_the_session_is_prepared_again(make_outbox: Callab
     assert store.start(second, claimed[second], "job", "w", 60) is not None
     assert store.complete_many([(first, claimed[first], 1), (second, claimed[second], 2)]) == {first, second}
     assert [outbox.get(i).output for i in (first, second)] == [1, 2]
+
+
+def _end_backend(engine: sa.Engine, pid: int) -> None:
+    """End a PostgreSQL backend and wait until it is gone (``pg_terminate_backend`` is false for a pid that is not
+    one any more)."""
+    terminate = sa.text("SELECT pg_terminate_backend(:pid)")
+
+    def ended() -> bool:
+        with engine.connect() as admin:
+            return not admin.execute(terminate, {"pid": pid}).scalar_one()
+
+    wait_until(ended, 10, 0.01, f"backend {pid} to end")
+
+
+def test_a_connection_lost_when_its_statements_are_prepared_again_is_replaced(
+    make_outbox: Callable[..., Outbox],
+) -> None:
+    """Proves the periodic re-planning of the hot path (``REPLAN_SECONDS``) survives connections the server ended:
+    the start and the write-back that find their connection due for re-planning and dead each get a new one and
+    record their attempt, instead of failing on the dead one."""
+    outbox, (first, second), claimed = _claimed(make_outbox, "hp-replan")
+    store = outbox.store
+    assert store._hot is not None
+    relaxed = store._relaxed is not None
+    assert store.start(first, claimed[first], "job", "w", 60) is not None
+    assert store.complete_many([(first, claimed[first], 1)]) == {first}
+    dead = [store._hot._held(relaxed, START_LANE), store._hot._held(False)]
+    for held in dead:
+        _end_backend(outbox.engine, held.cursor.connection.info.backend_pid)
+        held.replan_at = 0.0
+    assert store.start(second, claimed[second], "job", "w", 60) is not None
+    assert store.complete_many([(second, claimed[second], 2)]) == {second}
+    assert [outbox.get(i).output for i in (first, second)] == [1, 2]
+    assert store._hot._held(relaxed, START_LANE) is not dead[0] and store._hot._held(False) is not dead[1]
 
 
 def test_starts_grouped_in_one_round_trip_are_each_fenced(make_outbox: Callable[..., Outbox]) -> None:

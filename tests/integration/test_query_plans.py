@@ -8,6 +8,7 @@ these tests fail if any index again offers ``status`` as a way in over the fence
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from orch_outbox import Outbox
+from orch_outbox.store.attempts import START_LANE
 from orch_outbox.store.hotpath import Prepared
 from orch_outbox.uuid7 import uuid7
 
@@ -69,24 +71,27 @@ def _plan(outbox: Outbox, sql: str, params: dict[str, Any]) -> str:
     return plan
 
 
+def _literals(values: list[bytes | None]) -> str:
+    """A prepared statement's values as SQL literals, for ``EXECUTE``."""
+    return ", ".join("NULL" if v is None else "'" + v.decode().replace("'", "''") + "'" for v in values)
+
+
 def _prepared_plans(outbox: Outbox, statement: Prepared, given: dict[str, Any]) -> list[str]:
-    """The plans of a hot-path statement as the worker runs it (prepared, through libpq): the custom plan for these
-    values, and the generic plan PostgreSQL switches a prepared statement to after five runs."""
+    """The plans of a hot-path statement as the worker runs it (prepared, through libpq, on the hot path's own
+    connection and its session settings): the custom plan for these values, and the generic plan PostgreSQL
+    switches a prepared statement to after five runs."""
     values = statement.values(given)
-    raw = outbox.store.engine.raw_connection()
+    assert outbox.store._hot is not None
+    conn: Any = outbox.store._hot._held(False).cursor.connection
+    pgconn = conn.pgconn
+    custom = pgconn.exec_params(b"EXPLAIN " + statement.sql, values, statement.types)
+    assert pgconn.prepare(b"plan_check", statement.sql, statement.types).error_message == b""
+    conn.execute("SET plan_cache_mode = force_generic_plan")
     try:
-        conn: Any = raw.driver_connection
-        conn.autocommit = True
-        pgconn = conn.pgconn
-        custom = pgconn.exec_params(b"EXPLAIN " + statement.sql, values, statement.types)
-        assert pgconn.prepare(b"plan_check", statement.sql, statement.types).error_message == b""
-        conn.execute("SET plan_cache_mode = force_generic_plan")
-        literals = ", ".join("NULL" if v is None else "'" + v.decode().replace("'", "''") + "'" for v in values)
-        generic = pgconn.exec_(f"EXPLAIN EXECUTE plan_check({literals})".encode())
+        generic = pgconn.exec_(f"EXPLAIN EXECUTE plan_check({_literals(values)})".encode())
+    finally:
         conn.execute("DEALLOCATE plan_check")
         conn.execute("RESET plan_cache_mode")
-    finally:
-        raw.close()
     plans = []
     for result in (custom, generic):
         assert result.error_message == b"", result.error_message
@@ -135,6 +140,107 @@ def test_fenced_complete_uses_the_primary_key_with_stale_statistics(
     given = {"p_id": ids[rows // 2], "p_attempt": 1, "p_output": "null"}
     for plan in _plans_to_check(_prepared_plans(outbox, outbox.store._hot_complete, given), rows):
         assert f"Index Scan using {outbox.store.table.name}_pkey" in plan, plan
+
+
+def _analyse(outbox: Outbox) -> None:
+    with outbox.store.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(f"ANALYZE {outbox.store.table.name}")
+
+
+#: Rows in the table when it was last analysed, in a quiet outbox (autovacuum analyses a small table as well).
+QUIET_ROWS = 3
+#: Runs of a prepared statement after which PostgreSQL keeps its generic plan (the sixth decides), and one more.
+RUNS = 7
+
+
+def _hot_conn(outbox: Outbox, key: tuple[Any, bool]) -> Any:
+    """The hot path's connection kept under ``key`` (a lane or a thread, and whether it is relaxed)."""
+    hot = outbox.store._hot
+    assert hot is not None
+    return hot._conns[key].cursor.connection
+
+
+def _plan_in_use(conn: Any, statement: Prepared, given: dict[str, Any]) -> str:
+    """The plan the statement prepared on ``conn`` runs with now (``EXPLAIN EXECUTE`` plans as a run would)."""
+    literals = ", ".join(
+        "NULL" if v is None else "'" + v.decode().replace("'", "''") + "'" for v in statement.values(given)
+    )
+    result = conn.pgconn.exec_(b"EXPLAIN EXECUTE " + statement.name + f"({literals})".encode())
+    assert result.error_message == b"", result.error_message
+    return "\n".join(result.get_value(i, 0).decode() for i in range(result.ntuples))
+
+
+def _replan_now(outbox: Outbox) -> None:
+    """As if ``REPLAN_SECONDS`` had passed for every hot-path connection."""
+    assert outbox.store._hot is not None
+    for held in outbox.store._hot._conns.values():
+        held.replan_at = 0.0
+
+
+@pytest.mark.parametrize("statement", ["start", "complete"])
+def test_a_burst_after_a_quiet_spell_gets_index_plans(make_outbox: Callable[..., Outbox], statement: str) -> None:
+    """Proves the worker's prepared start and outcome reach their row by the primary key once a burst of commands
+    arrived after the table was analysed while it held a few rows. PostgreSQL keeps a prepared statement's generic
+    plan until the table is analysed again; planned on those statistics it was a sequential scan, kept while
+    100 000 rows arrived (every start then read the whole table, 30 ms instead of 0.1 ms). The hot path prepares its
+    statements again every ``REPLAN_SECONDS``, planned on the table's size then."""
+    outbox = make_outbox()
+    store = outbox.store
+    status = "dispatched" if statement == "start" else "running"
+    quiet = _fill(outbox, status, rows=QUIET_ROWS + 2 * RUNS)
+    _analyse(outbox)
+
+    def run(ids: list[Any]) -> None:
+        for command_id in ids:
+            if statement == "start":
+                assert store.start(command_id, 1, "noop", "w", 60.0) is not None
+            else:
+                assert store.complete_many([(command_id, 1, None)]) == {command_id}
+
+    run(quiet[:RUNS])  # the generic plan, made on the quiet table's statistics, is in use from here on
+    _fill(outbox, "completed", analysed_before=True, rows=20_000)  # the burst (finished: only the size matters)
+    _replan_now(outbox)
+    run(quiet[RUNS : 2 * RUNS])
+    if statement == "start":
+        key: tuple[Any, bool] = (START_LANE, store._relaxed is not None)
+        hot, given = (
+            store._hot_start,
+            {
+                "p_id": quiet[-1],
+                "p_attempt": 1,
+                "p_name": "noop",
+                "p_worker": "w",
+                "p_lease": timedelta(seconds=60),
+            },
+        )
+    else:
+        key, hot, given = (
+            (threading.get_ident(), False),
+            store._hot_complete,
+            {
+                "p_id": quiet[-1],
+                "p_attempt": 1,
+                "p_output": "null",
+            },
+        )
+    plan = _plan_in_use(_hot_conn(outbox, key), hot, given)
+    assert f"Index Scan using {store.table.name}_pkey" in plan, plan
+    assert f"Seq Scan on {store.table.name} " not in plan, plan
+
+
+def test_the_claim_is_planned_at_each_run(make_outbox: Callable[..., Outbox]) -> None:
+    """Proves the relay's claim keeps no prepared statement (so no generic plan): its statuses are parameters, so a
+    generic plan cannot use the partial index of due rows; PostgreSQL kept one anyway when it first saw the table
+    small (a scan of the whole table), and kept it as the table grew."""
+    outbox = make_outbox()
+    store = outbox.store
+    _fill(outbox, "pending", rows=QUIET_ROWS)
+    _analyse(outbox)
+    for _ in range(RUNS):
+        store.claim(2, 10.0)
+    conn = _hot_conn(outbox, (threading.get_ident(), store._relaxed is not None))
+    kept = conn.execute("SELECT statement FROM pg_prepared_statements WHERE statement LIKE '%SKIP LOCKED%'").fetchall()
+    assert kept == [], kept
 
 
 def _claim_plan(outbox: Outbox, capped: bool) -> str:
