@@ -34,6 +34,7 @@ SECTIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "redispatch": ("bench.redispatch", "no redispatch storm behind slow handlers", ("postgresql", "redis", "rabbitmq")),
     "scaling": ("bench.scaling", "relays and workers added, one outbox table", ("postgresql", "redis", "rabbitmq")),
     "notify": ("bench.notify", "NOTIFY and the application's commits, 32 committers", ("postgresql",)),
+    "burst": ("bench.burst", "a burst into an outbox analysed nearly empty", ("postgresql", "rabbitmq")),
     "flow": ("bench.flow", "the claim under flow control (limits, tenants in turns)", ("postgresql",)),
     "web": ("bench.web", "the operator's page over 100 000 commands", ("postgresql",)),
     # last: it leaves the OpenTelemetry SDK set up in the bench process
