@@ -124,7 +124,7 @@ class _Held:
 #: Seconds a hot-path connection keeps its prepared statements. PostgreSQL keeps the generic plan
 #: it made at a statement's sixth run until the table is analysed again: made while a quiet outbox
 #: held a few rows, a start's was a sequential scan, kept while a burst arrived (30 ms a start among
-#: 100 000 rows instead of 0.1 ms). Prepared again, a statement is planned on the table's size then.
+#: 200 000 rows instead of 0.1 ms). Prepared again, a statement is planned on the table's size then.
 REPLAN_SECONDS = 2.0
 
 

@@ -182,7 +182,7 @@ def test_a_burst_after_a_quiet_spell_gets_index_plans(make_outbox: Callable[...,
     """Proves the worker's prepared start and outcome reach their row by the primary key once a burst of commands
     arrived after the table was analysed while it held a few rows. PostgreSQL keeps a prepared statement's generic
     plan until the table is analysed again; planned on those statistics it was a sequential scan, kept while
-    100 000 rows arrived (every start then read the whole table, 30 ms instead of 0.1 ms). The hot path prepares its
+    200 000 rows arrived (every start then read the whole table, 30 ms instead of 0.1 ms). The hot path prepares its
     statements again every ``REPLAN_SECONDS``, planned on the table's size then."""
     outbox = make_outbox()
     store = outbox.store
