@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from bench import common, throughput
+from bench import bigtable, common, throughput
 from bench.app import build
 from bench.common import BROKERS, Run, Section, Sizes, Target
 
@@ -38,12 +38,7 @@ def one_burst(run: Run, n: int, tag: str, busy: bool) -> float:
             throughput.start_outbox_services(run, bench, "rabbitmq", queue, "prefork", 2, tag, procs)
             throughput.warm_outbox(run, bench, queue, 3, f"{tag}-first", procs)
             if busy:
-                common.pg_exec(
-                    f"INSERT INTO {table} (id, name, target, status, input, attempt, retries, retries_left, timeout, "
-                    "priority, scheduled_at, created_at, finished_at) SELECT gen_random_uuid(), 'bench_noop', 'done', "
-                    "'completed', '{}', 1, 0, 0, 60, 0, now(), now(), now() "
-                    f"FROM generate_series(1, {BUSY_ROWS})"
-                )
+                bigtable.load_finished(bench, BUSY_ROWS)
             common.pg_exec(f"ANALYZE {table}")
             throughput.warm_outbox(run, bench, queue, SETTLE, f"{tag}-settle", procs)
             key = run.key(tag)

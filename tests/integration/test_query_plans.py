@@ -273,8 +273,7 @@ def test_claim_finds_the_rows_it_locked_by_address_when_statistics_lag(
     outbox = make_outbox()
     store = outbox.store
     _fill(outbox, "completed")
-    with store.engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(f"ANALYZE {store.table.name}")
+    _analyse(outbox)
     _fill(outbox, "pending", analysed_before=True)
     plan = _claim_plan(outbox, capped)
     assert f"Tid Scan on {store.table.name}" in plan, plan
@@ -290,8 +289,7 @@ def test_claim_finds_the_rows_it_locked_by_address_on_a_freshly_analysed_table(
     outbox = make_outbox()
     store = outbox.store
     _fill(outbox, "pending", rows=10_000)
-    with store.engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(f"ANALYZE {store.table.name}")
+    _analyse(outbox)
     if claim == "flow":
         sql, constants = store._hot_flow_claim
         extra: dict[str, Any] = {"p_out_targets": ["held"], "p_out_commands": [], "p_out_tenants": []}
