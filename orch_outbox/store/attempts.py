@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 
 from ..canvas import Plan
 from ..schema import (
@@ -35,6 +36,15 @@ Completion = tuple[uuid.UUID, int, Any]
 START_LANE = "start"
 #: A start asked for: (command id, attempt, name, worker, lease).
 StartWanted = tuple[uuid.UUID, int, str, str, timedelta]
+#: Sent first in the transaction of a batch of successes: its statement is planned once for any values (a generic
+#: plan: the fence's status stays a parameter, so no partial index over one status looks like a way in) and reaches
+#: its rows by an index only. It joins a JSON document PostgreSQL estimates at 100 rows; planned as it came, a hash
+#: join over a sequential scan looked cheaper than probing the primary key on tables of up to tens of thousands of
+#: rows (analysed or not), and each batch of ten successes read the whole table; a custom plan of a fresh table
+#: walked every running row. With sequential scans off, ``id = ANY(ids)`` over the primary key is the way in.
+BY_KEY_ONLY = (
+    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), set_config('enable_seqscan', 'off', true)"
+)
 
 
 class AttemptStatements(StoreBase):
@@ -82,8 +92,8 @@ class AttemptStatements(StoreBase):
         return answers
 
     @functools.cached_property
-    def _hot_complete(self) -> Prepared:
-        return prepared(self.engine, self._complete_stmt, f"{self.prefix}complete")
+    def _hot_complete_many(self) -> Prepared:
+        return prepared(self.engine, self._complete_many_stmt, f"{self.prefix}complete_many")
 
     @functools.cached_property
     def _start_stmt(self) -> sa.Update:
@@ -187,31 +197,14 @@ class AttemptStatements(StoreBase):
             return set()
         if self._hot is not None:
             return self._complete_soon(self._hot, items)()
-        t = self.table
         if self.engine.dialect.name != "postgresql":
-            done = {cid for cid, attempt, output in items if self.complete(cid, attempt, output, [])}
-            return done
-        values = sa.values(
-            sa.column("v_id", t.c.id.type),
-            sa.column("v_attempt", sa.Integer()),
-            sa.column("v_output", t.c.output.type),
-            name="done",
-        ).data(sorted(items, key=lambda item: item[0]))
-        stmt = (
-            sa.update(t)
-            .where(t.c.id == values.c.v_id, t.c.status == Status.RUNNING, t.c.attempt == values.c.v_attempt)
-            .values(
-                status=Status.COMPLETED,
-                outcome=AttemptOutcome.SUCCESS,
-                output=values.c.v_output,
-                finished_at=self._now(),
-                lease_expires_at=None,
-                **_NO_ERROR,
-            )
-            .returning(t.c.id, t.c.batch_id)
-        )
-        with self._one() as conn:
-            rows = conn.execute(stmt).all()
+            return {cid for cid, attempt, output in items if self.complete(cid, attempt, output, [])}
+        ordered = sorted(items, key=lambda item: item[0])
+        done = [{"id": str(cid), "attempt": attempt, "output": output} for cid, attempt, output in ordered]
+        with self._tx() as conn:
+            conn.exec_driver_sql(BY_KEY_ONLY)
+            params = {"p_ids": [i[0] for i in ordered], "p_done": done, **self._p_times()}
+            rows = conn.execute(self._complete_many_stmt, params).all()
         self.settle_batches(r.batch_id for r in rows)
         return {r.id for r in rows}
 
@@ -228,21 +221,20 @@ class AttemptStatements(StoreBase):
         return self._complete_soon(self._hot, items)
 
     def _complete_soon(self, hot: _HotPath, items: Sequence[Completion]) -> Callable[[], set[uuid.UUID]]:
-        # One fenced primary-key UPDATE per success, pipelined in one transaction: one
-        # round trip and one WAL flush, and no join for the planner to get wrong.
+        # The batch's document is written here from each output's JSON text, as the column's type would write it.
         ordered = sorted(items, key=lambda item: item[0])
-        to_json, statement = self._to_json, self._hot_complete
-        each = [
-            statement.values({"p_id": cid, "p_attempt": attempt, "p_output": to_json(output)})
-            for cid, attempt, output in ordered
-        ]
-        sent = hot.send_each(False, statement, each)
+        to_json, statement = self._to_json, self._hot_complete_many
+        done = ",".join(
+            f'{{"id":"{cid}","attempt":{attempt},"output":{to_json(output)}}}' for cid, attempt, output in ordered
+        )
+        ids = ",".join(str(cid) for cid, _, _ in ordered)
+        values = statement.values({"p_ids": f"{{{ids}}}", "p_done": f"[{done}]"})
+        sent = hot.send_each(False, statement, [values], BY_KEY_ONLY.encode())
 
         def answer() -> set[uuid.UUID]:
-            firsts = sent.wait()
-            done = [(cid, first) for (cid, _, _), first in zip(ordered, firsts, strict=True) if first is not None]
-            self.settle_batches(first[0] for _, first in done)
-            return {cid for cid, _ in done}
+            [rows] = sent.wait()
+            self.settle_batches(batch_id for _, batch_id in rows)
+            return {cid for cid, _ in rows}
 
         return answer
 
@@ -252,6 +244,43 @@ class AttemptStatements(StoreBase):
         one, as the ``output`` column's type writes it."""
         serializer: Callable[[Any], str] | None = getattr(self.engine.dialect, "_json_serializer", None)
         return serializer or json.dumps
+
+    @functools.cached_property
+    def _complete_many_stmt(self) -> sa.Update:
+        """Successes of many attempts in ONE statement (PostgreSQL): ``p_ids``, their ids (an array), and ``p_done``,
+        a JSON array of ``{id, attempt, output}``; each row fenced as in :meth:`complete`. Half of PostgreSQL's work
+        per success of one fenced ``UPDATE`` each, pipelined (0.025 against 0.057 ms a row in batches of 20).
+
+        Run after :data:`BY_KEY_ONLY`, in its transaction, its rows are reached by ``id = ANY(p_ids)`` over the
+        primary key whatever the table's statistics (see there); the join with the document then only pairs them.
+        """
+        t = self.table
+        json_type = t.c.output.type
+        done = (
+            sa.func.jsonb_to_recordset(sa.bindparam("p_done", type_=json_type))
+            .table_valued(
+                sa.column("id", t.c.id.type), sa.column("attempt", sa.Integer()), sa.column("output", json_type)
+            )
+            .render_derived(name="done", with_types=True)
+        )
+        return (
+            sa.update(t)
+            .where(
+                t.c.id == sa.any_(sa.bindparam("p_ids", type_=postgresql.ARRAY(t.c.id.type))),
+                t.c.id == done.c.id,
+                t.c.status == Status.RUNNING,
+                t.c.attempt == done.c.attempt,
+            )
+            .values(
+                status=Status.COMPLETED,
+                outcome=AttemptOutcome.SUCCESS,
+                output=done.c.output,
+                finished_at=self._p_now(),
+                lease_expires_at=None,
+                **_NO_ERROR,
+            )
+            .returning(t.c.id, t.c.batch_id)
+        )
 
     @functools.cached_property
     def _complete_stmt(self) -> sa.Update:

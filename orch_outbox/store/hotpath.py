@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, NoReturn
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -164,18 +164,21 @@ def _sqlstate(result: Any) -> str | None:
     return None if state is None else str(state.decode())
 
 
-def _pipelined(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]]) -> list[Any]:
+def _pipelined(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]], setup: bytes = b"") -> list[Any]:
     """Send one prepared statement per set of values and a single sync, then read every result."""
-    _send_pipeline(pgconn, name, each)
-    return _read_pipeline(pgconn)
+    _send_pipeline(pgconn, name, each, setup)
+    return _read_pipeline(pgconn, bool(setup))
 
 
-def _send_pipeline(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]]) -> None:
-    """Send one prepared statement per set of values and a single sync (one implicit transaction), unread."""
+def _send_pipeline(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]], setup: bytes = b"") -> None:
+    """Send one prepared statement per set of values and a single sync (one implicit transaction), unread;
+    ``setup`` first, if given: a statement without parameters for that transaction (a ``SET LOCAL``)."""
     from psycopg import pq
 
     pgconn.enter_pipeline_mode()
     try:
+        if setup:
+            pgconn.send_query_params(setup, None)
         for values in each:
             pgconn.send_query_prepared(name, values)
         pgconn.pipeline_sync()
@@ -186,8 +189,9 @@ def _send_pipeline(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | Non
         raise
 
 
-def _read_pipeline(pgconn: Any) -> list[Any]:
-    """Read the results of a pipeline sent by :func:`_send_pipeline`, up to its sync; leave pipeline mode.
+def _read_pipeline(pgconn: Any, setup: bool = False) -> list[Any]:
+    """Read the results of a pipeline sent by :func:`_send_pipeline`, up to its sync; leave pipeline mode
+    (``setup``: it was sent with one, whose result is left out).
 
     libpq's ``PQgetResult`` would wait holding the GIL: the socket is polled here instead,
     so other threads of the process run while the database works. The first failed
@@ -213,7 +217,7 @@ def _read_pipeline(pgconn: Any) -> list[Any]:
         if pgconn.status == pq.ConnStatus.OK:
             pgconn.exit_pipeline_mode()
     failed = next((r for r in results if r.status == pq.ExecStatus.FATAL_ERROR), None)
-    return results if failed is None else [failed]
+    return results[setup:] if failed is None else [failed]
 
 
 class InFlight:
@@ -223,22 +227,24 @@ class InFlight:
     thread, once), and so does the next use of the connection on its own thread.
     """
 
-    def __init__(self, hot: _HotPath, held: _Held, relaxed: bool, statement: Prepared, each: list[Any]) -> None:
+    def __init__(
+        self, hot: _HotPath, held: _Held, relaxed: bool, statement: Prepared, each: list[Any], setup: bytes
+    ) -> None:
         self._hot, self._held, self._relaxed = hot, held, relaxed
-        self._statement, self._each = statement, each
+        self._statement, self._each, self._setup = statement, each, setup
         self._lock = threading.Lock()
-        self._firsts: list[tuple[Any, ...] | None] | None = None
+        self._rows: list[list[tuple[Any, ...]]] | None = None
         self._error: BaseException | None = None
 
-    def wait(self) -> list[tuple[Any, ...] | None]:
-        """Each statement's first row or None, as :meth:`_HotPath.run_each` returns them (reading them if needed)."""
+    def wait(self) -> list[list[tuple[Any, ...]]]:
+        """Each statement's rows (reading them if needed)."""
         with self._lock:
-            if self._firsts is None and self._error is None:
+            if self._rows is None and self._error is None:
                 self._read()
         if self._error is not None:
             raise self._error
-        assert self._firsts is not None
-        return self._firsts
+        assert self._rows is not None
+        return self._rows
 
     def _read(self) -> None:
         import psycopg
@@ -246,15 +252,15 @@ class InFlight:
         held = self._held
         held.inflight = None
         try:
-            results = _read_pipeline(held.cursor.connection.pgconn)
+            results = _read_pipeline(held.cursor.connection.pgconn, bool(self._setup))
             failed = next((r for r in results if not _ok(r)), None)
             if failed is not None and _sqlstate(failed) in _PREPARE_AGAIN:
                 _forget(held, self._statement.name)  # the statement went: sent again, and waited for, here
-                self._firsts = self._hot.run_each(self._relaxed, self._statement, self._each)
+                self._rows = self._hot._send(self._relaxed, self._statement, self._each, True, setup=self._setup)
                 return
             if failed is not None:
                 self._hot._check(held, failed)
-            self._firsts = [rows[0] if rows else None for rows in (_rows(held, r) for r in results)]
+            self._rows = [_rows(held, r) for r in results]
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._hot._drop(held.cursor.connection)
             self._error = StoreUnavailable(f"outbox database unavailable: {exc}")
@@ -322,9 +328,11 @@ class _HotPath:
         statement rolls the others back); each one's first row or None."""
         return [rows[0] if rows else None for rows in self._send(relaxed, statement, each, True, lane)]
 
-    def send_each(self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]]) -> InFlight:
-        """:meth:`run_each` without waiting: the statements are sent in one pipeline (one transaction) and the
-        caller goes on; :meth:`InFlight.wait` returns what ``run_each`` would have."""
+    def send_each(
+        self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]], setup: bytes = b""
+    ) -> InFlight:
+        """:meth:`run_each` without waiting: the statements are sent in one pipeline (one transaction), after
+        ``setup`` if given, and the caller goes on; :meth:`InFlight.wait` returns each statement's rows."""
         import psycopg
 
         held = self._held(relaxed)
@@ -333,11 +341,11 @@ class _HotPath:
             if statement.name not in held.prepared:
                 self._check(held, pgconn.prepare(statement.name, statement.sql, statement.types))
                 held.prepared.add(statement.name)
-            _send_pipeline(pgconn, statement.name, each)
+            _send_pipeline(pgconn, statement.name, each, setup)
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._drop(held.cursor.connection)
             raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
-        held.inflight = InFlight(self, held, relaxed, statement, list(each))
+        held.inflight = InFlight(self, held, relaxed, statement, list(each), setup)
         return held.inflight
 
     def _send(
@@ -347,6 +355,7 @@ class _HotPath:
         each: Sequence[Sequence[bytes | None]],
         pipeline: bool,
         lane: str | None = None,
+        setup: bytes = b"",
     ) -> list[list[tuple[Any, ...]]]:
         import psycopg
 
@@ -358,7 +367,7 @@ class _HotPath:
                     self._check(held, pgconn.prepare(statement.name, statement.sql, statement.types))
                     held.prepared.add(statement.name)
                 if pipeline:
-                    results = _pipelined(pgconn, statement.name, each)
+                    results = _pipelined(pgconn, statement.name, each, setup)
                 else:  # libpq waits with the GIL released
                     results = [pgconn.exec_prepared(statement.name, each[0])]
                 failed = next((r for r in results if not _ok(r)), None)
@@ -482,19 +491,3 @@ class _HotPath:
         for one in held:
             with contextlib.suppress(Exception):
                 one.pooled.close()
-
-
-def _raise_driver_error(exc: Exception, statement: str) -> NoReturn:
-    """Raise a psycopg error of a statement sent on the caller's connection as SQLAlchemy would have.
-
-    A lost connection is :class:`StoreUnavailable`, as everywhere in the store; any other
-    database error becomes SQLAlchemy's exception of its kind (``IntegrityError``...),
-    the one the caller's own statements raise.
-    """
-    import psycopg
-
-    if isinstance(exc, psycopg.OperationalError):
-        raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
-    if isinstance(exc, psycopg.Error):
-        raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
-    raise exc

@@ -11,14 +11,14 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..canvas import Plan
-from ..errors import OutboxError, UniqueConflict
+from ..errors import OutboxError, StoreUnavailable, UniqueConflict
 from ..schema import (
     unique_scope,
 )
@@ -26,7 +26,6 @@ from .base import (
     Row,
     StoreBase,
 )
-from .hotpath import _raise_driver_error
 
 #: Rows rendered per write of a COPY.
 COPY_CHUNK_ROWS = 2_000
@@ -406,3 +405,19 @@ class PushStatements(StoreBase):
                 )
             return uuid.UUID(str(holder.id))
         raise UniqueConflict(f"unique key {row['unique_key']!r}: its holder kept changing; try again")
+
+
+def _raise_driver_error(exc: Exception, statement: str) -> NoReturn:
+    """Raise a psycopg error of a statement sent on the caller's connection as SQLAlchemy would have.
+
+    A lost connection is :class:`StoreUnavailable`, as everywhere in the store; any other
+    database error becomes SQLAlchemy's exception of its kind (``IntegrityError``...),
+    the one the caller's own statements raise.
+    """
+    import psycopg
+
+    if isinstance(exc, psycopg.OperationalError):
+        raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
+    if isinstance(exc, psycopg.Error):
+        raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
+    raise exc
