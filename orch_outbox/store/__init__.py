@@ -1,7 +1,7 @@
 """The store: the only package that talks SQL.
 
 Every statement the outbox runs is a method of :class:`Store` with a one-line purpose,
-in a room of its own by concern (base, hotpath, push, claims, attempts, batches,
+in a room of its own by concern (base, hotpath, push, claims, starts, attempts, batches,
 schedules, admin, listen, workers, browse, flow). Each state change names the state (and, for a worker's
 write-back, the attempt) it expects, so a late, duplicate or zombie writer changes
 nothing: it finds no row to update.
@@ -23,6 +23,7 @@ from .flow import FlowStatements, LimitState
 from .listen import ListenStatements
 from .push import COPY_CHUNK_ROWS, COPY_MIN_ROWS, PENDING, PushStatements
 from .schedules import ScheduleStatements
+from .starts import StartStatements
 from .workers import WorkerStatements, job_key
 
 
@@ -30,6 +31,7 @@ class Store(
     PushStatements,
     ClaimStatements,
     FlowStatements,
+    StartStatements,
     AttemptStatements,
     BatchStatements,
     ScheduleStatements,

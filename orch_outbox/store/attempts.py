@@ -1,13 +1,12 @@
-"""An attempt's life on the worker: start, renew, heartbeat, and every fenced ending (complete, retry, fail, cancel)."""
+"""An attempt's life on the worker once started: renew, heartbeat, and every fenced ending (complete, retry, fail,
+cancel)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,124 +19,24 @@ from ..schema import (
 from ..states import AttemptOutcome, Status
 from .base import (
     _NO_ERROR,
+    BY_KEY_ONLY,
     ErrorInfo,
     Row,
-    Started,
     StoreBase,
     _error_values,
 )
-from .grouped import Grouped
 from .hotpath import Prepared, _HotPath, prepared
 
 #: A success to record: (command id, attempt, output).
 Completion = tuple[uuid.UUID, int, Any]
-#: The connection every start of a process goes on: the grouped starts send one call at a time, so one connection
-#: serves all the handler threads (a threads pool holds one session for its starts, not one per thread).
-START_LANE = "start"
-#: A start asked for: (command id, attempt, name, worker, lease).
-StartWanted = tuple[uuid.UUID, int, str, str, timedelta]
-#: Sent first in the transaction of a batch of successes: its statement is planned once for any values (a generic
-#: plan: the fence's status stays a parameter, so no partial index over one status looks like a way in) and reaches
-#: its rows by an index only. It joins a JSON document PostgreSQL estimates at 100 rows; planned as it came, a hash
-#: join over a sequential scan looked cheaper than probing the primary key on tables of up to tens of thousands of
-#: rows (analysed or not), and each batch of ten successes read the whole table; a custom plan of a fresh table
-#: walked every running row. With sequential scans off, ``id = ANY(ids)`` over the primary key is the way in.
-BY_KEY_ONLY = (
-    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), set_config('enable_seqscan', 'off', true)"
-)
 
 
 class AttemptStatements(StoreBase):
-    """An attempt's life on the worker: start, renew, heartbeat, every fenced ending."""
-
-    def start(self, command_id: uuid.UUID, attempt: int, name: str, worker: str, lease: float) -> Started | None:
-        """Claim one attempt for a worker (dispatched → running); None if it is not this attempt's to run."""
-        params = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker}
-        if self._hot is not None:
-            return self._grouped_starts((command_id, attempt, name, worker, timedelta(seconds=lease)))
-        with self._one(relaxed=True) as conn:
-            row = conn.execute(self._start_stmt, {**params, **self._p_times(p_lease=lease)}).first()
-        return Started(**row._mapping) if row else None
-
-    @functools.cached_property
-    def _hot_start(self) -> Prepared:
-        return prepared(self.engine, self._start_stmt, f"{self.prefix}start", {"p_lease": timedelta})
-
-    @functools.cached_property
-    def _grouped_starts(self) -> Grouped[StartWanted, Started | None]:
-        """Starts of this process's handler threads: one alone goes at once; those that queue up while one is in
-        flight go next, in one round trip (see grouped.py)."""
-        return Grouped(self._start_one, self._start_many)
-
-    def _start_values(self, wanted: StartWanted) -> list[bytes | None]:
-        command_id, attempt, name, worker, lease = wanted
-        given = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker, "p_lease": lease}
-        return self._hot_start.values(given)
-
-    def _start_one(self, wanted: StartWanted) -> Started | None:
-        assert self._hot is not None
-        rows = self._hot.run(self._relaxed is not None, self._hot_start, self._start_values(wanted), START_LANE)
-        return Started(*rows[0]) if rows else None
-
-    def _start_many(self, wanted: Sequence[StartWanted]) -> list[Started | None]:
-        """Several starts in one round trip: the single start's statement once per attempt (each under its own
-        fence and primary-key plan), pipelined in one transaction."""
-        assert self._hot is not None
-        order = sorted(range(len(wanted)), key=lambda i: wanted[i][0])  # rows locked in one order by every process
-        each = [self._start_values(wanted[i]) for i in order]
-        firsts = self._hot.run_each(self._relaxed is not None, self._hot_start, each, START_LANE)
-        answers: list[Started | None] = [None] * len(wanted)
-        for i, first in zip(order, firsts, strict=True):
-            answers[i] = None if first is None else Started(*first)
-        return answers
+    """An attempt's life on the worker once started: renew, heartbeat, every fenced ending."""
 
     @functools.cached_property
     def _hot_complete_many(self) -> Prepared:
         return prepared(self.engine, self._complete_many_stmt, f"{self.prefix}complete_many")
-
-    @functools.cached_property
-    def _start_stmt(self) -> sa.Update:
-        t = self.table
-        return (
-            sa.update(t)
-            .where(
-                *self._p_fence(Status.DISPATCHED),
-                t.c.name == sa.bindparam("p_name", type_=t.c.name.type),
-                ~self._paused(),
-                sa.or_(t.c.expires_at.is_(None), t.c.expires_at > self._p_now()),
-            )
-            .values(
-                status=Status.RUNNING,
-                started_at=self._p_now(),
-                lease_expires_at=self._p_later("p_lease"),
-                worker=sa.bindparam("p_worker", type_=t.c.worker.type),
-            )
-            .returning(*(t.c[f.name] for f in dataclasses.fields(Started)))  # in Started's order
-        )
-
-    def expire(self, command_id: uuid.UUID, attempt: int) -> bool:
-        """A dispatched attempt whose command expired before it started: ``expired``, nothing run or chained."""
-        t = self.table
-        stmt = (
-            sa.update(t)
-            .where(
-                t.c.id == command_id,
-                t.c.status == Status.DISPATCHED,
-                t.c.attempt == attempt,
-                t.c.expires_at.is_not(None),
-                t.c.expires_at <= self._now(),
-            )
-            .values(
-                status=Status.EXPIRED, outcome=AttemptOutcome.EXPIRED, finished_at=self._now(), lease_expires_at=None
-            )
-            .returning(t.c.batch_id)
-        )
-        with self._one() as conn:
-            row = conn.execute(stmt).first()
-        if row is None:
-            return False
-        self.settle_batches([row.batch_id])
-        return True
 
     def renew(self, attempts: Sequence[tuple[uuid.UUID, int]], lease: float) -> dict[tuple[uuid.UUID, int], bool]:
         """Keep the leases of attempts still running in this process alive: at least now + ``lease``.
@@ -160,17 +59,6 @@ class AttemptStatements(StoreBase):
         with self._one(relaxed=True) as conn:
             rows = conn.execute(stmt).all()
         return {(r.id, r.attempt): r.cancel_requested_at is not None for r in rows}
-
-    def hold_back(self, command_id: uuid.UUID, attempt: int) -> bool:
-        """A dispatched attempt whose command was paused before it started: back to pending, no retry used."""
-        t = self.table
-        stmt = (
-            sa.update(t)
-            .where(t.c.id == command_id, t.c.status == Status.DISPATCHED, t.c.attempt == attempt, self._paused())
-            .values(status=Status.PENDING, lease_expires_at=None)
-        )
-        with self._one() as conn:
-            return bool(conn.execute(stmt).rowcount == 1)
 
     def complete(self, command_id: uuid.UUID, attempt: int, output: Any, children: Sequence[Row] | Plan) -> bool:
         """Record success and insert the on-success commands, in one transaction; False if fenced out."""

@@ -55,6 +55,18 @@ class Dispatch:
     trace: dict[str, str] | None = None
 
 
+#: Sent first in the transaction of a statement over many rows named by id (a batch of successes, a group of
+#: starts): it is planned once for any values (a generic plan: the fence's status stays a parameter, so no partial
+#: index over one status looks like a way in) and reaches its rows by an index only. It joins a JSON document
+#: PostgreSQL estimates at 100 rows; planned as it came, a hash join over a sequential scan looked cheaper than
+#: probing the primary key on tables of up to tens of thousands of rows (analysed or not), and each batch of ten
+#: successes read the whole table; a custom plan of a fresh table walked every running row. With sequential scans
+#: off, ``id = ANY(ids)`` over the primary key is the way in.
+BY_KEY_ONLY = (
+    "SELECT set_config('plan_cache_mode', 'force_generic_plan', true), set_config('enable_seqscan', 'off', true)"
+)
+
+
 @dataclass(frozen=True)
 class Started:
     """What a worker learns when it claims an attempt (dispatched → running)."""

@@ -324,15 +324,21 @@ class _HotPath:
         self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]], lane: str | None = None
     ) -> list[tuple[Any, ...] | None]:
         """Run a prepared statement once per set of values in ONE transaction and one round trip (a libpq
-        pipeline with one sync at its end, which PostgreSQL runs as one implicit transaction: a failing
-        statement rolls the others back); each one's first row or None."""
+        pipeline with one sync at its end: a failing statement rolls the others back); each one's first row."""
         return [rows[0] if rows else None for rows in self._send(relaxed, statement, each, True, lane)]
+
+    def run_after(
+        self, relaxed: bool, setup: bytes, statement: Prepared, values: Sequence[bytes | None], lane: str | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Run ``setup`` (a statement without parameters: a ``set_config(..., true)``) then a prepared statement, in
+        ONE transaction and one round trip (a libpq pipeline with one sync at its end); the statement's rows."""
+        return self._send(relaxed, statement, [values], True, lane, setup)[0]
 
     def send_each(
         self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]], setup: bytes = b""
     ) -> InFlight:
-        """:meth:`run_each` without waiting: the statements are sent in one pipeline (one transaction), after
-        ``setup`` if given, and the caller goes on; :meth:`InFlight.wait` returns each statement's rows."""
+        """A prepared statement once per set of values, in ONE transaction (after ``setup``, if given), sent in one
+        libpq pipeline without waiting: the caller goes on; :meth:`InFlight.wait` returns each statement's rows."""
         import psycopg
 
         held = self._held(relaxed)

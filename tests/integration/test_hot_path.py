@@ -21,7 +21,8 @@ from sqlalchemy import event
 
 from orch_outbox import Outbox
 from orch_outbox.store import make_engine
-from orch_outbox.store.attempts import START_LANE
+from orch_outbox.store import starts as starts_mod
+from orch_outbox.store.starts import START_LANE
 from orch_outbox.testing import wait_until
 
 from conftest import PG_URL
@@ -157,26 +158,44 @@ def test_a_connection_lost_when_its_statements_are_prepared_again_is_replaced(
     assert store._hot._held(relaxed, START_LANE) is not dead[0] and store._hot._held(False) is not dead[1]
 
 
-def test_starts_grouped_in_one_round_trip_are_each_fenced(make_outbox: Callable[..., Outbox]) -> None:
-    """Guarantee 3 for the starts of a threads pool sent together: in one group, the attempt that holds its row
-    starts (under its own worker name); a duplicate of it, an attempt number that never held a row and a
-    canceled command start nothing; each caller gets its own answer, in order."""
+@pytest.mark.parametrize("one_statement", [True, False], ids=["one-statement", "pipelined"])
+def test_starts_grouped_in_one_round_trip_are_each_fenced(
+    make_outbox: Callable[..., Outbox], monkeypatch: pytest.MonkeyPatch, one_statement: bool
+) -> None:
+    """Guarantee 3 for the starts of a threads pool sent together, in both forms a group takes (one statement from
+    ``START_MANY_MIN`` starts, one statement each below): in one group, the attempt that holds its row starts
+    (under its own worker name, for the first caller that asked for it); a duplicate of it, an attempt number that
+    never held a row, a canceled command and a command whose target is paused start nothing; each caller gets
+    its own answer, in order."""
+    monkeypatch.setattr(starts_mod, "START_MANY_MIN", 2 if one_statement else 100)
     outbox, (held, canceled), claimed = _claimed(make_outbox, "hp-group")
     store = outbox.store
     assert outbox.cancel(canceled)
+
+    @outbox.command(target="hp-group-paused")
+    def other(n: int) -> int:
+        return n
+
+    paused = other.push(outbox.engine, 3)
+    claimed.update({d.id: d.attempt for d in store.claim(10, 60)})
+    assert outbox.pause(target="hp-group-paused")
     lease = timedelta(seconds=90)
     wanted = [
         (held, claimed[held] + 1, "job", "w-stale", lease),
         (held, claimed[held], "job", "w-one", lease),
         (canceled, claimed[canceled], "job", "w-canceled", lease),
         (held, claimed[held], "job", "w-again", lease),  # the same message delivered twice, in the same group
+        (paused, claimed[paused], "other", "w-paused", lease),
     ]
     answers = store._start_many(wanted)
-    assert [a is not None for a in answers] == [False, True, False, False]
+    assert [a is not None for a in answers] == [False, True, False, False, False]
     assert answers[1] is not None and (answers[1].id, answers[1].input) == (held, {"n": 1})
     row = outbox.get(held)
     assert (row.status, row.worker) == ("running", "w-one")
+    assert row.lease_expires_at is not None and row.started_at is not None
+    assert 85 < (row.lease_expires_at - row.started_at).total_seconds() <= 90
     assert outbox.get(canceled).status == "canceled"
+    assert outbox.get(paused).status == "dispatched"
 
 
 def test_the_starts_of_a_process_share_one_connection(make_outbox: Callable[..., Outbox]) -> None:

@@ -17,8 +17,9 @@ import pytest
 import sqlalchemy as sa
 
 from orch_outbox import Outbox
-from orch_outbox.store.attempts import BY_KEY_ONLY, START_LANE
+from orch_outbox.store.base import BY_KEY_ONLY
 from orch_outbox.store.hotpath import Prepared
+from orch_outbox.store.starts import START_LANE
 from orch_outbox.uuid7 import uuid7
 
 pytestmark = pytest.mark.pg
@@ -142,25 +143,37 @@ def _done(ids: list[Any]) -> dict[str, str]:
     return {"p_ids": "{" + ",".join(map(str, ids)) + "}", "p_done": f"[{done}]"}
 
 
+def _wanted(ids: list[Any]) -> dict[str, str]:
+    """The values of the grouped starts' statement starting attempt 1 of ``ids``."""
+    wanted = ",".join(f'{{"id": "{i}", "attempt": 1, "name": "noop", "worker": "w", "lease": "60 s"}}' for i in ids)
+    return {"p_ids": "{" + ",".join(map(str, ids)) + "}", "p_wanted": f"[{wanted}]"}
+
+
+@pytest.mark.parametrize("statement", ["complete_many", "start_many"])
 @pytest.mark.parametrize(("rows", "analysed"), [(40, False), (ROWS, False), (ROWS, True)])
-def test_batched_successes_reach_their_rows_by_the_primary_key(
-    make_outbox: Callable[..., Outbox], rows: int, analysed: bool
+def test_statements_over_many_rows_reach_them_by_the_primary_key(
+    make_outbox: Callable[..., Outbox], rows: int, analysed: bool, statement: str
 ) -> None:
-    """Proves recording a batch of successes costs a primary-key probe per success, never a walk over the table,
-    whatever its statistics: fresh, grown and never analysed, analysed. The statement joins a JSON document that
-    PostgreSQL estimates at 100 rows; planned as it comes, that was a hash join over a sequential scan of every row
-    on the first two (and on analysed tables of up to tens of thousands of rows), and a custom plan of the fresh
-    table walked the partial index of unfinished rows. Run after ``BY_KEY_ONLY``, as the worker runs it, the
-    statement has one plan for any values (generic), through the primary key."""
+    """Proves recording a batch of successes, and starting a group of attempts, costs a primary-key probe per row,
+    never a walk over the table, whatever its statistics: fresh, grown and never analysed, analysed. Each statement
+    joins a JSON document that PostgreSQL estimates at 100 rows; planned as it comes, that was a hash join over a
+    sequential scan of every row on the first two (and on analysed tables of up to tens of thousands of rows), and
+    a custom plan of the fresh table walked the partial index of unfinished rows. Run after ``BY_KEY_ONLY``, as
+    the worker runs them, each has one plan for any values (generic), through the primary key."""
     outbox = make_outbox()
-    ids = _fill(outbox, "running", rows=rows)
+    store = outbox.store
+    ids = _fill(outbox, "running" if statement == "complete_many" else "dispatched", rows=rows)
     if analysed:
         _analyse(outbox)
-    given = _done(ids[rows // 2 : rows // 2 + 10])
-    table = outbox.store.table.name
-    [_, plan] = _prepared_plans(outbox, outbox.store._hot_complete_many, given, BY_KEY_ONLY)  # only ever generic
-    assert f"{table}_pkey" in plan and "Index Cond: (id = ANY ($" in plan, plan
-    assert f"Seq Scan on {table} " not in plan, plan
+    some = ids[rows // 2 : rows // 2 + 10]
+    hot, given = (
+        (store._hot_complete_many, _done(some))
+        if statement == "complete_many"
+        else (store._hot_start_many, _wanted(some))
+    )
+    [_, plan] = _prepared_plans(outbox, hot, given, BY_KEY_ONLY)  # only ever generic
+    assert f"{store.table.name}_pkey" in plan and "Index Cond: (id = ANY ($" in plan, plan
+    assert f"Seq Scan on {store.table.name} " not in plan, plan
 
 
 #: Rows in the table when it was last analysed, in a quiet outbox (autovacuum analyses a small table as well).

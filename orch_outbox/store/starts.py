@@ -1,0 +1,182 @@
+"""An attempt's start on the worker (dispatched → running), alone or grouped, and the ways it does not start."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from ..states import AttemptOutcome, Status
+from .base import BY_KEY_ONLY, Started, StoreBase
+from .grouped import Grouped
+from .hotpath import Prepared, prepared
+
+#: The connection every start of a process goes on: the grouped starts send one call at a time, so one connection
+#: serves all the handler threads (a threads pool holds one session for its starts, not one per thread).
+START_LANE = "start"
+#: A start asked for: (command id, attempt, name, worker, lease).
+StartWanted = tuple[uuid.UUID, int, str, str, timedelta]
+#: Fewest starts of one group sent as one statement (fewer go as one statement each, in one pipeline).
+START_MANY_MIN = 4
+
+
+class StartStatements(StoreBase):
+    """An attempt's start: claimed for a worker, or expired or held back by a pause before it started."""
+
+    def start(self, command_id: uuid.UUID, attempt: int, name: str, worker: str, lease: float) -> Started | None:
+        """Claim one attempt for a worker (dispatched → running); None if it is not this attempt's to run."""
+        params = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker}
+        if self._hot is not None:
+            return self._grouped_starts((command_id, attempt, name, worker, timedelta(seconds=lease)))
+        with self._one(relaxed=True) as conn:
+            row = conn.execute(self._start_stmt, {**params, **self._p_times(p_lease=lease)}).first()
+        return Started(**row._mapping) if row else None
+
+    @functools.cached_property
+    def _hot_start(self) -> Prepared:
+        return prepared(self.engine, self._start_stmt, f"{self.prefix}start", {"p_lease": timedelta})
+
+    @functools.cached_property
+    def _grouped_starts(self) -> Grouped[StartWanted, Started | None]:
+        """Starts of this process's handler threads: one alone goes at once; those that queue up while one is in
+        flight go next, in one round trip (see grouped.py)."""
+        return Grouped(self._start_one, self._start_many)
+
+    def _start_values(self, wanted: StartWanted) -> list[bytes | None]:
+        command_id, attempt, name, worker, lease = wanted
+        given = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker, "p_lease": lease}
+        return self._hot_start.values(given)
+
+    def _start_one(self, wanted: StartWanted) -> Started | None:
+        assert self._hot is not None
+        rows = self._hot.run(self._relaxed is not None, self._hot_start, self._start_values(wanted), START_LANE)
+        return Started(*rows[0]) if rows else None
+
+    def _start_many(self, wanted: Sequence[StartWanted]) -> list[Started | None]:
+        """Several starts in one round trip and one transaction: from ``START_MANY_MIN`` in one statement (see
+        :meth:`_start_many_stmt`), fewer as the single start's statement once per attempt, pipelined (cheaper for
+        PostgreSQL than the set-up and the join of the one statement, measured on Redis's mostly small groups)."""
+        assert self._hot is not None
+        if len(wanted) < START_MANY_MIN:
+            order = sorted(range(len(wanted)), key=lambda i: wanted[i][0])  # rows locked in one order by all
+            each = [self._start_values(wanted[i]) for i in order]
+            firsts = self._hot.run_each(self._relaxed is not None, self._hot_start, each, START_LANE)
+            answers: list[Started | None] = [None] * len(wanted)
+            for i, one in zip(order, firsts, strict=True):
+                answers[i] = None if one is None else Started(*one)
+            return answers
+        # An attempt asked for twice in one group (the same message delivered twice) is sent once, for the first.
+        first = {(w[0], w[1]): i for i, w in reversed(list(enumerate(wanted)))}  # each attempt's first caller
+        ids = ",".join(str(cid) for cid, _ in first)
+        rows = ",".join(
+            f'{{"id":"{cid}","attempt":{attempt},"name":{json.dumps(name)},"worker":{json.dumps(worker)},'
+            f'"lease":"{lease.total_seconds()!r} seconds"}}'
+            for cid, attempt, name, worker, lease in (wanted[i] for i in first.values())
+        )
+        statement = self._hot_start_many
+        values = statement.values({"p_ids": f"{{{ids}}}", "p_wanted": f"[{rows}]"})
+        found = self._hot.run_after(self._relaxed is not None, BY_KEY_ONLY.encode(), statement, values, START_LANE)
+        started = {(row[0], row[3]): Started(*row) for row in found}
+        return [started.get((w[0], w[1])) if first[w[0], w[1]] == i else None for i, w in enumerate(wanted)]
+
+    @functools.cached_property
+    def _hot_start_many(self) -> Prepared:
+        return prepared(self.engine, self._start_many_stmt, f"{self.prefix}start_many")
+
+    @functools.cached_property
+    def _start_many_stmt(self) -> sa.Update:
+        """Starts of many attempts in ONE statement (PostgreSQL): ``p_ids``, their ids (an array), and ``p_wanted``,
+        a JSON array of ``{id, attempt, name, worker, lease}``; each row fenced as in :meth:`start`. Run after
+        :data:`BY_KEY_ONLY`, as the batches of successes are, for the same reasons."""
+        t = self.table
+        wanted = (
+            sa.func.jsonb_to_recordset(sa.bindparam("p_wanted", type_=t.c.input.type))
+            .table_valued(
+                sa.column("id", t.c.id.type),
+                sa.column("attempt", sa.Integer()),
+                sa.column("name", t.c.name.type),
+                sa.column("worker", t.c.worker.type),
+                sa.column("lease", sa.Interval()),
+            )
+            .render_derived(name="wanted", with_types=True)
+        )
+        return (
+            sa.update(t)
+            .where(
+                t.c.id == sa.any_(sa.bindparam("p_ids", type_=postgresql.ARRAY(t.c.id.type))),
+                t.c.id == wanted.c.id,
+                t.c.status == Status.DISPATCHED,
+                t.c.attempt == wanted.c.attempt,
+                t.c.name == wanted.c.name,
+                ~self._paused(),
+                sa.or_(t.c.expires_at.is_(None), t.c.expires_at > self._p_now()),
+            )
+            .values(
+                status=Status.RUNNING,
+                started_at=self._p_now(),
+                lease_expires_at=self._p_now() + wanted.c.lease,
+                worker=wanted.c.worker,
+            )
+            .returning(*(t.c[f.name] for f in dataclasses.fields(Started)))  # in Started's order
+        )
+
+    @functools.cached_property
+    def _start_stmt(self) -> sa.Update:
+        t = self.table
+        return (
+            sa.update(t)
+            .where(
+                *self._p_fence(Status.DISPATCHED),
+                t.c.name == sa.bindparam("p_name", type_=t.c.name.type),
+                ~self._paused(),
+                sa.or_(t.c.expires_at.is_(None), t.c.expires_at > self._p_now()),
+            )
+            .values(
+                status=Status.RUNNING,
+                started_at=self._p_now(),
+                lease_expires_at=self._p_later("p_lease"),
+                worker=sa.bindparam("p_worker", type_=t.c.worker.type),
+            )
+            .returning(*(t.c[f.name] for f in dataclasses.fields(Started)))  # in Started's order
+        )
+
+    def expire(self, command_id: uuid.UUID, attempt: int) -> bool:
+        """A dispatched attempt whose command expired before it started: ``expired``, nothing run or chained."""
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(
+                t.c.id == command_id,
+                t.c.status == Status.DISPATCHED,
+                t.c.attempt == attempt,
+                t.c.expires_at.is_not(None),
+                t.c.expires_at <= self._now(),
+            )
+            .values(
+                status=Status.EXPIRED, outcome=AttemptOutcome.EXPIRED, finished_at=self._now(), lease_expires_at=None
+            )
+            .returning(t.c.batch_id)
+        )
+        with self._one() as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            return False
+        self.settle_batches([row.batch_id])
+        return True
+
+    def hold_back(self, command_id: uuid.UUID, attempt: int) -> bool:
+        """A dispatched attempt whose command was paused before it started: back to pending, no retry used."""
+        t = self.table
+        stmt = (
+            sa.update(t)
+            .where(t.c.id == command_id, t.c.status == Status.DISPATCHED, t.c.attempt == attempt, self._paused())
+            .values(status=Status.PENDING, lease_expires_at=None)
+        )
+        with self._one() as conn:
+            return bool(conn.execute(stmt).rowcount == 1)
