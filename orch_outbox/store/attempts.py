@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
 from ..canvas import Plan
 from ..schema import (
@@ -143,22 +142,10 @@ class AttemptStatements(StoreBase):
         primary key whatever the table's statistics (see there); the join with the document then only pairs them.
         """
         t = self.table
-        json_type = t.c.output.type
-        done = (
-            sa.func.jsonb_to_recordset(sa.bindparam("p_done", type_=json_type))
-            .table_valued(
-                sa.column("id", t.c.id.type), sa.column("attempt", sa.Integer()), sa.column("output", json_type)
-            )
-            .render_derived(name="done", with_types=True)
-        )
+        done, fence = self._p_fence_many(Status.RUNNING, "done", sa.column("output", t.c.output.type))
         return (
             sa.update(t)
-            .where(
-                t.c.id == sa.any_(sa.bindparam("p_ids", type_=postgresql.ARRAY(t.c.id.type))),
-                t.c.id == done.c.id,
-                t.c.status == Status.RUNNING,
-                t.c.attempt == done.c.attempt,
-            )
+            .where(*fence)
             .values(
                 status=Status.COMPLETED,
                 outcome=AttemptOutcome.SUCCESS,

@@ -308,6 +308,23 @@ class StoreBase:
             t.c.attempt == sa.bindparam("p_attempt", type_=sa.Integer()),
         ]
 
+    def _p_fence_many(self, status: str, name: str, *columns: sa.ColumnClause[Any]) -> tuple[Any, list[Any]]:
+        """The fence of a prebuilt statement over many commands (PostgreSQL), each in ``status`` under its attempt:
+        their values as table ``name`` (``id``, ``attempt`` and ``columns``) read from the JSON document
+        ``p_{name}``, and the conditions joining it, the rows reached by ``id = ANY(p_ids)`` (see BY_KEY_ONLY)."""
+        t = self.table
+        rows = (
+            sa.func.jsonb_to_recordset(sa.bindparam(f"p_{name}", type_=t.c.input.type))
+            .table_valued(sa.column("id", t.c.id.type), sa.column("attempt", sa.Integer()), *columns)
+            .render_derived(name=name, with_types=True)
+        )
+        return rows, [
+            t.c.id == sa.any_(sa.bindparam("p_ids", type_=postgresql.ARRAY(t.c.id.type))),
+            t.c.id == rows.c.id,
+            t.c.status == status,
+            t.c.attempt == rows.c.attempt,
+        ]
+
     def _p_times(self, **seconds: float) -> dict[str, Any]:
         if self._db_clock:
             return {name: timedelta(seconds=value) for name, value in seconds.items()}

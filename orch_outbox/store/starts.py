@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from datetime import timedelta
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql
 
 from ..states import AttemptOutcome, Status
 from .base import BY_KEY_ONLY, Started, StoreBase
@@ -95,24 +94,17 @@ class StartStatements(StoreBase):
         a JSON array of ``{id, attempt, name, worker, lease}``; each row fenced as in :meth:`start`. Run after
         :data:`BY_KEY_ONLY`, as the batches of successes are, for the same reasons."""
         t = self.table
-        wanted = (
-            sa.func.jsonb_to_recordset(sa.bindparam("p_wanted", type_=t.c.input.type))
-            .table_valued(
-                sa.column("id", t.c.id.type),
-                sa.column("attempt", sa.Integer()),
-                sa.column("name", t.c.name.type),
-                sa.column("worker", t.c.worker.type),
-                sa.column("lease", sa.Interval()),
-            )
-            .render_derived(name="wanted", with_types=True)
+        wanted, fence = self._p_fence_many(
+            Status.DISPATCHED,
+            "wanted",
+            sa.column("name", t.c.name.type),
+            sa.column("worker", t.c.worker.type),
+            sa.column("lease", sa.Interval()),
         )
         return (
             sa.update(t)
             .where(
-                t.c.id == sa.any_(sa.bindparam("p_ids", type_=postgresql.ARRAY(t.c.id.type))),
-                t.c.id == wanted.c.id,
-                t.c.status == Status.DISPATCHED,
-                t.c.attempt == wanted.c.attempt,
+                *fence,
                 t.c.name == wanted.c.name,
                 ~self._paused(),
                 sa.or_(t.c.expires_at.is_(None), t.c.expires_at > self._p_now()),
