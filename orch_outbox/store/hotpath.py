@@ -172,7 +172,7 @@ def _pipelined(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]],
 
 def _send_pipeline(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]], setup: bytes = b"") -> None:
     """Send one prepared statement per set of values and a single sync (one implicit transaction), unread;
-    ``setup`` first, if given: a statement without parameters for that transaction (a ``SET LOCAL``)."""
+    ``setup`` first, if given: a statement without parameters for that transaction (a ``set_config(..., true)``)."""
     from psycopg import pq
 
     pgconn.enter_pipeline_mode()
