@@ -42,12 +42,15 @@ def _required(node: ast.AST, function: ast.FunctionDef) -> set[Status]:
                 found |= _statuses(n.args[0])
             elif n.func.attr == "_fence":
                 found.add(Status.RUNNING)
-            elif n.func.attr == "_p_fence":
+            elif n.func.attr in ("_p_fence", "_p_fence_many"):
                 found |= _statuses(n.args[0])
         elif isinstance(n, ast.Starred) and isinstance(n.value, ast.Name):
             for assign in ast.walk(function):  # ``fence = (...)`` defined in the same function
+                names = [
+                    e for t in getattr(assign, "targets", []) for e in (t.elts if isinstance(t, ast.Tuple) else [t])
+                ]
                 if isinstance(assign, ast.Assign) and any(
-                    isinstance(t, ast.Name) and t.id == n.value.id for t in assign.targets
+                    isinstance(t, ast.Name) and t.id == n.value.id for t in names
                 ):
                     found |= _required(assign.value, function)
     return found
