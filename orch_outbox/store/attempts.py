@@ -114,8 +114,7 @@ class AttemptStatements(StoreBase):
         done = ",".join(
             f'{{"id":"{cid}","attempt":{attempt},"output":{to_json(output)}}}' for cid, attempt, output in ordered
         )
-        ids = ",".join(str(cid) for cid, _, _ in ordered)
-        values = statement.values({"p_ids": f"{{{ids}}}", "p_done": f"[{done}]"})
+        values = statement.values({"p_ids": [cid for cid, _, _ in ordered], "p_done": f"[{done}]"})
         sent = hot.send_each(False, statement, [values], BY_KEY_ONLY.encode())
 
         def answer() -> set[uuid.UUID]:

@@ -104,6 +104,8 @@ def _text(value: Any) -> bytes | None:
         return f"{value.total_seconds()!r} seconds".encode()
     if isinstance(value, datetime):
         return value.isoformat().encode()
+    if isinstance(value, (list, tuple)) and all(type(v) in (uuid.UUID, int) for v in value):  # an array of keys
+        return ("{" + ",".join(map(str, value)) + "}").encode()
     raise TypeError(f"no text form for a parameter of type {type(value).__name__}")
 
 
@@ -323,15 +325,13 @@ class _HotPath:
     def run_each(
         self, relaxed: bool, statement: Prepared, each: Sequence[Sequence[bytes | None]], lane: str | None = None
     ) -> list[tuple[Any, ...] | None]:
-        """Run a prepared statement once per set of values in ONE transaction and one round trip (a libpq
-        pipeline with one sync at its end: a failing statement rolls the others back); each one's first row."""
+        """A prepared statement once per set of values in ONE transaction and round trip; each one's first row."""
         return [rows[0] if rows else None for rows in self._send(relaxed, statement, each, True, lane)]
 
     def run_after(
         self, relaxed: bool, setup: bytes, statement: Prepared, values: Sequence[bytes | None], lane: str | None = None
     ) -> list[tuple[Any, ...]]:
-        """Run ``setup`` (a statement without parameters: a ``set_config(..., true)``) then a prepared statement, in
-        ONE transaction and one round trip (a libpq pipeline with one sync at its end); the statement's rows."""
+        """``setup`` (a ``set_config``), then a prepared statement: ONE transaction and round trip; its rows."""
         return self._send(relaxed, statement, [values], True, lane, setup)[0]
 
     def send_each(

@@ -62,24 +62,34 @@ class StartStatements(StoreBase):
         :meth:`_start_many_stmt`), fewer as the single start's statement once per attempt, pipelined (cheaper for
         PostgreSQL than the set-up and the join of the one statement, measured on Redis's mostly small groups)."""
         assert self._hot is not None
-        if len(wanted) < START_MANY_MIN:
-            order = sorted(range(len(wanted)), key=lambda i: wanted[i][0])  # rows locked in one order by all
-            each = [self._start_values(wanted[i]) for i in order]
-            firsts = self._hot.run_each(self._relaxed is not None, self._hot_start, each, START_LANE)
-            answers: list[Started | None] = [None] * len(wanted)
-            for i, one in zip(order, firsts, strict=True):
-                answers[i] = None if one is None else Started(*one)
-            return answers
-        # An attempt asked for twice in one group (the same message delivered twice) is sent once, for the first.
+        if len(wanted) >= START_MANY_MIN:
+            return self._start_in_one(wanted)
+        order = sorted(range(len(wanted)), key=lambda i: wanted[i][0])  # rows locked in one order by every process
+        each = [self._start_values(wanted[i]) for i in order]
+        firsts = self._hot.run_each(self._relaxed is not None, self._hot_start, each, START_LANE)
+        answers: list[Started | None] = [None] * len(wanted)
+        for i, one in zip(order, firsts, strict=True):
+            answers[i] = None if one is None else Started(*one)
+        return answers
+
+    def _start_in_one(self, wanted: Sequence[StartWanted]) -> list[Started | None]:
+        """A group of starts as one statement; an attempt asked for twice in it (the same message delivered twice)
+        is sent once, for its first caller."""
+        assert self._hot is not None
         first = {(w[0], w[1]): i for i, w in reversed(list(enumerate(wanted)))}  # each attempt's first caller
-        ids = ",".join(str(cid) for cid, _ in first)
-        rows = ",".join(
-            f'{{"id":"{cid}","attempt":{attempt},"name":{json.dumps(name)},"worker":{json.dumps(worker)},'
-            f'"lease":"{lease.total_seconds()!r} seconds"}}'
-            for cid, attempt, name, worker, lease in (wanted[i] for i in first.values())
-        )
+        sent = [wanted[i] for i in first.values()]
+        document = [
+            {
+                "id": str(cid),
+                "attempt": attempt,
+                "name": name,
+                "worker": worker,
+                "lease": f"{lease.total_seconds()!r} s",
+            }
+            for cid, attempt, name, worker, lease in sent
+        ]
         statement = self._hot_start_many
-        values = statement.values({"p_ids": f"{{{ids}}}", "p_wanted": f"[{rows}]"})
+        values = statement.values({"p_ids": [w[0] for w in sent], "p_wanted": json.dumps(document)})
         found = self._hot.run_after(self._relaxed is not None, BY_KEY_ONLY.encode(), statement, values, START_LANE)
         started = {(row[0], row[3]): Started(*row) for row in found}
         return [started.get((w[0], w[1])) if first[w[0], w[1]] == i else None for i, w in enumerate(wanted)]
