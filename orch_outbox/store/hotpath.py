@@ -129,11 +129,9 @@ class _Held:
 #: 200 000 rows instead of 0.1 ms). Prepared again, a statement is planned on the table's size then.
 REPLAN_SECONDS = 2.0
 
-
 #: SQLSTATEs after which a statement is prepared again and run once more: it no longer exists on the
 #: connection (a pooler reset the session), or a schema change altered its result.
 _PREPARE_AGAIN = {"26000", "0A000"}
-
 
 #: libpq's statuses of a statement that succeeded (TUPLES_OK, COMMAND_OK; psycopg's ExecStatus values)
 _OK = frozenset({2, 1})
@@ -252,9 +250,11 @@ class InFlight:
         import psycopg
 
         held = self._held
-        held.inflight = None
         try:
-            results = _read_pipeline(held.cursor.connection.pgconn, bool(self._setup))
+            try:
+                results = _read_pipeline(held.cursor.connection.pgconn, bool(self._setup))
+            finally:  # only now may the connection serve again: until then its thread waits for this read
+                held.inflight = None
             failed = next((r for r in results if not _ok(r)), None)
             if failed is not None and _sqlstate(failed) in _PREPARE_AGAIN:
                 _forget(held, self._statement.name)  # the statement went: sent again, and waited for, here
@@ -284,7 +284,6 @@ class _HotPath:
     cursor still about a hundred. :meth:`run` sends a :class:`Prepared` statement through
     libpq itself (one call that waits with the GIL released) and loads the rows with the
     connection's own loaders: the same values a cursor returns, for a third of the CPU.
-    The SQL is compiled once from the store's SQLAlchemy statements.
 
     Each thread has its own connections (one per durability), made by the engine on
     first use (so its ``connect_args`` and ``connect`` events apply), then detached from
@@ -472,8 +471,10 @@ class _HotPath:
         with self._lock:
             keys = [k for k, v in self._conns.items() if v.cursor.connection is conn]
             held = self._conns.pop(keys[0]) if keys else None
-        with contextlib.suppress(Exception):
-            (held.pooled if held is not None else conn).close()
+        with contextlib.suppress(Exception):  # closed without the pool's reset: its rollback fails mid-pipeline
+            conn.close()
+            if held is not None:
+                held.pooled.invalidate()
 
     def _close_dead_threads(self) -> None:
         alive = {t.ident for t in threading.enumerate()}

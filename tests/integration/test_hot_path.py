@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from orch_outbox import Outbox
-from orch_outbox.store import make_engine
+from orch_outbox.store import hotpath, make_engine
 from orch_outbox.store import starts as starts_mod
 from orch_outbox.store.starts import START_LANE
 from orch_outbox.testing import wait_until
@@ -232,3 +232,82 @@ def test_the_starts_of_a_process_share_one_connection(make_outbox: Callable[...,
             {"start": f"UPDATE {table} SET status=%started_at%"},
         ).scalar_one()
     assert sessions == 1
+
+
+class _NoticedLock:
+    """A lock that tells when a second caller comes for it while it is held."""
+
+    def __init__(self, noticed: threading.Event) -> None:
+        self.lock, self._noticed = threading.Lock(), noticed
+
+    def __enter__(self) -> None:
+        if self.lock.locked():
+            self._noticed.set()
+        self.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def test_a_batch_read_on_another_thread_keeps_its_connection_until_read(
+    make_outbox: Callable[..., Outbox], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Proves a batch of successes sent without waiting (a prefork child's write-back) and read on another thread
+    (the write-back's own, once the child went idle) holds its connection until that read ends: the sender's next
+    batch on the same connection, asked for during the read, waits for it instead of going out on a connection
+    another thread is reading (which left the reader's pipeline busy, failed both and dropped the connection).
+    Both batches are recorded, each caller gets its own answer, and the connection is kept."""
+    outbox, (first, second), claimed = _claimed(make_outbox, "hp-inflight")
+    store, table = outbox.store, outbox.store.table
+    assert store._hot is not None
+    for command_id in (first, second):
+        assert store.start(command_id, claimed[command_id], "job", "w", 60) is not None
+    sent, go, moved_on = threading.Event(), threading.Event(), threading.Event()
+    answers: dict[str, Any] = {}
+    held: list[Any] = []
+
+    def sender() -> None:  # the handler's thread: a batch sent, later the next one on the same connection
+        answer = store.complete_many_soon([(first, claimed[first], 1)])
+        held.append(store._hot._conns[threading.get_ident(), False])
+        answers["read"] = answer
+        sent.set()
+        go.wait(10)
+        send_pipeline = hotpath._send_pipeline
+
+        def sending(*args: Any, **kwargs: Any) -> None:
+            send_pipeline(*args, **kwargs)
+            moved_on.set()  # went out during the other thread's read
+
+        monkeypatch.setattr(hotpath, "_send_pipeline", sending)
+        try:
+            answers["second"] = store.complete_many([(second, claimed[second], 2)])
+        except Exception as exc:
+            answers["second"] = exc
+        finally:
+            held.append(store._hot._conns.get((threading.get_ident(), False)))
+
+    def reader() -> None:  # the write-back's thread: reads the batch sent by the other
+        try:
+            answers["first"] = answers["read"]()
+        except Exception as exc:
+            answers["first"] = exc
+
+    with outbox.engine.connect() as admin:
+        admin.begin()
+        admin.execute(sa.select(table.c.id).where(table.c.id == first).with_for_update())  # the batch waits on it
+        sending_thread = threading.Thread(target=sender, daemon=True)
+        sending_thread.start()
+        assert sent.wait(10)
+        inflight = held[0].inflight
+        inflight._lock = _NoticedLock(moved_on)  # a second caller of wait(): the sender waiting for the read
+        reading_thread = threading.Thread(target=reader, daemon=True)
+        reading_thread.start()
+        wait_until(inflight._lock.lock.locked, 10, 0.005, "the other thread to read the batch")
+        go.set()
+        assert moved_on.wait(10), "the sender neither sent nor waited"
+        admin.rollback()
+    reading_thread.join(20)
+    sending_thread.join(20)
+    assert (answers.get("first"), answers.get("second")) == ({first}, {second})
+    assert held[1] is held[0], "the connection was dropped"
+    assert [outbox.get(i).output for i in (first, second)] == [1, 2]
