@@ -67,6 +67,7 @@ def run_one(name: str, run: Run, sizes: Sizes) -> Section:
     module_name, title, _ = SECTIONS[name]
     section = Section(name, title)
     started = time.monotonic()
+    first_process = len(common.STARTED)
     print(f"\n== {name}: {title} ({sizes.mode}) ==", flush=True)
     try:
         module = importlib.import_module(module_name)
@@ -79,6 +80,8 @@ def run_one(name: str, run: Run, sizes: Sizes) -> Section:
     finally:
         common.stop_all()
         section.seconds = time.monotonic() - started
+    # A measurement beside errors in its processes' logs is not one to trust: they are named with the figures.
+    section.notes.extend(f"errors logged: {found}" for found in common.logged_errors(common.STARTED[first_process:]))
     print_section(section)
     return section
 

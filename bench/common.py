@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import math
 import os
+import re
 import secrets
 import signal
 import socket
@@ -153,6 +154,10 @@ class Run:
 # -- subprocesses -------------------------------------------------------------------------
 
 _LIVE: set[Proc] = set()
+#: Every subprocess started in this run, in order (their logs are scanned for errors, see :func:`logged_errors`).
+STARTED: list[Proc] = []
+#: A line of a process log that reports an error: Celery's and logging's ``ERROR``/``CRITICAL`` records, a traceback.
+_ERROR_LINE = re.compile(r"(?:\bERROR\b|\bCRITICAL\b|^Traceback \(most recent call last\))")
 
 
 @dataclass(eq=False)
@@ -229,7 +234,21 @@ def start(role: str, argv: Sequence[str], env: Mapping[str, str], run: Run) -> P
         )
     proc = Proc(role, list(argv), log, popen)
     _LIVE.add(proc)
+    STARTED.append(proc)
     return proc
+
+
+def logged_errors(procs: Sequence[Proc]) -> list[str]:
+    """One line per log of ``procs`` that reports errors: how many error lines, the first of them, the log."""
+    found = []
+    for log in dict.fromkeys(proc.log for proc in procs):
+        try:
+            lines = [line for line in log.read_text(errors="replace").splitlines() if _ERROR_LINE.search(line)]
+        except FileNotFoundError:
+            continue
+        if lines:
+            found.append(f"{len(lines)} error line(s) in {log}, the first: {lines[0].strip()[:160]}")
+    return found
 
 
 def stop_all() -> None:
