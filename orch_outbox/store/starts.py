@@ -8,6 +8,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -30,9 +31,9 @@ class StartStatements(StoreBase):
 
     def start(self, command_id: uuid.UUID, attempt: int, name: str, worker: str, lease: float) -> Started | None:
         """Claim one attempt for a worker (dispatched → running); None if it is not this attempt's to run."""
-        params = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker}
         if self._hot is not None:
             return self._grouped_starts((command_id, attempt, name, worker, timedelta(seconds=lease)))
+        params = {"p_id": command_id, "p_attempt": attempt, "p_name": name, "p_worker": worker}
         with self._one(relaxed=True) as conn:
             row = conn.execute(self._start_stmt, {**params, **self._p_times(p_lease=lease)}).first()
         return Started(**row._mapping) if row else None
@@ -113,19 +114,14 @@ class StartStatements(StoreBase):
         )
         return (
             sa.update(t)
-            .where(
-                *fence,
-                t.c.name == wanted.c.name,
-                ~self._paused(),
-                sa.or_(t.c.expires_at.is_(None), t.c.expires_at > self._p_now()),
-            )
+            .where(*fence, t.c.name == wanted.c.name, *self._startable())
             .values(
                 status=Status.RUNNING,
                 started_at=self._p_now(),
                 lease_expires_at=self._p_now() + wanted.c.lease,
                 worker=wanted.c.worker,
             )
-            .returning(*(t.c[f.name] for f in dataclasses.fields(Started)))  # in Started's order
+            .returning(*self._started_columns())
         )
 
     @functools.cached_property
@@ -136,8 +132,7 @@ class StartStatements(StoreBase):
             .where(
                 *self._p_fence(Status.DISPATCHED),
                 t.c.name == sa.bindparam("p_name", type_=t.c.name.type),
-                ~self._paused(),
-                sa.or_(t.c.expires_at.is_(None), t.c.expires_at > self._p_now()),
+                *self._startable(),
             )
             .values(
                 status=Status.RUNNING,
@@ -145,8 +140,17 @@ class StartStatements(StoreBase):
                 lease_expires_at=self._p_later("p_lease"),
                 worker=sa.bindparam("p_worker", type_=t.c.worker.type),
             )
-            .returning(*(t.c[f.name] for f in dataclasses.fields(Started)))  # in Started's order
+            .returning(*self._started_columns())
         )
+
+    def _startable(self) -> list[sa.ColumnElement[bool]]:
+        """What a start, alone or grouped, asks of its row beyond the fence: its target not paused, not expired."""
+        t = self.table
+        return [~self._paused(), sa.or_(t.c.expires_at.is_(None), t.c.expires_at > self._p_now())]
+
+    def _started_columns(self) -> list[sa.Column[Any]]:
+        """What a start returns, in :class:`Started`'s order (its rows are read into one positionally)."""
+        return [self.table.c[f.name] for f in dataclasses.fields(Started)]
 
     def expire(self, command_id: uuid.UUID, attempt: int) -> bool:
         """A dispatched attempt whose command expired before it started: ``expired``, nothing run or chained."""
