@@ -9,8 +9,10 @@ through it.
 
 A group given as a subprocess is also split: ``<group> (main process)`` (the subprocess
 itself: a worker's consumer, and its handler threads on a threads pool) and ``<group> (pool
-processes)`` (its descendants: a prefork worker's children). Those parts are not added to
-the ``total`` again.
+processes)`` (its descendants: a prefork worker's children); the main process further into
+``<group> (main thread)`` (a worker's consumer: receiving, handing to the pool,
+acknowledging) and ``<group> (other threads)`` (on a threads pool, its handler threads and
+the outbox's own). Those parts are not added to the ``total`` again.
 """
 
 from __future__ import annotations
@@ -51,6 +53,16 @@ def snapshot() -> dict[int, Stat]:
     return stats
 
 
+def main_thread_ticks(pid: int) -> int:
+    """CPU ticks so far of a process's main thread alone (0 once it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = text.rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
 def _tree(stats: Mapping[int, Stat], root: int) -> set[int]:
     members, grew = {root}, True
     while grew:
@@ -67,12 +79,15 @@ class CpuMeter:
         """``roots``: group name → the pid of a subprocess whose whole tree is that group."""
         self.roots = dict(roots)
         self._before: dict[int, Stat] = {}
+        self._threads: dict[int, int] = {}
 
     def start(self) -> None:
+        self._threads = {root: main_thread_ticks(root) for root in self.roots.values()}
         self._before = snapshot()
 
     def stop(self) -> dict[str, float]:
         after = snapshot()
+        threads = {root: main_thread_ticks(root) - ticks for root, ticks in self._threads.items()}
         own = os.getpid()
         groups: dict[int, str] = {own: "bench"}
         for name, root in self.roots.items():
@@ -92,6 +107,11 @@ class CpuMeter:
             if name in self.roots:
                 part = f"{name}{PART}{'main process' if roots.get(pid) == name else 'pool processes'})"
                 spent[part] = spent.get(part, 0.0) + used
+        for name, root in self.roots.items():
+            if root in after and root in self._before:
+                main = threads[root] / CLOCK
+                spent[f"{name}{PART}main thread)"] = main
+                spent[f"{name}{PART}other threads)"] = spent.get(f"{name}{PART}main process)", 0.0) - main
         return spent
 
 

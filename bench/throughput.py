@@ -215,6 +215,8 @@ def procrastinate_run(run: Run, concurrency: int, n: int, warmup: int) -> Timed:
     return Timed(n, seconds)
 
 
+#: A threads pool's worker split by thread: the consumer's (the stage every message goes through) and the rest.
+THREAD_PARTS = ("worker (main thread)", "worker (other threads)")
 #: The smallest CPU per command a ratio is printed against.
 MEANINGFUL_MS = 0.01
 #: The process groups of the CPU breakdown, in the order printed.
@@ -222,6 +224,8 @@ CPU_GROUPS = (
     "worker",
     "worker (main process)",
     "worker (pool processes)",
+    "worker (main thread)",
+    "worker (other threads)",
     "relay",
     "postgres",
     "rabbitmq",
@@ -238,6 +242,8 @@ def cpu_rows(scenario: str, ours: Timed, base: Timed, groups: tuple[str, ...] = 
     for group in groups:
         value, baseline = ours.cpu.get(group, 0.0), base.cpu.get(group, 0.0)
         if group == "worker (main process)" and not forked:  # a threads pool: all of it is the worker row
+            continue
+        if group in THREAD_PARTS and forked:  # prefork: the main process is its consumer's thread, near enough
             continue
         if value or baseline:
             name = f"  CPU per command, {scenario}: {group}"
