@@ -48,9 +48,14 @@ def snapshot() -> dict[int, Stat]:
             continue
         head, _, tail = text.rpartition(")")
         comm = head.split("(", 1)[1]
-        fields = tail.split()
-        stats[int(entry)] = Stat(int(fields[1]), comm, int(fields[11]) + int(fields[12]))
+        stats[int(entry)] = Stat(int(tail.split()[1]), comm, _ticks(tail))
     return stats
+
+
+def _ticks(tail: str) -> int:
+    """utime + stime from the fields of a ``stat`` file after the name's closing parenthesis."""
+    fields = tail.split()
+    return int(fields[11]) + int(fields[12])
 
 
 def main_thread_ticks(pid: int) -> int:
@@ -59,8 +64,7 @@ def main_thread_ticks(pid: int) -> int:
         text = Path(f"/proc/{pid}/task/{pid}/stat").read_text()
     except OSError:
         return 0
-    fields = text.rpartition(")")[2].split()
-    return int(fields[11]) + int(fields[12])
+    return _ticks(text.rpartition(")")[2])
 
 
 def _tree(stats: Mapping[int, Stat], root: int) -> set[int]:
