@@ -21,7 +21,8 @@ from .browse import SORTS, BrowseStatements, Search
 from .claims import ClaimStatements
 from .flow import FlowStatements, LimitState
 from .listen import ListenStatements
-from .push import COPY_CHUNK_ROWS, COPY_MIN_ROWS, PENDING, PushStatements
+from .pending import PENDING
+from .push import COPY_CHUNK_ROWS, COPY_MIN_ROWS, PushStatements
 from .schedules import ScheduleStatements
 from .starts import StartStatements
 from .workers import WorkerStatements, job_key

@@ -167,7 +167,7 @@ def _sqlstate(result: Any) -> str | None:
 def _pipelined(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]], setup: bytes = b"") -> list[Any]:
     """Send one prepared statement per set of values and a single sync, then read every result."""
     _send_pipeline(pgconn, name, each, setup)
-    return _read_pipeline(pgconn, bool(setup))
+    return read_pipeline(pgconn, bool(setup))
 
 
 def _send_pipeline(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | None]], setup: bytes = b"") -> None:
@@ -189,8 +189,8 @@ def _send_pipeline(pgconn: Any, name: bytes, each: Sequence[Sequence[bytes | Non
         raise
 
 
-def _read_pipeline(pgconn: Any, setup: bool = False) -> list[Any]:
-    """Read the results of a pipeline sent by :func:`_send_pipeline`, up to its sync; leave pipeline mode
+def read_pipeline(pgconn: Any, setup: bool = False) -> list[Any]:
+    """Read the results of a pipeline (:func:`_send_pipeline`, pending.py's), up to its sync; leave pipeline mode
     (``setup``: it was sent with one, whose result is left out).
 
     libpq's ``PQgetResult`` would wait holding the GIL: the socket is polled here instead,
@@ -252,7 +252,7 @@ class InFlight:
         held = self._held
         try:
             try:
-                results = _read_pipeline(held.cursor.connection.pgconn, bool(self._setup))
+                results = read_pipeline(held.cursor.connection.pgconn, bool(self._setup))
             finally:  # only now may the connection serve again: until then its thread waits for this read
                 held.inflight = None
             failed = next((r for r in results if not _ok(r)), None)

@@ -6,19 +6,16 @@ import contextlib
 import functools
 import itertools
 import json
-import threading
 import uuid
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..canvas import Plan
-from ..errors import OutboxError, StoreUnavailable, UniqueConflict
+from ..errors import OutboxError, UniqueConflict
 from ..schema import (
     unique_scope,
 )
@@ -26,6 +23,7 @@ from .base import (
     Row,
     StoreBase,
 )
+from .pending import PENDING, Statement, driver, raise_driver_error
 
 #: Rows rendered per write of a COPY.
 COPY_CHUNK_ROWS = 2_000
@@ -39,14 +37,36 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 _COPY_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
-def _insert_sql(template: str, table: str, columns: Sequence[str], raw: Any) -> str:
-    """``template`` (``COPY {} ({}) …`` or ``INSERT INTO {} ({}) VALUES ({})``) with the table and columns quoted."""
+def _insert_sql(template: str, table: str, columns: Sequence[str], raw: Any, numbered: bool = False) -> str:
+    """``template`` (``COPY {} ({}) …`` or ``INSERT INTO {} ({}) VALUES ({})``) with the table and columns quoted;
+    the values' placeholders psycopg's (``%s``), or libpq's (``$1``...) if ``numbered``."""
     from psycopg import sql
 
     parts = [sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))]
     if template.count("{}") == 3:
-        parts.append(sql.SQL(", ").join(sql.Placeholder() * len(columns)))
+        count = len(columns)
+        marks = [sql.SQL(f"${i}") for i in range(1, count + 1)] if numbered else [sql.Placeholder()] * count
+        parts.append(sql.SQL(", ").join(marks))
     return str(sql.SQL(template).format(*parts).as_string(raw))
+
+
+def _param(value: Any, json_column: bool) -> bytes | None:
+    """A column's value as PostgreSQL's text input reads it (the server takes its type from the column)."""
+    if value is None:
+        return None
+    if json_column:
+        return (getattr(value, "text", None) or _COPY_JSON.encode(value)).encode()
+    if isinstance(value, bool):
+        return b"t" if value else b"f"
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime")
+        return value.isoformat().encode()
+    if isinstance(value, float):
+        return repr(value).encode()
+    if isinstance(value, str):
+        return str.encode(value)  # a str subclass (an enum's value) as its characters, whatever its __str__
+    return str(value).encode()
 
 
 class _CopyText:
@@ -129,86 +149,6 @@ def _raw_psycopg(conn: sa.Connection) -> bool:
     return conn.dialect.driver == "psycopg" and not conn.dialect.is_async
 
 
-def _driver(conn: sa.Connection) -> Any:
-    """The caller's psycopg connection, inside the caller's SQLAlchemy transaction.
-
-    SQLAlchemy begins a Connection's transaction at its first statement ("commit as you
-    go"). A statement sent to the driver directly does not count: the caller's
-    ``conn.commit()`` would then commit nothing and closing the connection would roll the
-    push back. So the transaction is begun first, as SQLAlchemy's own statement would.
-    """
-    if not conn.in_transaction():
-        conn.begin()
-    return conn.connection.driver_connection
-
-
-class _PendingPushes:
-    """Pushed rows written when their transaction runs its next statement, or commits.
-
-    A push inside the caller's transaction costs the caller validation and encoding
-    only; its INSERT goes with the transaction's next statement of any kind (so the
-    transaction's own queries see the row, in the order things were done), before a
-    savepoint is set, released or rolled back to, or at commit. The pushes made in
-    between share one round trip. A rollback drops them with the rest of the
-    transaction. Rows reach the database as they would have at push time: only the
-    moment differs, and a database error (not bad input, which push refuses at once)
-    is raised by that next statement or by the commit.
-
-    One per process (``PENDING``), listening once to each engine that pushed: SQLAlchemy
-    must see the transaction's statements, so SQL sent on the raw DBAPI connection
-    (``conn.connection.cursor()``) after a push does not write it first.
-    """
-
-    _BEFORE = ("before_execute", "commit", "savepoint", "rollback_savepoint", "release_savepoint", "prepare_twophase")
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held: weakref.WeakKeyDictionary[sa.Connection, list[tuple[_RowWriter, list[Row]]]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
-
-    def add(self, conn: sa.Connection, rows: Sequence[Row], write: _RowWriter) -> None:
-        """Hold ``rows`` for the caller's transaction on ``conn`` (begun now if it was not); ``write`` writes them."""
-        self._listen(conn.engine)
-        _driver(conn)
-        with self._lock:
-            held = self._held.setdefault(conn, [])
-            if held and held[-1][0] == write:
-                held[-1][1].extend(rows)
-            else:
-                held.append((write, list(rows)))
-
-    def flush(self, conn: sa.Connection, *_: Any) -> None:
-        """Write what ``conn``'s transaction holds, in push order (an event listener too: other arguments ignored)."""
-        if not self._held:  # every statement of the app comes here: the usual case takes no lock
-            return
-        with self._lock:
-            held = self._held.pop(conn, None)
-        for write, rows in held or ():
-            write(conn, rows)
-
-    def _drop(self, conn: sa.Connection) -> None:
-        if self._held:
-            with self._lock:
-                self._held.pop(conn, None)
-
-    def _listen(self, engine: sa.Engine) -> None:
-        with self._lock:
-            if engine in self._engines:
-                return
-            self._engines.add(engine)
-        for name in self._BEFORE:
-            event.listen(engine, name, self.flush)
-        event.listen(engine, "rollback", self._drop)
-
-
-_RowWriter = Callable[[sa.Connection, Sequence[Row]], None]
-
-
-PENDING = _PendingPushes()
-
-
 #: From this many rows in one push, PostgreSQL gets them through COPY instead of INSERT.
 COPY_MIN_ROWS = 50
 
@@ -245,7 +185,7 @@ class PushStatements(StoreBase):
         if len(plain) >= COPY_MIN_ROWS and raw_ok:
             self._copy(conn, plain)
         elif plain and raw_ok:
-            PENDING.add(conn, plain, self._write_rows)
+            PENDING.add(conn, plain, self)
         elif plain:  # one executemany per set of columns: rows of a chain step may lack some keys
             for _, group in itertools.groupby(plain, key=lambda r: tuple(sorted(r))):
                 conn.execute(sa.insert(self.table), list(group))
@@ -310,7 +250,7 @@ class PushStatements(StoreBase):
         """
         PENDING.flush(conn)  # earlier pushes of this transaction go first, as they were made
         text = _CopyText(columns, self._json_columns)
-        raw = _driver(conn)
+        raw = driver(conn)
         statement = _insert_sql("COPY {} ({}) FROM STDIN", self.table.name, text.columns, raw)
         line = text.line
         rest = iter(rows)
@@ -320,19 +260,20 @@ class PushStatements(StoreBase):
                 while chunk := list(itertools.islice(rest, COPY_CHUNK_ROWS)):
                     copy.write("".join([line(*row) for row in chunk]))
         except Exception as exc:
-            _raise_driver_error(exc, statement)
+            raise_driver_error(exc, statement)
 
-    def _write_rows(self, conn: sa.Connection, rows: Sequence[Row]) -> None:
+    def write_held(self, conn: sa.Connection, rows: Sequence[Row]) -> None:
         """Rows on the caller's psycopg connection, in the caller's transaction: prepared INSERTs, one round trip.
 
-        The pushes of a transaction, written when it runs its next statement or commits
-        (see :class:`_PendingPushes`). SQLAlchemy's execution layer would cost the caller
-        more than the INSERT itself; the statement is built once per column set, and
-        several rows of one set go as one pipelined ``executemany``.
+        The pushes of a transaction, written when it runs its next statement, or at its
+        commit when they cannot go with it (see pending.py and :meth:`held_statements`).
+        SQLAlchemy's execution layer would cost the caller more than the INSERT itself; the
+        statement is built once per column set, and several rows of one set go as one
+        pipelined ``executemany``.
         """
         from psycopg.types.json import Jsonb
 
-        raw = _driver(conn)
+        raw = driver(conn)
         statement = ""
         shapes: dict[tuple[str, ...], list[Row]] = {}
         for row in rows:
@@ -359,7 +300,28 @@ class PushStatements(StoreBase):
                     else:
                         cursor.executemany(statement, values)
         except Exception as exc:
-            _raise_driver_error(exc, statement)
+            raise_driver_error(exc, statement)
+
+    def held_statements(self, raw: Any, rows: Sequence[Row]) -> list[Statement] | None:
+        """Held rows as INSERTs with their values as text, to go in one pipeline with the commit (see pending.py);
+        None from ``COPY_MIN_ROWS`` rows (written before the commit instead, by COPY where enough share columns)."""
+        if len(rows) >= COPY_MIN_ROWS:
+            return None
+        shapes: dict[tuple[str, ...], list[Row]] = {}
+        for row in rows:
+            shapes.setdefault(tuple(sorted(row)), []).append(row)
+        json_columns = self._json_columns
+        statements: list[Statement] = []
+        for columns, same in shapes.items():
+            key = ("$", *columns)
+            known = self._insert_sql.get(key)
+            if known is None:
+                known = _insert_sql("INSERT INTO {} ({}) VALUES ({})", self.table.name, columns, raw, numbered=True)
+                if len(self._insert_sql) < 64:
+                    self._insert_sql[key] = known
+            sql = known.encode()
+            statements.extend((sql, [_param(row[c], c in json_columns) for c in columns]) for row in same)
+        return statements
 
     @functools.cached_property
     def _json_columns(self) -> frozenset[str]:
@@ -405,19 +367,3 @@ class PushStatements(StoreBase):
                 )
             return uuid.UUID(str(holder.id))
         raise UniqueConflict(f"unique key {row['unique_key']!r}: its holder kept changing; try again")
-
-
-def _raise_driver_error(exc: Exception, statement: str) -> NoReturn:
-    """Raise a psycopg error of a statement sent on the caller's connection as SQLAlchemy would have.
-
-    A lost connection is :class:`StoreUnavailable`, as everywhere in the store; any other
-    database error becomes SQLAlchemy's exception of its kind (``IntegrityError``...),
-    the one the caller's own statements raise.
-    """
-    import psycopg
-
-    if isinstance(exc, psycopg.OperationalError):
-        raise StoreUnavailable(f"outbox database unavailable: {exc}") from exc
-    if isinstance(exc, psycopg.Error):
-        raise sa.exc.DBAPIError.instance(statement, None, exc, psycopg.Error) from exc
-    raise exc

@@ -49,3 +49,18 @@ def make_outbox(pg_engine: sa.Engine) -> Iterator[Callable[..., Outbox]]:
 def clocked_outbox(make_outbox: Callable[..., Outbox], fake_clock: FakeClock) -> Outbox:
     """An outbox on PostgreSQL whose store reads ``fake_clock`` instead of the database clock."""
     return make_outbox(clock=fake_clock)
+
+
+@pytest.fixture
+def orders(pg_outbox: Outbox, pg_engine: sa.Engine) -> Iterator[sa.Table]:
+    """An application table living next to the outbox, written in the same transactions."""
+    metadata = sa.MetaData()
+    table = sa.Table(
+        f"{pg_outbox.settings.table_prefix}orders",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", sa.String(100), nullable=False),
+    )
+    metadata.create_all(pg_engine)
+    yield table
+    metadata.drop_all(pg_engine)

@@ -7,7 +7,6 @@ outbox table from *another* connection (the store's), the way a relay would.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,21 +31,6 @@ def send_email(pg_outbox: Outbox) -> Any:
         raise AssertionError("never executed in these tests")
 
     return send_email
-
-
-@pytest.fixture
-def orders(pg_outbox: Outbox, pg_engine: sa.Engine) -> Iterator[sa.Table]:
-    """An application table living next to the outbox, written in the same transactions."""
-    metadata = sa.MetaData()
-    table = sa.Table(
-        f"{pg_outbox.settings.table_prefix}orders",
-        metadata,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("email", sa.String(100), nullable=False),
-    )
-    metadata.create_all(pg_engine)
-    yield table
-    metadata.drop_all(pg_engine)
 
 
 def count_rows(engine: sa.Engine, table: sa.Table) -> int:
@@ -214,16 +198,25 @@ def test_push_on_a_commit_as_you_go_connection_follows_its_commit(
     assert count_rows(pg_engine, pg_outbox.store.table) == (count if ending == "commit" else 0)
 
 
-def _counting_writes(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The sizes of the writes of held pushes, as they reach the database."""
-    writes: list[int] = []
-    real = outbox.store._write_rows
+def _counting_writes(outbox: Outbox, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """The held pushes as they reach the database: ``("write", rows)`` written before a statement (or a commit that
+    cannot take them), ``("commit", rows)`` sent with the commit itself."""
+    writes: list[tuple[str, int]] = []
+    store = outbox.store
+    real_write, real_statements = store.write_held, store.held_statements
 
     def counting(conn: sa.Connection, rows: Any) -> None:
-        writes.append(len(rows))
-        real(conn, rows)
+        writes.append(("write", len(rows)))
+        real_write(conn, rows)
 
-    monkeypatch.setattr(outbox.store, "_write_rows", counting)
+    def with_commit(raw: Any, rows: Any) -> Any:
+        statements = real_statements(raw, rows)
+        if statements is not None:
+            writes.append(("commit", len(rows)))
+        return statements
+
+    monkeypatch.setattr(store, "write_held", counting)
+    monkeypatch.setattr(store, "held_statements", with_commit)
     return writes
 
 
@@ -231,21 +224,21 @@ def test_pushes_of_a_transaction_are_written_together_before_its_next_statement(
     pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any, orders: sa.Table, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Five pushes cost no round trip of their own: they reach the database in one write, right before the
-    transaction's next statement (which sees them, as it would have), and the pushes after it in one more
-    write at commit. Fails if a push wrote on its own, or if a statement could run before the pushes made
-    ahead of it were written."""
+    transaction's next statement (which sees them, as it would have), and the pushes after it go with the
+    commit. Fails if a push wrote on its own, or if a statement could run before the pushes made ahead of it
+    were written."""
     writes = _counting_writes(pg_outbox, monkeypatch)
     with Session(pg_engine) as session, session.begin():
         for i in range(5):
             send_email.push(session, f"{i}@example.com")
         assert writes == []
         seen = session.execute(sa.select(sa.func.count()).select_from(pg_outbox.store.table)).scalar_one()
-        assert (seen, writes) == (5, [5])
+        assert (seen, writes) == (5, [("write", 5)])
         session.execute(sa.insert(orders).values(id=1, email="x@example.com"))
         send_email.push(session, "5@example.com")
         send_email.options(delay=60).push(session, "6@example.com")
-        assert writes == [5]
-    assert writes == [5, 2]
+        assert writes == [("write", 5)]
+    assert writes == [("write", 5), ("commit", 2)]
     assert count_rows(pg_engine, pg_outbox.store.table) == 7
 
 
@@ -276,32 +269,35 @@ def test_pushes_keep_their_order_with_bulk_and_unique_pushes(
     with pg_engine.begin() as conn:
         first = send_email.push(conn, "first@example.com")
         bulk = pg_outbox.push_many(conn, [send_email.s(f"{i}@example.com") for i in range(60)])
-        assert writes == [1]
+        assert writes == [("write", 1)]
         keyed = send_email.options(unique_key="k1").push(conn, "keyed@example.com")
         again = send_email.options(unique_key="k1").push(conn, "keyed@example.com")
         last = send_email.push(conn, "last@example.com")
     assert again == keyed
-    assert writes == [1, 1]
+    assert writes == [("write", 1), ("commit", 1)]
     assert {pg_outbox.get(i).status for i in [first, *bulk, keyed, last]} == {"pending"}
     assert count_rows(pg_engine, pg_outbox.store.table) == 63
 
 
+@pytest.mark.parametrize("own_write", [True, False], ids=["with-the-apps-write", "push-only"])
 def test_a_write_that_fails_at_commit_raises_there_and_leaves_nothing(
-    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any, orders: sa.Table
+    pg_outbox: Outbox, pg_engine: sa.Engine, send_email: Any, orders: sa.Table, own_write: bool
 ) -> None:
     """Bad input is refused at push time; a database error on the held INSERT (here: the outbox table is
     gone) can only come with the write, so the commit raises it: the transaction is rolled back (the business
-    row is not there either) and the session is usable again. Fails if the commit went through without the
-    command, which would break guarantee 1."""
+    row is not there either) and the session is usable again. Push-only, the transaction's BEGIN goes with the
+    INSERT and the COMMIT: the same. Fails if the commit went through without the command, which would break
+    guarantee 1."""
     table = pg_outbox.store.table.name
     session = Session(pg_engine)
     try:
-        session.execute(sa.insert(orders).values(id=3, email="c@example.com"))
+        if own_write:
+            session.execute(sa.insert(orders).values(id=3, email="c@example.com"))
         send_email.push(session, "c@example.com")
         with pg_engine.begin() as other:
             other.execute(sa.text(f"ALTER TABLE {table} RENAME TO {table}_away"))
         try:
-            with pytest.raises(Exception, match="does not exist"):
+            with pytest.raises(sa.exc.DBAPIError, match="does not exist"):
                 session.commit()
             session.rollback()
             assert session.execute(sa.text("SELECT 1")).scalar_one() == 1
