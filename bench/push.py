@@ -6,6 +6,7 @@
   ``apply_async`` has no equivalent of); the two in alternating blocks, the best block of each counts;
 - N pushes inside one transaction (one Session, one commit); mean µs per push;
 - Celery: ``plain_noop.apply_async`` N times (the usual call: a producer from the pool each time);
+  in alternating blocks with the previous one, the best block of each counts;
 - bulk: ``push_many`` of 10 000 commands per call, each call its own transaction.
 
 No relay runs (the NOTIFY trigger still fires); the table is emptied between measurements.
@@ -24,6 +25,8 @@ from bench.common import BROKERS, BULK_SIZE, Run, Section, Sizes, Target
 
 #: Alternating blocks of the push and of the app's INSERT, each in its own transaction (see :func:`own_tx_pair`).
 OWN_TX_BLOCKS = 6
+#: Alternating blocks of N pushes in one transaction and of N ``apply_async`` (see :func:`one_tx_pair`).
+ONE_TX_BLOCKS = 3
 
 
 def truncate(bench: BenchApp) -> None:
@@ -78,6 +81,21 @@ def push_all_in_one_tx(bench: BenchApp, queue: str, key: str, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def one_tx_pair(bench: BenchApp, queue: str, key: str, n: int) -> tuple[float, float]:
+    """(a push among ``n`` in one transaction, one ``apply_async``): the best of ``ONE_TX_BLOCKS`` alternating
+    blocks of each, as :func:`own_tx_pair` does (a single block of either read up to a third off, run to run)."""
+    pushes: list[float] = []
+    applies: list[float] = []
+    for block in range(ONE_TX_BLOCKS):
+        for side in ("push", "apply") if block % 2 == 0 else ("apply", "push"):
+            if side == "push":
+                truncate(bench)
+                pushes.append(push_all_in_one_tx(bench, queue, key, n))
+            else:
+                applies.append(apply_async_each(bench, queue, key, n))
+    return min(pushes), min(applies)
+
+
 def apply_async_each(bench: BenchApp, queue: str, key: str, n: int) -> float:
     """Mean seconds of one ``apply_async``."""
     t0 = time.perf_counter()
@@ -126,10 +144,7 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
         apply_async_each(bench, queue, key, 20)
         truncate(bench)
         own_tx, app_tx = own_tx_pair(bench, app_table, queue, key, n)
-        truncate(bench)
-        one_tx = push_all_in_one_tx(bench, queue, key, n)
-        truncate(bench)
-        apply = apply_async_each(bench, queue, key, n)
+        one_tx, apply = one_tx_pair(bench, queue, key, n)
         bulk_rate(bench, queue, key, 1)  # warm-up: the COPY path's statement and caches
         truncate(bench)
         bulk = bulk_rate(bench, queue, key, sizes.bulk_calls)
