@@ -12,6 +12,7 @@ raised by the commit.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import threading
 import weakref
@@ -199,7 +200,8 @@ def _commit_with(raw: Any, statements: Sequence[Statement]) -> Any:
                     pgconn.consume_input()
         except BaseException:
             if pgconn.status == pq.ConnStatus.OK:
-                pgconn.exit_pipeline_mode()
+                with contextlib.suppress(Exception):  # what was sent is not read: the caller's rollback ends it
+                    pgconn.exit_pipeline_mode()
             raise
         results = read_pipeline(pgconn)
     return next((r for r in results if r.status == pq.ExecStatus.FATAL_ERROR), None)
