@@ -54,19 +54,25 @@ def _param(value: Any, json_column: bool) -> bytes | None:
     """A column's value as PostgreSQL's text input reads it (the server takes its type from the column)."""
     if value is None:
         return None
-    if json_column:
-        return (getattr(value, "text", None) or _COPY_JSON.encode(value)).encode()
+    return (_json_text(value) if json_column else _text(value)).encode()
+
+
+def _json_text(value: Any) -> str:
+    """JSON as text: the one an encoded input kept (``Arguments.text``), else dumped with ASCII escapes."""
+    return getattr(value, "text", None) or _COPY_JSON.encode(value)
+
+
+def _text(value: Any) -> str:
+    """A value other than JSON as PostgreSQL's text input reads it (COPY escapes it further)."""
     if isinstance(value, bool):
-        return b"t" if value else b"f"
+        return "t" if value else "f"
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime")
-        return value.isoformat().encode()
+        return value.isoformat()
     if isinstance(value, float):
-        return repr(value).encode()
-    if isinstance(value, str):
-        return str.encode(value)  # a str subclass (an enum's value) as its characters, whatever its __str__
-    return str(value).encode()
+        return repr(value)
+    return str(value)
 
 
 class _CopyText:
@@ -90,10 +96,8 @@ class _CopyText:
         known = self._rest_of.get(id(template))
         if known is None or known[0] is not template:
             known = self._rest_of[id(template)] = (template, "\t".join([self.render(c, template) for c in self.rest]))
-        if data is None:
-            value = "\\N"
-        else:  # JSON escapes every control character, tab and newline included: only backslashes need doubling
-            value = (getattr(data, "text", None) or _COPY_JSON.encode(data)).replace("\\", "\\\\")
+        # JSON escapes every control character, tab and newline included: only backslashes need doubling
+        value = "\\N" if data is None else _json_text(data).replace("\\", "\\\\")
         return f"{command_id}\t{value}\t{known[1]}\n"
 
     def render(self, column: str, row: Row) -> str:
@@ -104,26 +108,18 @@ class _CopyText:
         if column in self.json_columns:
             return _COPY_JSON.encode(value).replace("\\", "\\\\")
         if isinstance(value, datetime):
-            return self._render(column, value)
+            return self._render(value)
         key = (column, type(value), value)  # the type too: True and 1 are equal keys
         try:
             known = self._rendered.get(key)
         except TypeError:  # an unhashable value: rendered each time
-            return self._render(column, value)
+            return self._render(value)
         if known is None:
-            known = self._rendered[key] = self._render(column, value)
+            known = self._rendered[key] = self._render(value)
         return known
 
-    def _render(self, column: str, value: Any) -> str:
-        if isinstance(value, bool):
-            return "t" if value else "f"
-        if isinstance(value, datetime):
-            if value.tzinfo is None:
-                raise ValueError(f"naive datetime {value!r}: pass a timezone-aware datetime")
-            return value.isoformat()
-        if isinstance(value, float):
-            return repr(value)
-        return str(value).translate(_COPY_ESCAPES)
+    def _render(self, value: Any) -> str:
+        return _text(value).translate(_COPY_ESCAPES)
 
 
 @contextlib.contextmanager
