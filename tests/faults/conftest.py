@@ -10,8 +10,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from .harness import FaultProject
-from .proxy import Proxy
 from conftest import AMQP_URL, PG_URL, REDIS_URL, require
+from support.proxy import Proxy
 
 #: Redis database of the fault scenarios (other suites use other databases on the shared server).
 REDIS_FAULTS_URL = REDIS_URL.rsplit("/", 1)[0] + "/12"

@@ -162,6 +162,7 @@ class Proxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                self._passing(pair, src is pair.client, data)
                 dst.sendall(data)
         except OSError:
             pass
@@ -169,6 +170,9 @@ class Proxy:
             with self._lock:
                 self._pairs.discard(pair)
             pair.close()
+
+    def _passing(self, pair: _Pair, from_client: bool, data: bytes) -> None:
+        """Bytes on their way, before they are passed on (a subclass may read them)."""
 
     def __enter__(self) -> Proxy:
         return self
