@@ -19,9 +19,8 @@ routing key, priority, delivery mode, time limits..., as a plain Celery task kee
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -189,67 +188,3 @@ class Messages:
         if policy is None:
             policy = self._policy = dict(self.app.conf.task_publish_retry_policy or {}, **self._given_policy)
         return policy
-
-
-#: Most bytes of messages held back before they are sent anyway (a batch of large messages goes in several writes).
-COALESCE_BYTES = 256 * 1024
-
-
-@contextlib.contextmanager
-def coalesced_writes(connection: Any) -> Iterator[None]:
-    """On py-amqp, the frames of the messages published inside the block go out in as few socket writes as
-    possible, at its end, instead of one write per message (a system call, and a wake-up of the broker, each).
-
-    Anything that waits for the broker (a queue declared on the way, a confirm awaited) first sends what is
-    held, so a request is never left waiting behind its own frames. If the block raises, what it held is not
-    sent: its messages are as unpublished as those the relay did not reach (they stay pending). Any other
-    transport (Redis, memory) is left as it is.
-    """
-    transport: Any = getattr(getattr(connection, "connection", None), "transport", None)
-    send = getattr(transport, "_write", None)
-    read_frame = getattr(transport, "read_frame", None)
-    if send is None or read_frame is None:
-        yield
-        return
-    held: list[bytes] = []
-    size = 0
-
-    def flush() -> None:
-        nonlocal size
-        if held:
-            data = b"".join(held)
-            held.clear()
-            size = 0
-            send(data)
-
-    def hold(data: Any) -> None:
-        nonlocal size
-        held.append(bytes(data))  # py-amqp hands a view of a buffer it reuses for the next frame
-        size += len(data)
-        if size >= COALESCE_BYTES:
-            flush()
-
-    def read_after_flush(*args: Any, **kwargs: Any) -> Any:
-        sock = getattr(transport, "sock", None)
-        # A read that may wait sends what is held first; py-amqp's look for a broker notification before each
-        # publish (a read that cannot wait: the socket's timeout is zero) needs nothing sent.
-        if sock is None or sock.gettimeout() != 0:
-            flush()
-        return read_frame(*args, **kwargs)
-
-    patched = {"_write": hold, "read_frame": read_after_flush}
-    own = {name: vars(transport)[name] for name in patched if name in vars(transport)}  # set on the instance before
-    for name, replacement in patched.items():
-        setattr(transport, name, replacement)
-    try:
-        yield
-    except BaseException:
-        held.clear()
-        raise
-    finally:
-        for name in patched:  # back to what the instance had: its own attribute, or its class's method
-            if name in own:
-                setattr(transport, name, own[name])
-            else:
-                delattr(transport, name)
-    flush()

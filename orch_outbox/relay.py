@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .amqpwire import coalesced_writes, lean_messages
 from .errors import StoreUnavailable, UnknownCommand
 from .flow import Limit, Plan
-from .messages import Messages, coalesced_writes
+from .messages import Messages
 from .store import Dispatch, ErrorInfo
 from .telemetry import OFF, Telemetry
 
@@ -274,6 +275,7 @@ class Relay:
                 conn.ensure_connection(max_retries=1)
                 producer = self.app.amqp.Producer(conn)
                 channel = producer.channel
+                lean_messages(channel)
                 self._confirms = _Confirms(channel) if hasattr(channel, "confirm_select") else None
                 self._producer = producer
             except BaseException:

@@ -1,4 +1,4 @@
-"""The relay's batch goes to RabbitMQ in as few socket writes as possible (``messages.coalesced_writes``).
+"""The relay's batch goes to RabbitMQ in as few socket writes as possible (``amqpwire.coalesced_writes``).
 
 Every message still arrives, in order; a request that waits for the broker's answer (a
 queue declared on the way) is sent before the wait, so nothing hangs; a batch that fails
@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from orch_outbox.messages import Messages, coalesced_writes
+from orch_outbox.amqpwire import coalesced_writes
+from orch_outbox.messages import Messages
 from orch_outbox.relay import PUBLISH_RETRY_POLICY
 from orch_outbox.store import Dispatch
 
@@ -131,7 +132,7 @@ def test_other_transports_are_left_as_they_are() -> None:
 def test_messages_of_a_batch_larger_than_the_hold_go_in_several_writes(rabbit: Celery, target: str) -> None:
     """Proves a batch of large messages is not held whole in memory: past ``COALESCE_BYTES`` the held frames are
     sent, and every message still arrives in order."""
-    from orch_outbox import messages
+    from orch_outbox import amqpwire
 
     big = "x" * 100_000
     with _relay_connection(rabbit) as conn:
@@ -143,5 +144,34 @@ def test_messages_of_a_batch_larger_than_the_hold_go_in_several_writes(rabbit: C
             for n in range(6):
                 row = Dispatch(uuid.uuid4(), "cw_plain", target, 1, {"n": n, "pad": big}, 60.0, 0, None, 0, 0, None)
                 _publish(rabbit, producer, row, declare=False)
-        assert 2 <= len(sizes) < 6 and max(sizes) <= messages.COALESCE_BYTES + 200_000, sizes
+        assert 2 <= len(sizes) < 6 and max(sizes) <= amqpwire.COALESCE_BYTES + 200_000, sizes
     assert _drain(rabbit, target, 20) == [-1, *range(6)]
+
+
+def test_the_look_for_broker_notifications_is_made_once_per_batch(rabbit: Celery, target: str) -> None:
+    """Proves py-amqp's look for a broker notification before each publish (a read that cannot wait) is made once
+    in a batch, not once per message, that it is made again per batch, and that every message still arrives."""
+    with _relay_connection(rabbit) as conn:
+        conn.ensure_connection(max_retries=1)
+        producer = rabbit.amqp.Producer(conn)
+        _publish(rabbit, producer, _row(target, -1), declare=True)
+        amqp_connection = conn.connection
+        drain = amqp_connection.drain_events
+        looks: list[float] = []
+
+        def counted(timeout: float | None = None) -> Any:
+            if timeout == 0:
+                looks.append(timeout)
+            return drain(timeout=timeout)
+
+        amqp_connection.drain_events = counted
+        for n in (0, 1):  # outside a block: a look per message (the counter sees py-amqp's looks)
+            _publish(rabbit, producer, _row(target, n), declare=False)
+        assert len(looks) == 2
+        for batch in (range(2, 12), range(12, 22)):
+            with coalesced_writes(conn):
+                for n in batch:
+                    _publish(rabbit, producer, _row(target, n), declare=False)
+        assert len(looks) == 2 + 2, looks  # one per batch
+        assert amqp_connection.drain_events is counted  # the instance's own attribute is back after the blocks
+    assert _drain(rabbit, target, 40) == [-1, *range(22)]

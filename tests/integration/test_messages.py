@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from celery import Celery, signals
 
+from orch_outbox.amqpwire import lean_messages
 from orch_outbox.messages import Messages
 from orch_outbox.relay import PUBLISH_RETRY_POLICY
 from orch_outbox.store import Dispatch
@@ -67,7 +68,9 @@ def _read(app: Celery, target: str) -> Any:
 
 
 def _publish_both(app: Celery, row: Dispatch) -> tuple[Any, Any]:
-    """``row`` published by ``send_task`` and by :class:`Messages`; both messages as the broker hands them over."""
+    """``row`` published by ``send_task`` and by :class:`Messages`; both messages as the broker hands them over.
+
+    The relay's message goes as the relay sends it: on RabbitMQ with its properties encoded by ``LeanMessage``."""
     headers = {"outbox": [str(row.id), row.attempt, row.timeout]}
     messages = Messages(app, PUBLISH_RETRY_POLICY, persistent=True)  # Celery's delivery mode, as send_task's
     with app.connection_for_write() as conn:
@@ -87,6 +90,7 @@ def _publish_both(app: Celery, row: Dispatch) -> tuple[Any, Any]:
             retry_policy=PUBLISH_RETRY_POLICY,
         )
         by_celery = _read(app, row.target)
+        lean_messages(producer.channel)
         messages.publish(producer, row, row.input, repr(row.input), headers, {}, declare=True, retry=True)
         by_relay = _read(app, row.target)
     return by_celery, by_relay
