@@ -22,6 +22,7 @@ from struct import Struct, pack
 from typing import Any
 
 import amqp
+from kombu.transport import pyamqp
 
 #: Most bytes of messages held back before they are sent anyway (a batch of large messages goes in several writes).
 COALESCE_BYTES = 256 * 1024
@@ -33,7 +34,7 @@ _INT_MAX = 2147483647
 
 
 class _Unusual(Exception):
-    """A value :func:`_item` does not write: the message goes to py-amqp's own encoder."""
+    """A value the one-pass writer does not write (or not as py-amqp would): the message goes to py-amqp's encoder."""
 
 
 def _text(value: str | bytes) -> bytes:
@@ -125,8 +126,6 @@ class LeanMessage(amqp.Message):  # type: ignore[misc]
 
 def lean_messages(channel: Any) -> None:
     """Messages prepared on ``channel`` (kombu's py-amqp channel) are :class:`LeanMessage`; any other is left."""
-    from kombu.transport import pyamqp
-
     if isinstance(channel, pyamqp.Channel):
         channel.prepare_message = functools.partial(channel.prepare_message, _Message=LeanMessage)  # type: ignore[method-assign]
 
