@@ -181,19 +181,17 @@ class Relay:
             if deferred:
                 unconfirmed = []
             if confirms is not None:
+                expected, unconfirmed = len(unconfirmed), []
                 nacked = confirms.wait(CONFIRM_TIMEOUT)
-                unconfirmed = []
                 if nacked:
-                    log.warning("relay: the broker refused %d message(s); they stay pending", len(nacked))
                     self.store.undispatch(nacked)
+                    self._refused_by_broker(len(nacked), expected)
                     return done - len(nacked)
         except Exception as exc:  # broker errors of any transport (py-amqp's are not all KombuError/OSError)
             self.close()
             unsent = [*unconfirmed, *batch[done:]]
             sent = done - len(unconfirmed)
-            self.broker_failures += 1
-            pause = min(BROKER_BACKOFF_MAX, 0.5 * 2 ** min(self.broker_failures - 1, 10))
-            self.broker_retry_at = time.monotonic() + pause
+            pause = self._back_off()
             log.warning(
                 "relay: broker unavailable (%s); %d command(s) stay pending; next try in %.1fs", exc, len(unsent), pause
             )
@@ -206,6 +204,35 @@ class Relay:
             log.info("relay: broker back after %d failed attempt(s)", self.broker_failures)
             self.broker_failures = 0
         return done
+
+    def _back_off(self) -> float:
+        """One more broker failure in a row: no claims for a pause doubling from 0.5 s up to ``BROKER_BACKOFF_MAX``."""
+        self.broker_failures += 1
+        pause: float = min(BROKER_BACKOFF_MAX, 0.5 * 2.0 ** min(self.broker_failures - 1, 10))
+        self.broker_retry_at = time.monotonic() + pause
+        return pause
+
+    def _refused_by_broker(self, refused: int, sent: int) -> None:
+        """The broker nacked ``refused`` of the batch's ``sent`` messages (their rows are pending again).
+
+        Some of them (a queue at its length limit with ``reject-publish``): the channel goes on.
+        All of them: the relay pauses as after a broker failure and publishes again on a new
+        connection and channel. RabbitMQ's channel keeps its own view of where a quorum queue's
+        members are, and after a node's loss one can go on refusing every message to a queue the
+        cluster serves again (rabbitmq-server#15333); the same rows sent twice a second to it
+        would only be refused again.
+        """
+        if refused < sent:
+            log.warning("relay: the broker refused %d of %d message(s); they stay pending", refused, sent)
+            return
+        self.close()
+        pause = self._back_off()
+        log.warning(
+            "relay: the broker refused every message of the batch (%d); they stay pending; next try in %.1fs "
+            "on a new connection",
+            refused,
+            pause,
+        )
 
     def _expired(self, ids: list[Any]) -> None:
         """Commands the claim found past their expiry: ``REVOKED`` (expired) in the result backend."""
