@@ -181,8 +181,8 @@ class Relay:
             if deferred:
                 unconfirmed = []
             if confirms is not None:
-                expected, unconfirmed = len(unconfirmed), []
                 nacked = confirms.wait(CONFIRM_TIMEOUT)
+                expected, unconfirmed = len(unconfirmed), []
                 if nacked:
                     self.store.undispatch(nacked)
                     self._refused_by_broker(len(nacked), expected)
@@ -191,7 +191,9 @@ class Relay:
             self.close()
             unsent = [*unconfirmed, *batch[done:]]
             sent = done - len(unconfirmed)
-            pause = self._back_off()
+            self.broker_failures += 1
+            pause = min(BROKER_BACKOFF_MAX, 0.5 * 2 ** min(self.broker_failures - 1, 10))
+            self.broker_retry_at = time.monotonic() + pause
             log.warning(
                 "relay: broker unavailable (%s); %d command(s) stay pending; next try in %.1fs", exc, len(unsent), pause
             )
@@ -205,33 +207,24 @@ class Relay:
             self.broker_failures = 0
         return done
 
-    def _back_off(self) -> float:
-        """One more broker failure in a row: no claims for a pause doubling from 0.5 s up to ``BROKER_BACKOFF_MAX``."""
-        self.broker_failures += 1
-        pause: float = min(BROKER_BACKOFF_MAX, 0.5 * 2.0 ** min(self.broker_failures - 1, 10))
-        self.broker_retry_at = time.monotonic() + pause
-        return pause
-
     def _refused_by_broker(self, refused: int, sent: int) -> None:
         """The broker nacked ``refused`` of the batch's ``sent`` messages (their rows are pending again).
 
         Some of them (a queue at its length limit with ``reject-publish``): the channel goes on.
-        All of them: the relay pauses as after a broker failure and publishes again on a new
-        connection and channel. RabbitMQ's channel keeps its own view of where a quorum queue's
-        members are, and after a node's loss one can go on refusing every message to a queue the
-        cluster serves again (rabbitmq-server#15333); the same rows sent twice a second to it
-        would only be refused again.
+        All of them: the next batch goes on a new connection and channel. RabbitMQ's channel
+        keeps its own view of where a quorum queue's members are, and after a node's loss one
+        can go on refusing every message to a queue the cluster serves again
+        (rabbitmq-server#15333). The relay does not pause for it: other targets' commands
+        would wait with the refused ones.
         """
         if refused < sent:
             log.warning("relay: the broker refused %d of %d message(s); they stay pending", refused, sent)
             return
         self.close()
-        pause = self._back_off()
         log.warning(
-            "relay: the broker refused every message of the batch (%d); they stay pending; next try in %.1fs "
-            "on a new connection",
+            "relay: the broker refused every message of the batch (%d); they stay pending; the next batch goes on a "
+            "new connection",
             refused,
-            pause,
         )
 
     def _expired(self, ids: list[Any]) -> None:
