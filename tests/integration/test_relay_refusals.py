@@ -3,7 +3,6 @@ next one goes on a new connection and channel."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import pytest
@@ -11,7 +10,7 @@ from kombu import Queue
 
 from orch_outbox import Outbox
 
-from .support import unique_target
+from .support import target_queue
 from conftest import AMQP_URL, make_app, require
 
 pytestmark = pytest.mark.pg
@@ -25,16 +24,15 @@ def test_a_batch_refused_whole_is_sent_again_on_a_new_channel(make_outbox: Calla
     ``reject-publish``); after a node's loss a quorum queue's channel can refuse the same way."""
     require("127.0.0.1", 5672, "RabbitMQ")
     app = make_app(AMQP_URL)
-    target = unique_target("refused")
-    queue = Queue(target, queue_arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
-    app.conf.task_queues = [queue]
-    outbox = make_outbox(app=app)
+    with target_queue(app, "refused") as target:  # the queue is deleted afterwards
+        queue = Queue(target, queue_arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+        app.conf.task_queues = [queue]
+        outbox = make_outbox(app=app)  # closed by the fixture, the relay's connection with it
 
-    @outbox.command(target=target)
-    def noop(n: int) -> None: ...
+        @outbox.command(target=target)
+        def noop(n: int) -> None: ...
 
-    relay = outbox.relay
-    try:
+        relay = outbox.relay
         outbox.push_many(outbox.engine, [noop.s(0)])
         assert outbox.relay_once() == 1  # the queue now holds its one message: it refuses the next ones
         first = relay._producer.connection
@@ -52,7 +50,3 @@ def test_a_batch_refused_whole_is_sent_again_on_a_new_channel(make_outbox: Calla
         assert relay._producer is not None  # kept
         assert relay._producer.connection is not first  # the new connection opened after the refusal whole
         assert outbox.store.count(status="pending") == 2
-    finally:
-        relay.close()
-        with app.connection_for_write() as conn, contextlib.suppress(Exception):
-            conn.default_channel.queue_delete(queue=target)
