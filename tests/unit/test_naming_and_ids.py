@@ -14,7 +14,7 @@ from orch_outbox import ConfigurationError, Outbox, OutboxTask, Settings
 from orch_outbox.backoff import delay_for, resolve
 from orch_outbox.outbox import command_name
 from orch_outbox.testing import wait_until
-from orch_outbox.uuid7 import uuid7, uuid7_many
+from orch_outbox.uuid7 import _next_after, uuid7, uuid7_many
 
 # -- names -----------------------------------------------------------------------------
 
@@ -121,6 +121,39 @@ def test_uuid7_many_continues_the_same_strictly_increasing_sequence() -> None:
     assert len(set(batch)) == 5000
     assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in batch)
     assert uuid7_many(0) == []
+
+
+def test_uuid7_counts_up_across_its_random_bits_and_into_the_next_millisecond() -> None:
+    """Within one millisecond an id is the previous one plus one in its 74 random bits: the 62 low bits carry into
+    the 12 above the variant, and a millisecond whose 74 bits are used up borrows the next one; the version and
+    variant bits stay, and every id is greater than the one before (fails if a carry lost or broke a bit)."""
+    ms = 0x0123456789AB
+    fixed = (0x7 << 76) | (0b10 << 62)
+    low_full = (ms << 80) | fixed | (0x5 << 64) | ((1 << 62) - 1)
+    carried = _next_after(low_full)
+    assert carried == (ms << 80) | fixed | (0x6 << 64)
+    all_full = (ms << 80) | fixed | (0xFFF << 64) | ((1 << 62) - 1)
+    borrowed = _next_after(all_full)
+    assert borrowed == ((ms + 1) << 80) | fixed
+    plain = (ms << 80) | fixed | (0x5 << 64) | 41
+    assert _next_after(plain) == plain + 1
+    for before, after in ((low_full, carried), (all_full, borrowed), (plain, plain + 1)):
+        ids = uuid.UUID(int=before), uuid.UUID(int=after)
+        assert ids[0] < ids[1]
+        assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in ids)
+
+
+def test_uuid7_ids_are_ordinary_uuids() -> None:
+    """An id compares, hashes, prints, pickles and parses as the ``uuid.UUID`` of the same value (ids are made
+    without ``UUID.__init__``'s checks: this fails if one came out different)."""
+    import pickle
+
+    for made in (uuid7(), *uuid7_many(3)):
+        same = uuid.UUID(str(made))
+        assert made == same and hash(made) == hash(same) and str(made) == str(same) and repr(made) == repr(same)
+        assert made.is_safe == same.is_safe
+        assert pickle.loads(pickle.dumps(made)) == made
+        assert made.bytes == same.bytes and made.hex == same.hex
 
 
 # -- backoff ---------------------------------------------------------------------------
