@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 import time
 import uuid
 import warnings
@@ -10,11 +11,12 @@ import warnings
 import pytest
 from celery import Celery
 
+import orch_outbox.uuid7 as uuid7_module
 from orch_outbox import ConfigurationError, Outbox, OutboxTask, Settings
 from orch_outbox.backoff import delay_for, resolve
 from orch_outbox.outbox import command_name
 from orch_outbox.testing import wait_until
-from orch_outbox.uuid7 import _next_after, uuid7, uuid7_many
+from orch_outbox.uuid7 import uuid7, uuid7_many
 
 # -- names -----------------------------------------------------------------------------
 
@@ -123,31 +125,30 @@ def test_uuid7_many_continues_the_same_strictly_increasing_sequence() -> None:
     assert uuid7_many(0) == []
 
 
-def test_uuid7_counts_up_across_its_random_bits_and_into_the_next_millisecond() -> None:
+def test_uuid7_counts_up_across_its_random_bits_and_into_the_next_millisecond(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Within one millisecond an id is the previous one plus one in its 74 random bits: the 62 low bits carry into
     the 12 above the variant, and a millisecond whose 74 bits are used up borrows the next one; the version and
-    variant bits stay, and every id is greater than the one before (fails if a carry lost or broke a bit)."""
-    ms = 0x0123456789AB
+    variant bits stay, and each id is greater than the one before (fails if a carry lost or broke a bit)."""
+    ms = time.time_ns() // 1_000_000 + 60_000  # the last id a minute ahead of the clock: the next ones count up
     fixed = (0x7 << 76) | (0b10 << 62)
-    low_full = (ms << 80) | fixed | (0x5 << 64) | ((1 << 62) - 1)
-    carried = _next_after(low_full)
-    assert carried == (ms << 80) | fixed | (0x6 << 64)
-    all_full = (ms << 80) | fixed | (0xFFF << 64) | ((1 << 62) - 1)
-    borrowed = _next_after(all_full)
-    assert borrowed == ((ms + 1) << 80) | fixed
-    plain = (ms << 80) | fixed | (0x5 << 64) | 41
-    assert _next_after(plain) == plain + 1
-    for before, after in ((low_full, carried), (all_full, borrowed), (plain, plain + 1)):
-        ids = uuid.UUID(int=before), uuid.UUID(int=after)
-        assert ids[0] < ids[1]
-        assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in ids)
+    all_ones = (1 << 62) - 1
+    monkeypatch.setattr(uuid7_module, "_last", (ms << 80) | fixed | (0x5 << 64) | (all_ones - 1))
+    made = [u.int for u in uuid7_many(3)]
+    carried = (ms << 80) | fixed | (0x6 << 64)
+    assert made == [(ms << 80) | fixed | (0x5 << 64) | all_ones, carried, carried + 1]
+    monkeypatch.setattr(uuid7_module, "_last", (ms << 80) | fixed | (0xFFF << 64) | all_ones)
+    borrowed = uuid7()
+    assert borrowed.int == ((ms + 1) << 80) | fixed
+    ids = [uuid.UUID(int=v) for v in made] + [borrowed]
+    assert all(a < b for a, b in itertools.pairwise(ids))
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in ids)
 
 
 def test_uuid7_ids_are_ordinary_uuids() -> None:
     """An id compares, hashes, prints, pickles and parses as the ``uuid.UUID`` of the same value (ids are made
     without ``UUID.__init__``'s checks: this fails if one came out different)."""
-    import pickle
-
     for made in (uuid7(), *uuid7_many(3)):
         same = uuid.UUID(str(made))
         assert made == same and hash(made) == hash(same) and str(made) == str(same) and repr(made) == repr(same)
