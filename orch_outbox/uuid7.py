@@ -36,9 +36,7 @@ def uuid7() -> uuid.UUID:
     global _last
     ms = time.time_ns() // 1_000_000
     with _lock:
-        last = _last
-        value = _next_after(last) if last and last >> 80 >= ms else _first_of(ms)
-        _last = value
+        value = _last = _following(_last, ms)
     return _as_uuid(value)
 
 
@@ -50,16 +48,20 @@ def uuid7_many(n: int) -> list[uuid.UUID]:
     ms = time.time_ns() // 1_000_000
     values: list[int] = []
     with _lock:
-        last = _last
-        value = _next_after(last) if last and last >> 80 >= ms else _first_of(ms)
+        value = _following(_last, ms)
         append = values.append
         for _ in range(n - 1):
             append(value)
-            # the next one: plus one, unless the 62 low random bits are all ones (a carry, once in 2**62)
-            value = value + 1 if value & _RAND_B != _RAND_B else _next_after(value)
+            value = _next_after(value)
         append(value)
         _last = value
     return [_as_uuid(v) for v in values]
+
+
+def _following(last: int, ms: int) -> int:
+    """The id after ``last`` made in millisecond ``ms``: one more than ``last`` if that is in this millisecond or a
+    later one (the clock stepped back), else the first of ``ms``."""
+    return _next_after(last) if last and last >> 80 >= ms else _first_of(ms)
 
 
 def _first_of(ms: int) -> int:
