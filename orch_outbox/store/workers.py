@@ -9,6 +9,7 @@ claims it (pending → running, no broker in between), within its capacity.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -118,22 +119,31 @@ class WorkerStatements(StoreBase):
         """Claim up to ``limit`` due pending jobs of ``targets`` for ``worker`` (pending → running, a new attempt)."""
         if limit <= 0 or not targets:
             return []
+        params = {"p_worker": worker, "p_targets": list(targets), "p_limit": limit, **self._p_times(p_lease=lease)}
+        with self._tx() as conn:
+            rows = conn.execute(self._claim_jobs_stmt, params).all()
+        return sorted((Started(**r._mapping) for r in rows), key=lambda s: s.id)
+
+    @functools.cached_property
+    def _claim_jobs_stmt(self) -> sa.Update:
+        """The claim of due jobs, built once (a worker's registry claims at every renewal): ``p_worker``,
+        ``p_targets``, ``p_limit``, and the clock's ``p_now`` / ``p_lease``."""
         t = self.table
         locked = (
             sa.select(t.c.id)
             .where(
                 t.c.status == Status.PENDING,
                 t.c.kind == Kind.JOB,
-                t.c.target.in_(list(targets)),
-                t.c.scheduled_at <= self._now(),
+                t.c.target.in_(sa.bindparam("p_targets", expanding=True, type_=t.c.target.type)),
+                t.c.scheduled_at <= self._p_now(),
                 ~self._paused(),
             )
             .order_by(t.c.priority.desc(), t.c.scheduled_at)
-            .limit(limit)
+            .limit(sa.bindparam("p_limit", type_=sa.Integer()))
             .with_for_update(skip_locked=True)
             .cte("locked")  # a CTE runs once: an IN (subquery LIMIT n) may be rescanned and take more than n
         )
-        stmt = (
+        return (
             sa.update(t)
             .where(
                 t.c.id.in_(sa.select(locked.c.id)), t.c.status == Status.PENDING
@@ -141,16 +151,13 @@ class WorkerStatements(StoreBase):
             .values(
                 status=Status.RUNNING,
                 attempt=t.c.attempt + 1,
-                dispatched_at=self._now(),
-                started_at=self._now(),
-                lease_expires_at=self._later(lease),
-                worker=worker,
+                dispatched_at=self._p_now(),
+                started_at=self._p_now(),
+                lease_expires_at=self._p_later("p_lease"),
+                worker=sa.bindparam("p_worker", type_=t.c.worker.type),
             )
             .returning(*(t.c[name] for name in _STARTED))
         )
-        with self._tx() as conn:
-            rows = conn.execute(stmt).all()
-        return sorted((Started(**r._mapping) for r in rows), key=lambda s: s.id)
 
     def release(
         self,
