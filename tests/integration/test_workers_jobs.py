@@ -7,6 +7,7 @@ the runner's threads and the tests wait on their states, bounded.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -328,3 +329,23 @@ def test_a_cut_off_worker_stops_its_jobs_before_it_may_be_reaped(timed: Outbox) 
         assert (back.status, back.attempt, back.outcome, back.retries_left) == ("running", 2, "lost", 5)
     finally:
         runner.leave(5.0)
+
+
+def test_each_claim_of_jobs_takes_its_own_targets_limit_worker_and_lease(timed: Outbox, fake_clock: FakeClock) -> None:
+    """Proves the claim of due jobs, one statement built once per store, applies each call's own arguments: a
+    claim for one target takes none of another's, a limit of one takes one, and each claimed job is held by the
+    caller for the caller's lease."""
+    first, second = unique_target("claim-a"), unique_target("claim-b")
+    beacon = _beacon(timed, first)
+    firsts = {timed.jobs.start(f"a{i}", command=beacon, target=first) for i in range(2)}
+    only_second = timed.jobs.start("b", command=beacon, target=second)
+    now = fake_clock()
+    assert [s.id for s in timed.store.claim_jobs("w1@host", [second], 5, 30.0)] == [only_second]
+    (one,) = timed.store.claim_jobs("w2@host", [first, second], 1, 60.0)
+    (other,) = timed.store.claim_jobs("w3@host", [first], 5, 90.0)
+    assert {one.id, other.id} == firsts
+    assert timed.store.claim_jobs("w3@host", [first, second], 5, 30.0) == []
+    for job, worker, lease in ((only_second, "w1@host", 30), (one.id, "w2@host", 60), (other.id, "w3@host", 90)):
+        held = timed.get(job)
+        assert (held.status, held.worker, held.attempt) == ("running", worker, 1)
+        assert held.lease_expires_at == now + dt.timedelta(seconds=lease)  # the store reads the injected clock
