@@ -25,7 +25,7 @@ class Sizes:
     memory_n: int
     #: interleaved rounds of the relay, bigtable and notify sections; the best of each side counts
     rounds: int = 1
-    #: interleaved rounds of each throughput scenario (ours, Celery, ours, ...); the best of each side counts. Three:
+    #: interleaved rounds of each throughput scenario, each side first in turn; the best of each side counts. Three:
     #: this machine's speed drifts by 15 % within seconds (a fixed Python loop), which two rounds did not outlast
     throughput_rounds: int = 1
 

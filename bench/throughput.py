@@ -12,8 +12,8 @@ the worker has run the N-th task. Both handlers do one Redis ``INCR`` (the bench
 procrastinate: the same no-op job, ``batch_defer`` in batches of 1 000, until every job is
 ``succeeded``; one ``procrastinate worker`` with the threads pool's concurrency.
 
-Each scenario runs ``sizes.throughput_rounds`` times, the two sides interleaved (ours, Celery, ours,
-Celery, ...), and each side's best run counts: on a shared 2-core machine a run is only
+Each scenario runs ``sizes.throughput_rounds`` times, the two sides interleaved, in alternating order (ours,
+Celery, Celery, ours, ours, Celery, ...), and each side's best run counts: on a shared 2-core machine a run is only
 ever slowed down by what else happens to run, by 20 % or more, on either side.
 """
 
@@ -260,7 +260,7 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
         push_batch=PUSH_BATCH,
         relay="orch-outbox -A bench.app:outbox relay (ListeningRelay subprocess)",
         pools={p: c for p, c in POOLS},
-        rounds=f"{sizes.throughput_rounds}, interleaved; the best of each side",
+        rounds=f"{sizes.throughput_rounds}, interleaved, each side first in turn; the best of each side",
     )
     rates: dict[str, float] = {}
     for broker in BROKERS:
@@ -271,8 +271,13 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
                 tag = f"tp-{broker}-{pool}"
                 runs: list[tuple[Timed, Timed]] = []
                 for i in range(sizes.throughput_rounds):
-                    ours = outbox_run(run, bench, broker, pool, conc, n, warm, f"{tag}-o{i}")
-                    runs.append((ours, celery_run(run, bench, broker, pool, conc, n, warm, f"{tag}-c{i}")))
+                    # Which side goes first alternates: a run reads differently right after the other side's.
+                    if i % 2:
+                        base = celery_run(run, bench, broker, pool, conc, n, warm, f"{tag}-c{i}")
+                        runs.append((outbox_run(run, bench, broker, pool, conc, n, warm, f"{tag}-o{i}"), base))
+                    else:
+                        ours = outbox_run(run, bench, broker, pool, conc, n, warm, f"{tag}-o{i}")
+                        runs.append((ours, celery_run(run, bench, broker, pool, conc, n, warm, f"{tag}-c{i}")))
                 ours = max((o for o, _ in runs), key=lambda t: t.rate)
                 base = max((c for _, c in runs), key=lambda t: t.rate)
                 rates[f"{broker}/{pool}"] = ours.rate
