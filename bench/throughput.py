@@ -12,9 +12,10 @@ the worker has run the N-th task. Both handlers do one Redis ``INCR`` (the bench
 procrastinate: the same no-op job, ``batch_defer`` in batches of 1 000, until every job is
 ``succeeded``; one ``procrastinate worker`` with the threads pool's concurrency.
 
-Each scenario runs ``sizes.throughput_rounds`` times, the two sides interleaved, in alternating order (ours,
-Celery, Celery, ours, ours, Celery, ...), and each side's best run counts: on a shared 2-core machine a run is only
-ever slowed down by what else happens to run, by 20 % or more, on either side.
+Each scenario runs ``sizes.throughput_rounds`` times, the two sides interleaved, each first in turn
+(ours, Celery, then Celery, ours, ...), and each side's best run counts: on a shared 2-core
+machine a run is only ever slowed down by what else happens to run, by 20 % or more, on
+either side.
 """
 
 from __future__ import annotations
@@ -272,12 +273,12 @@ def run_section(run: Run, sizes: Sizes, section: Section) -> None:
                 runs: list[tuple[Timed, Timed]] = []
                 for i in range(sizes.throughput_rounds):
                     # Which side goes first alternates: a run reads differently right after the other side's.
-                    if i % 2:
-                        base = celery_run(run, bench, broker, pool, conc, n, warm, f"{tag}-c{i}")
-                        runs.append((outbox_run(run, bench, broker, pool, conc, n, warm, f"{tag}-o{i}"), base))
-                    else:
-                        ours = outbox_run(run, bench, broker, pool, conc, n, warm, f"{tag}-o{i}")
-                        runs.append((ours, celery_run(run, bench, broker, pool, conc, n, warm, f"{tag}-c{i}")))
+                    order = (("o", outbox_run), ("c", celery_run))[:: -1 if i % 2 else 1]
+                    timed = {
+                        side: measure(run, bench, broker, pool, conc, n, warm, f"{tag}-{side}{i}")
+                        for side, measure in order
+                    }
+                    runs.append((timed["o"], timed["c"]))
                 ours = max((o for o, _ in runs), key=lambda t: t.rate)
                 base = max((c for _, c in runs), key=lambda t: t.rate)
                 rates[f"{broker}/{pool}"] = ours.rate
