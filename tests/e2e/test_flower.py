@@ -116,9 +116,12 @@ def test_flower_shows_each_command_under_its_id_with_its_true_state(flower_proje
     assert failing["retried"] is not None and tasks[ids["flaky"]]["retried"] is not None
     assert tasks[ids["flaky"]]["result"] and "done on attempt 2" in tasks[ids["flaky"]]["result"]
 
-    counters = _get(port, "/workers?json=1")["data"]
+    def counted() -> list[dict[str, Any]] | None:  # the chained commands' events may still be on their way
+        data: list[dict[str, Any]] = _get(port, "/workers?json=1")["data"]
+        return data if sum(w.get("task-succeeded", 0) for w in data) >= 4 else None  # ok, its chained command, flaky...
+
+    counters = project.wait_for(counted, "Flower to count the successes", timeout=WAIT)
     assert sum(w.get("task-failed", 0) for w in counters) == 1, counters
-    assert sum(w.get("task-succeeded", 0) for w in counters) >= 4, counters  # ok, its chained command, flaky...
     assert "succeeded in" not in _lines_about(worker.output(), ids["failing"]), "a failure logged as a success"
     _screenshot(port)
 
