@@ -219,13 +219,13 @@ def stop_group(procs: Sequence[Proc], grace: float | None = None) -> None:
             proc.popen.wait(5.0)
 
 
-def start(role: str, argv: Sequence[str], env: Mapping[str, str], run: Run) -> Proc:
-    """Start a subprocess in its own process group, cwd = the project root, output to a log file."""
+def start(role: str, argv: Sequence[str], env: Mapping[str, str], run: Run, cwd: Path = ROOT) -> Proc:
+    """Start a subprocess in its own process group, in ``cwd`` (the project root), output to a log file."""
     log = run.log_dir / f"{role}.log"
     with open(log, "ab") as out:
         popen = subprocess.Popen(
             list(argv),
-            cwd=ROOT,
+            cwd=cwd,
             env=dict(env),
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -288,8 +288,11 @@ def subprocess_env(broker_url: str | None, prefix: str | None, **extra: str) -> 
     return env
 
 
-def celery_worker(run: Run, role: str, env: Mapping[str, str], queue: str, pool: str, concurrency: int) -> Proc:
-    """``celery -A bench.app worker`` on one queue (no gossip, mingle or heartbeat: nothing but the work)."""
+def celery_worker(
+    run: Run, role: str, env: Mapping[str, str], queue: str, pool: str, concurrency: int, cwd: Path = ROOT
+) -> Proc:
+    """``celery -A bench.app worker`` on one queue (no gossip, mingle or heartbeat: nothing but the work), run in
+    ``cwd`` (a checkout: the project root, or another revision's, see bench/paired.py)."""
     argv = [
         sys.executable,
         "-m",
@@ -311,15 +314,16 @@ def celery_worker(run: Run, role: str, env: Mapping[str, str], queue: str, pool:
         "--without-mingle",
         "--without-heartbeat",
     ]
-    proc = start(role, argv, env, run)
+    proc = start(role, argv, env, run, cwd)
     proc.stop_signal, proc.stop_grace = signal.SIGQUIT, 1.0
     return proc
 
 
-def outbox_relay(run: Run, role: str, env: Mapping[str, str]) -> Proc:
-    """``orch-outbox -A bench.app:outbox relay``: the listening relay and the rescuer, in a process of its own."""
+def outbox_relay(run: Run, role: str, env: Mapping[str, str], cwd: Path = ROOT) -> Proc:
+    """``orch-outbox -A bench.app:outbox relay``: the listening relay and the rescuer, in a process of its own, run
+    in ``cwd`` (a checkout)."""
     argv = [sys.executable, "-m", "orch_outbox.cli", "-A", "bench.app:outbox", "relay"]
-    return start(role, argv, env, run)
+    return start(role, argv, env, run, cwd)
 
 
 # -- waiting and timing -------------------------------------------------------------------

@@ -101,19 +101,24 @@ def start_outbox_services(
     tag: str,
     procs: list[common.Proc],
     otel: str = "",
+    checkout: Path = common.ROOT,
 ) -> tuple[common.Proc, common.Proc]:
     """Start the relay and a worker for ``queue``; returns (relay, worker) once a warm-up went through.
 
     ``otel``: ``"1"`` sets the OpenTelemetry SDK up in both, ``"0"`` switches the outbox's telemetry off.
+    ``checkout``: where their ``orch_outbox`` and ``bench.app`` come from (another revision's, see bench/paired.py).
     """
     extra = {"BENCH_OTEL": otel} if otel else {}
-    if otel == "absent":  # a sitecustomize that makes opentelemetry unimportable, as without the extra
-        extra["PYTHONPATH"] = os.pathsep.join(p for p in (str(no_otel_dir(run)), os.environ.get("PYTHONPATH")) if p)
+    paths = [str(no_otel_dir(run))] if otel == "absent" else []  # a sitecustomize: opentelemetry unimportable
+    if checkout != common.ROOT:
+        paths.append(str(checkout))
+    if paths:
+        extra["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
     env = common.subprocess_env(BROKERS[broker], bench.outbox.settings.table_prefix, **extra)
     common.purge_queue(bench.app, queue)
-    relay = common.outbox_relay(run, f"{tag}-relay", env)
+    relay = common.outbox_relay(run, f"{tag}-relay", env, checkout)
     procs.append(relay)
-    worker = common.celery_worker(run, f"{tag}-worker", env, queue, pool, concurrency)
+    worker = common.celery_worker(run, f"{tag}-worker", env, queue, pool, concurrency, checkout)
     procs.append(worker)
     return relay, worker
 
@@ -136,14 +141,16 @@ def outbox_run(
     warmup: int,
     tag: str,
     otel: str = "",
+    checkout: Path = common.ROOT,
 ) -> Timed:
-    """orch_outbox end to end: push N (batches of 1 000, committed) → last row completed."""
+    """orch_outbox end to end: push N (batches of 1 000, committed) → last row completed; the relay and the worker
+    run from ``checkout``."""
     queue = run.queue(tag)
     # The runs before this one left three dead row versions per command. A production database's autovacuum
     # clears them as it goes; this machine's PostgreSQL runs without autovacuum, so the bench does it here.
     common.pg_exec(f"VACUUM ANALYZE {bench.outbox.store.table.name}")
     with common.processes() as procs:
-        relay, worker = start_outbox_services(run, bench, broker, queue, pool, concurrency, tag, procs, otel)
+        relay, worker = start_outbox_services(run, bench, broker, queue, pool, concurrency, tag, procs, otel, checkout)
         warm_outbox(run, bench, queue, warmup, tag, procs)
         key = run.key(tag)
         meter = cpu.CpuMeter({"worker": worker.pid, "relay": relay.pid})
