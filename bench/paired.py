@@ -21,6 +21,7 @@ or messages differ cannot be compared this way.
 from __future__ import annotations
 
 import argparse
+import io
 import statistics
 import subprocess
 import sys
@@ -61,11 +62,8 @@ def export(rev: str, run: Run) -> Path:
     )
     if archive.returncode != 0:
         raise common.BenchError(f"cannot export {rev!r}: {archive.stderr.decode(errors='replace').strip()}")
-    tar = folder / "rev.tar"
-    tar.write_bytes(archive.stdout)
-    with tarfile.open(tar) as files:
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as files:
         files.extractall(folder, filter="data")
-    tar.unlink()
     return folder
 
 
@@ -74,10 +72,6 @@ def describe(rev: str) -> str:
     args = ["describe", "--always", "--dirty"] if rev == "." else ["rev-parse", "--short", rev]
     named = subprocess.run(["git", "-C", str(common.ROOT), *args], capture_output=True, text=True, timeout=30)
     return f"{'this checkout' if rev == '.' else rev} ({named.stdout.strip() or '?'})"
-
-
-def median_of(values: Sequence[float]) -> float:
-    return statistics.median(values) if values else float("nan")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,10 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench = build(BROKERS[args.broker], run.prefix("pr"))
         bench.outbox.create_tables()
         timed.update((name, []) for name, _ in sides)
+        numbered = list(enumerate(sides))
         for i in range(args.rounds):
             turn = i % len(sides)
-            for name, checkout in sides[turn:] + sides[:turn]:
-                tag = f"pr-{sides.index((name, checkout))}-{i}"
+            for k, (name, checkout) in numbered[turn:] + numbered[:turn]:
+                tag = f"pr-{k}-{i}"
                 if checkout is None:
                     one = celery_run(run, bench, args.broker, args.pool, concurrency, args.n, WARMUP, tag)
                 else:
@@ -133,14 +128,14 @@ def print_summary(timed: dict[str, list[Timed]]) -> None:
     print("\nside | median cmd/s | median ratio to Celery | CPU a command (median ms): " + ", ".join(GROUPS))
     for name in names:
         runs = timed[name]
-        ratio = median_of([t.rate / c.rate for t, c in zip(runs, celery, strict=True)])
-        cpu = ", ".join(f"{group} {median_of([t.cpu.get(group, 0.0) for t in runs]):.2f}" for group in GROUPS)
-        print(f"{name} | {median_of([t.rate for t in runs]):,.0f} | {ratio:.2f} | {cpu}")
+        ratio = statistics.median([t.rate / c.rate for t, c in zip(runs, celery, strict=True)])
+        cpu = ", ".join(f"{group} {statistics.median([t.cpu.get(group, 0.0) for t in runs]):.2f}" for group in GROUPS)
+        print(f"{name} | {statistics.median([t.rate for t in runs]):,.0f} | {ratio:.2f} | {cpu}")
     here = timed[names[1]]
     for name in names[2:]:
         paired = [h.rate / r.rate for h, r in zip(here, timed[name], strict=True)]
         low, high = min(paired), max(paired)
-        print(f"{names[1]} / {name}: median {median_of(paired):.2f} (rounds {low:.2f}..{high:.2f})")
+        print(f"{names[1]} / {name}: median {statistics.median(paired):.2f} (rounds {low:.2f}..{high:.2f})")
 
 
 if __name__ == "__main__":
