@@ -54,6 +54,14 @@ def routed_queue(app: Celery, task: Any, args: tuple[Any, ...], kwargs: dict[str
     return str(name) if name else None
 
 
+def routes_by_arguments(app: Celery) -> bool:
+    """Whether the app's ``task_routes`` hold a router function: it is given each call's arguments, and may route
+    two calls of one task with the same options to different queues (a mapping routes by the name alone)."""
+    from celery.app.routes import MapRoute
+
+    return any(not isinstance(route, MapRoute) for route in app.amqp.routes)
+
+
 def plain_timeout(app: Celery, task: Any) -> float | None:
     """A plain task's run timeout from its Celery time limits (the soft one first), or None."""
     conf = app.conf

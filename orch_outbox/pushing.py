@@ -188,13 +188,16 @@ class Pushing(OutboxParts):
         retries, priority, times): the first call of each is validated in full here; the
         others' arguments are bound, encoded and size-checked as the items are taken, so a
         COPY can write while they are (the rows themselves are never built for a COPY).
+        Under a router function in ``task_routes`` (it may route by the arguments) each
+        call is validated and routed on its own, as :meth:`push` does it.
         """
         done: dict[Any, tuple[dict[str, Any], Any]] = {}
         templates: list[dict[str, Any]] = []
         plan: list[tuple[dict[str, Any], Any]] = []  # (template, its encoder; None: the row is the call's own)
         ids = uuid7_many(len(calls))  # ids in push order, drawn for the whole push at once
+        shared = not celery_meaning.routes_by_arguments(self.app)
         for call, command_id in zip(calls, ids, strict=True):
-            key = _template_key(call)
+            key = _template_key(call) if shared else None
             known = done.get(key) if key is not None else None
             if known is None:
                 row = self.row_for(call)

@@ -82,6 +82,40 @@ def test_copy_keeps_per_call_options_and_delays(echo: Any) -> None:
     assert all(r.scheduled_at < at for r in rows[0::3])
 
 
+@pytest.mark.parametrize("count", [60, 6], ids=["copy", "insert"])
+def test_a_router_function_routes_each_call_of_a_bulk_push(make_outbox: Callable[..., Outbox], count: int) -> None:
+    """Proves push_many routes by Celery's ``task_routes`` as push does when the router is a function of the
+    call's arguments: calls of one command with the same options (which share one validated template
+    otherwise) each reach the queue the router picks for their own arguments, through COPY and through
+    INSERT; a command with a target of its own is not routed."""
+    outbox = make_outbox()
+    regions = ["eu", "us", "ap"]
+    prefix = unique_target("region")
+
+    def by_region(name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any) -> Any:
+        return {"queue": f"{prefix}-{args[0]}"} if args else None
+
+    outbox.app.conf.task_routes = [by_region]
+    outbox.app.amqp.flush_routes()
+
+    @outbox.command(name=f"{prefix}.ship")
+    def ship(region: str) -> None: ...
+
+    pinned = unique_target("pinned")
+
+    @outbox.command(name=f"{prefix}.pinned", target=pinned)
+    def pinned_ship(region: str) -> None: ...
+
+    calls = [ship.s(regions[i % 3]) for i in range(count)]
+    with Session(outbox.engine) as session, session.begin():
+        ids = outbox.push_many(session, [*calls, pinned_ship.s("eu"), pinned_ship.s("us")])
+        single = ship.push(session, "ap")
+    targets = [outbox.get(i).target for i in ids]
+    assert targets[:count] == [f"{prefix}-{regions[i % 3]}" for i in range(count)]
+    assert targets[count:] == [pinned, pinned]
+    assert outbox.get(single).target == f"{prefix}-ap"
+
+
 def test_batch_of_many_members_goes_through_copy_intact(echo: Any) -> None:
     """Proves the other COPY path (rows of any shape, here a batch's 70 members with a tenant) stores each
     member's tricky input and its batch and tenant."""
