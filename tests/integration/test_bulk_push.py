@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from orch_outbox import Outbox
 from orch_outbox.errors import InvalidInput
+from orch_outbox.store.push import COPY_MIN_ROWS
 
 from .support import unique_target
 
@@ -43,6 +44,15 @@ def echo(make_outbox: Callable[..., Outbox]) -> Any:
     return echo
 
 
+def _pushed_by_insert(outbox: Outbox, calls: list[Any]) -> list[Any]:
+    """The calls pushed one by one, fewer than COPY_MIN_ROWS to a transaction: their rows go through INSERT."""
+    ids = []
+    for start in range(0, len(calls), COPY_MIN_ROWS - 1):
+        with Session(outbox.engine) as session, session.begin():
+            ids.extend(outbox.push(session, call) for call in calls[start : start + COPY_MIN_ROWS - 1])
+    return ids
+
+
 def test_copy_stores_tricky_text_exactly_as_an_insert(echo: Any) -> None:
     """Proves the COPY text escapes: 64 rows with tabs, newlines, backslashes, ``\\N`` and non-ASCII in
     their arguments read back equal to the same calls pushed one by one (INSERT)."""
@@ -50,8 +60,7 @@ def test_copy_stores_tricky_text_exactly_as_an_insert(echo: Any) -> None:
     calls = [echo.s(text, {"k\t": text, "n": i, "x": [text, None, 1.5]}) for i, text in enumerate(TRICKY * 8)]
     with Session(outbox.engine) as session, session.begin():
         bulk = outbox.push_many(session, calls)
-    with Session(outbox.engine) as session, session.begin():
-        single = [outbox.push(session, call) for call in calls]
+    single = _pushed_by_insert(outbox, calls)
     assert len(bulk) == len(calls) == 64
     assert _rows(outbox, bulk) == _rows(outbox, single)
     assert [outbox.get(i).input["text"] for i in bulk] == TRICKY * 8
@@ -80,6 +89,32 @@ def test_copy_keeps_per_call_options_and_delays(echo: Any) -> None:
     assert {r.target for r in rows[0::3]} == {echo.outbox_target} and {r.priority for r in rows[0::3]} == {3}
     assert {r.scheduled_at for r in rows[2::3]} == {at}
     assert all(r.scheduled_at < at for r in rows[0::3])
+
+
+def test_many_pushes_of_one_transaction_go_through_copy_each_with_its_own_values(echo: Any) -> None:
+    """Proves the pushes of one transaction, written at its commit through COPY (from COPY_MIN_ROWS rows),
+    store each push's own values: 60 pushes whose target, priority, tenant, retries, timeout and due time
+    vary in a pattern (the COPY text renders a value once per column and reuses it: a reuse keyed wrongly
+    would mix them) read back equal to the same pushes written through INSERT."""
+    outbox: Outbox = echo.outbox
+    other = unique_target("held-other")
+    at = dt.datetime(2031, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC)
+    calls = []
+    for i in range(60):
+        sig = echo.s(TRICKY[i % len(TRICKY)], {"i": i})
+        if i % 4 == 1:
+            sig = sig.set(target=other, priority=1, retries=1)
+        elif i % 4 == 2:
+            sig = sig.set(tenant=TENANT, timeout=1, scheduled_at=at)
+        elif i % 4 == 3:
+            sig = sig.set(priority=1, timeout=1.5, retries=0)
+        calls.append(sig)
+    with Session(outbox.engine) as session, session.begin():
+        held = [outbox.push(session, call) for call in calls]
+    single = _pushed_by_insert(outbox, calls)
+    assert _rows(outbox, held) == _rows(outbox, single)
+    assert [outbox.get(i).scheduled_at == at for i in held] == [i % 4 == 2 for i in range(60)]
+    assert {outbox.get(held[i]).tenant for i in range(2, 60, 4)} == {TENANT}
 
 
 @pytest.mark.parametrize("count", [60, 6], ids=["copy", "insert"])
