@@ -29,6 +29,7 @@ import datetime as dt
 from typing import Any, NoReturn
 
 from celery import Celery
+from celery.app.routes import MapRoute
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 
 from .errors import InvalidOption
@@ -57,8 +58,6 @@ def routed_queue(app: Celery, task: Any, args: tuple[Any, ...], kwargs: dict[str
 def routes_by_arguments(app: Celery) -> bool:
     """Whether the app's ``task_routes`` hold a router function: it is given each call's arguments, and may route
     two calls of one task with the same options to different queues (a mapping routes by the name alone)."""
-    from celery.app.routes import MapRoute
-
     return any(not isinstance(route, MapRoute) for route in app.amqp.routes)
 
 
