@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
+from celery.app.routes import Router
 from celery.utils.nodenames import anon_nodename
 from kombu.utils.json import dumps
 
@@ -77,6 +78,7 @@ class Messages:
         self._given_policy = dict(retry_policy)
         self._policy: dict[str, Any] | None = None
         self._settings_allow: bool | None = None
+        self._router: Any = None
 
     def direct(self, name: str) -> bool:
         """True when the message of task ``name`` may be published without ``send_task`` (nothing could tell)."""
@@ -181,6 +183,23 @@ class Messages:
             reply_to=self.app.thread_oid,
             **extra,
         )
+
+    @property
+    def target_router(self) -> Any:
+        """The router of the relay's ``send_task``: a row's message goes to its target's queue, with the task's own
+        options, and the app's ``task_routes`` are not asked again.
+
+        They were asked when the command was pushed, with the call's own arguments; a message
+        carries the command's input as keyword arguments, so a router function given them
+        again could answer otherwise, or fail (one reading ``args[0]`` would stop every
+        publish of the batch).
+        """
+        router = self._router
+        if router is None:
+            amqp = self.app.amqp
+            create_missing = self.app.conf.task_create_missing_queues
+            router = self._router = Router(routes=(), queues=amqp.queues, create_missing=create_missing, app=self.app)
+        return router
 
     def _retry_policy(self) -> dict[str, Any]:
         """The publish retry policy, merged over ``task_publish_retry_policy`` as ``send_task`` merges it."""

@@ -376,6 +376,7 @@ class Relay:
             **self._priority(producer, item.priority),
             **self._delivery_mode(item.name),
             producer=producer,
+            router=self.messages.target_router,
             retry=retry,
             retry_policy=PUBLISH_RETRY_POLICY,
             # Celery declares the queue at every publish (kombu then finds it in its cache,
