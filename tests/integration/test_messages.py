@@ -118,6 +118,28 @@ def test_the_relays_message_is_the_one_send_task_publishes(app: Celery, target: 
         assert by_relay.delivery_info[key] == by_celery.delivery_info[key]
 
 
+def test_the_relays_send_task_goes_where_celerys_own_routing_sends_it(app: Celery, target: str) -> None:
+    """Proves the router the relay gives ``send_task`` (the row's target, the app's routes not asked again) sends a
+    task's message as Celery's own router does when no route applies: the same exchange, routing key, headers
+    and body, for a plain task and for one whose own options name another queue (the row's target wins)."""
+    messages = Messages(app, PUBLISH_RETRY_POLICY)
+    for name in ("msg_plain", "msg_limited"):
+        row = _row(name, target, expires=False)
+        read = []
+        with app.connection_for_write() as conn:
+            producer = app.amqp.Producer(conn)
+            for router in (None, messages.target_router):
+                app.send_task(
+                    name, kwargs=row.input, task_id=str(row.id), queue=target, producer=producer, router=router
+                )
+                read.append(_read(app, target))
+        by_celery, by_relay = read
+        assert by_relay.headers == by_celery.headers
+        assert by_relay.decode() == by_celery.decode()
+        for key in ("exchange", "routing_key"):
+            assert by_relay.delivery_info[key] == by_celery.delivery_info[key]
+
+
 def test_send_task_is_used_where_celery_would_do_more(app: Celery) -> None:
     """Proves the relay keeps Celery's own path where a message is more than its row: a task with execution options
     of its own, a receiver of the publish signals, ``task_send_sent_event``, compression."""
