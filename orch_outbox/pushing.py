@@ -70,6 +70,10 @@ async def _on_async(conn: AsyncConnectable, work: Callable[[sa.Connection], _T])
 
 _T = TypeVar("_T")
 
+#: Options of a Celery signature naming what runs after it, or its id: refused on a plain task's push (a command
+#: refuses every option that is not a push option).
+_AFTER_OPTIONS = ("link", "link_error", "chain", "chord", "task_id")
+
 
 class Pushing(OutboxParts):
     """Declaring and pushing commands: signatures and canvases become validated rows in the caller's transaction."""
@@ -360,7 +364,13 @@ class Pushing(OutboxParts):
         task = self.runnable(call.task)
         plain = not isinstance(task, OutboxTask)
         options = dict(call.options)
-        if plain:  # Celery fills some options in by itself; only the outbox's own count here
+        if plain:  # Celery's transport options do not apply; what would run after it cannot be kept either
+            lost = sorted(k for k in _AFTER_OPTIONS if options.get(k))
+            if lost:
+                raise InvalidOption(
+                    f"{task.name}: a pushed signature cannot carry {lost} (callbacks, a chain or a chosen task_id); "
+                    "push a canvas instead, outbox.push(session, chain(...)): the command id is the task id"
+                )
             options = {k: v for k, v in options.items() if k in PUSH_OPTIONS}
         self.check_options(options)
         settings = self.settings

@@ -295,6 +295,41 @@ def test_unknown_push_option_is_refused(outbox: Outbox, cmds: Any, bad: Any, fra
 
 
 @pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        pytest.param(lambda cb: {"link": cb}, "['link']", id="link"),
+        pytest.param(lambda cb: {"link_error": [cb]}, "['link_error']", id="link-error"),
+        pytest.param(lambda cb: {"task_id": "my-own-id"}, "['task_id']", id="task-id"),
+        pytest.param(lambda cb: {"chain": [cb]}, "['chain']", id="chain"),
+    ],
+)
+def test_a_plain_task_signature_with_callbacks_or_its_own_id_is_refused(
+    outbox: Outbox, cmds: Any, options: Any, fragment: str
+) -> None:
+    """Kind 9c: a plain @app.task's signature carrying what Celery would run after it (``link``, ``link_error``,
+    a ``chain``) or a chosen ``task_id`` raises InvalidOption naming it, where the outbox would otherwise keep
+    the task and silently lose the callback (or return another id than the one asked for); nothing is written
+    and the transaction stays usable. Celery's transport options on the same signature (``serializer``) are
+    left out without an error, as on ``apply_async``."""
+    name = f"{cmds.target}.plain"
+    if name not in outbox.app.tasks:
+
+        @outbox.app.task(name=name, shared=False)
+        def plain(n: int) -> None:
+            never()
+
+        @outbox.app.task(name=f"{name}.after", shared=False)
+        def after(n: int) -> None:
+            never()
+
+    plain_task, callback = outbox.app.tasks[name], outbox.app.tasks[f"{name}.after"].s()
+    refused(outbox, cmds, lambda s: outbox.push(s, plain_task.s(1).set(**options(callback))), InvalidOption, fragment)
+    with Session(outbox.engine) as session, session.begin():
+        kept = outbox.push(session, plain_task.s(2).set(serializer="json"))
+    assert outbox.get(kept).input == {"n": 2}
+
+
+@pytest.mark.parametrize(
     ("call", "fragment"),
     [
         pytest.param(lambda c: c.send.s("a", "b", "c"), "too many positional arguments", id="too-many"),
