@@ -26,6 +26,7 @@ the outbox to put the command back to pending, due after the countdown.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from celery import Celery
@@ -61,10 +62,16 @@ def routes_by_arguments(app: Celery) -> bool:
     return any(not isinstance(route, MapRoute) for route in app.amqp.routes)
 
 
-def plain_timeout(app: Celery, task: Any) -> float | None:
-    """A plain task's run timeout from its Celery time limits (the soft one first), or None."""
+def plain_timeout(app: Celery, task: Any, options: Mapping[str, Any] = {}) -> float | None:
+    """A plain task's run timeout from its Celery time limits (the soft one first), or None: those of the call
+    (``options``, a signature's), else the task's, else the app's."""
+    for name in ("soft_time_limit", "time_limit"):
+        value = options.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+            raise InvalidOption(f"{name} must be a number of seconds (0: none), got {value!r}")
     conf = app.conf
-    for value in (task.soft_time_limit, task.time_limit, conf.task_soft_time_limit, conf.task_time_limit):
+    limits = (options.get("soft_time_limit"), options.get("time_limit"), task.soft_time_limit, task.time_limit)
+    for value in (*limits, conf.task_soft_time_limit, conf.task_time_limit):
         if value:
             return float(value)
     return None

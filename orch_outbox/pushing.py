@@ -391,7 +391,8 @@ class Pushing(OutboxParts):
         except ConfigurationError as exc:
             raise InvalidOption(str(exc)) from None
         if plain:  # a plain task keeps its Celery time limits and max_retries (see celery_meaning.py)
-            own_timeout, own_retries = celery_meaning.plain_timeout(self.app, task), celery_meaning.plain_retries(task)
+            own_timeout = celery_meaning.plain_timeout(self.app, task, call.options)
+            own_retries = celery_meaning.plain_retries(task)
         else:
             own_timeout, own_retries = task.outbox_timeout, task.outbox_retries
         timeout = _pick(options.get("timeout"), own_timeout, settings.default_timeout)

@@ -18,7 +18,7 @@ from celery import Celery, signals
 from celery.exceptions import TaskRevokedError
 
 from orch_outbox import Outbox, current
-from orch_outbox.errors import ChainedPush
+from orch_outbox.errors import ChainedPush, InvalidOption
 from orch_outbox.testing import wait_for_status, wait_until
 
 from .support import new_app, run_worker, unique_target
@@ -223,6 +223,30 @@ def test_a_duplicate_message_reports_nothing(fid: Outbox, seen: Seen) -> None:
         wait_until(lambda: fid.executor.dropped["stale"] >= 1, WAIT, what="the duplicate to be dropped")
     assert ran == [7]
     assert seen.of(command_id) == ["success"]
+
+
+def test_a_plain_tasks_time_limits_of_the_call_are_its_timeout(fid: Outbox) -> None:
+    """Proves: a plain task's signature keeps the time limits Celery would apply to that call: its own
+    ``soft_time_limit`` (first) or ``time_limit`` is the run's timeout, before the task's; 0 means none, as in
+    Celery (the task's applies); the outbox's ``timeout`` option comes first. A limit that is not a number of
+    seconds is refused at push, naming it, nothing written."""
+
+    @fid.app.task(name=unique_target("plain_limited"), soft_time_limit=20, shared=False)
+    def limited() -> None: ...
+
+    def timeout(**options: Any) -> float:
+        return fid.get(fid.push(fid.engine, limited.s().set(**options))).timeout
+
+    assert timeout() == 20.0
+    assert timeout(soft_time_limit=3, time_limit=5) == 3.0
+    assert timeout(time_limit=7) == 7.0
+    assert timeout(soft_time_limit=0) == 20.0
+    assert timeout(soft_time_limit=3, timeout=9) == 9.0
+    before = fid.store.unfinished()
+    for bad in ({"soft_time_limit": "3"}, {"time_limit": -1}, {"time_limit": True}):
+        with pytest.raises(InvalidOption, match=next(iter(bad))):
+            fid.push(fid.engine, limited.s().set(**bad))
+    assert fid.store.unfinished() == before
 
 
 def test_plain_task_keeps_its_route_retries_and_time_limits(fid: Outbox, seen: Seen) -> None:
