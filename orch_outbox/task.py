@@ -163,7 +163,8 @@ class OutboxTask(Task):  # type: ignore[misc]
         """Push through the outbox in a transaction of its own; returns the ``AsyncResult`` of the command id.
 
         Celery's ``queue``, ``countdown``, ``eta``, ``expires`` and ``priority`` map to the
-        push's options; transport options (``serializer``, ``retry``, ...) do not apply.
+        push's options, its ``soft_time_limit`` (else ``time_limit``) to ``timeout``; transport
+        options (``serializer``, ``retry``, ...) do not apply.
         Callbacks, chains and a chosen ``task_id`` are refused: use ``outbox.push`` with a
         canvas, or ``@cmd.then`` hooks.
         """
@@ -173,7 +174,11 @@ class OutboxTask(Task):  # type: ignore[misc]
                 "outbox.push(session, ...) inside your transaction, or chain with @cmd.then"
             )
         known = self.outbox.push_options
-        call = self.signature(args, kwargs, **{k: v for k, v in options.items() if k in known})
+        given = {k: v for k, v in options.items() if k in known}
+        limit = options.get("soft_time_limit") or options.get("time_limit")
+        if limit is not None and "timeout" not in given:  # Celery's time limit of this call: its run's timeout
+            given["timeout"] = limit
+        call = self.signature(args, kwargs, **given)
         command_id = self.outbox.push(self.outbox.engine, call)
         return self.AsyncResult(str(command_id))
 

@@ -335,7 +335,8 @@ def test_a_plain_task_that_ignores_results_stores_none(fid: Outbox) -> None:
 def test_delay_pushes_through_the_outbox(fid: Outbox) -> None:
     """Proves: ``cmd.delay()`` / ``cmd.apply_async(countdown=...)`` insert the command through the outbox in a
     transaction of their own (durable before any worker runs, routed to its target) and return the
-    AsyncResult of the command id; callbacks are refused with a pointer to push."""
+    AsyncResult of the command id; Celery's time limits of the call become its timeout (the outbox's own
+    ``timeout`` first); callbacks are refused with a pointer to push."""
     target = unique_target("delay")
 
     @fid.command(target=target)
@@ -345,8 +346,11 @@ def test_delay_pushes_through_the_outbox(fid: Outbox) -> None:
     result = triple.delay(5)
     info = fid.get(result.id)
     assert (info.status, info.target, info.input) == ("pending", target, {"n": 5})
-    later = triple.apply_async((1,), countdown=3600)
+    later = triple.apply_async((1,), countdown=3600, soft_time_limit=4, time_limit=9)
     assert fid.get(later.id).scheduled_at > info.scheduled_at
+    assert fid.get(later.id).timeout == 4.0  # Celery's soft time limit of the call (before the hard one)
+    assert fid.get(triple.apply_async((1,), time_limit=9).id).timeout == 9.0
+    assert fid.get(triple.apply_async((1,), time_limit=9, timeout=2).id).timeout == 2.0
     with pytest.raises(ChainedPush, match=r"outbox\.push"):
         triple.apply_async((1,), link=triple.s())
     with run_worker(fid.app, [target]):
