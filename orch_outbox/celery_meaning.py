@@ -62,16 +62,23 @@ def routes_by_arguments(app: Celery) -> bool:
     return any(not isinstance(route, MapRoute) for route in app.amqp.routes)
 
 
-def plain_timeout(app: Celery, task: Any, options: Mapping[str, Any] = {}) -> float | None:
-    """A plain task's run timeout from its Celery time limits (the soft one first), or None: those of the call
-    (``options``, a signature's), else the task's, else the app's."""
+def call_time_limit(options: Mapping[str, Any]) -> float | None:
+    """The time limit Celery applies to one call (its options' ``soft_time_limit`` first, else ``time_limit``; 0:
+    none), or None; a limit that is not a number of seconds raises :class:`InvalidOption` naming it."""
     for name in ("soft_time_limit", "time_limit"):
         value = options.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
             raise InvalidOption(f"{name} must be a number of seconds (0: none), got {value!r}")
+    limit = options.get("soft_time_limit") or options.get("time_limit")
+    return float(limit) if limit else None
+
+
+def plain_timeout(app: Celery, task: Any, options: Mapping[str, Any]) -> float | None:
+    """A plain task's run timeout from its Celery time limits (the soft one first), or None: those of the call
+    (``options``, a signature's), else the task's, else the app's."""
     conf = app.conf
-    limits = (options.get("soft_time_limit"), options.get("time_limit"), task.soft_time_limit, task.time_limit)
-    for value in (*limits, conf.task_soft_time_limit, conf.task_time_limit):
+    limits = (task.soft_time_limit, task.time_limit, conf.task_soft_time_limit, conf.task_time_limit)
+    for value in (call_time_limit(options), *limits):
         if value:
             return float(value)
     return None

@@ -20,6 +20,7 @@ routing key, priority, delivery mode, time limits..., as a plain Celery task kee
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -78,7 +79,6 @@ class Messages:
         self._given_policy = dict(retry_policy)
         self._policy: dict[str, Any] | None = None
         self._settings_allow: bool | None = None
-        self._router: Any = None
 
     def direct(self, name: str) -> bool:
         """True when the message of task ``name`` may be published without ``send_task`` (nothing could tell)."""
@@ -184,7 +184,7 @@ class Messages:
             **extra,
         )
 
-    @property
+    @functools.cached_property
     def target_router(self) -> Any:
         """The router of the relay's ``send_task``: a row's message goes to its target's queue, with the task's own
         options, and the app's ``task_routes`` are not asked again.
@@ -194,12 +194,8 @@ class Messages:
         again could answer otherwise, or fail (one reading ``args[0]`` would stop every
         publish of the batch).
         """
-        router = self._router
-        if router is None:
-            amqp = self.app.amqp
-            create_missing = self.app.conf.task_create_missing_queues
-            router = self._router = Router(routes=(), queues=amqp.queues, create_missing=create_missing, app=self.app)
-        return router
+        create_missing = self.app.conf.task_create_missing_queues
+        return Router(routes=(), queues=self.app.amqp.queues, create_missing=create_missing, app=self.app)
 
     def _retry_policy(self) -> dict[str, Any]:
         """The publish retry policy, merged over ``task_publish_retry_policy`` as ``send_task`` merges it."""

@@ -175,7 +175,7 @@ class OutboxTask(Task):  # type: ignore[misc]
             )
         known = self.outbox.push_options
         given = {k: v for k, v in options.items() if k in known}
-        limit = options.get("soft_time_limit") or options.get("time_limit")
+        limit = celery_meaning.call_time_limit(options)
         if limit is not None and "timeout" not in given:  # Celery's time limit of this call: its run's timeout
             given["timeout"] = limit
         call = self.signature(args, kwargs, **given)

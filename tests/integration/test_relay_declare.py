@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import sqlalchemy as sa
 
@@ -11,20 +9,9 @@ from orch_outbox import Outbox
 
 from .support import unique_target
 from conftest import AMQP_URL, make_app, require, unique_prefix
+from support.broker import delete_queue, queue_depth
 
 pytestmark = pytest.mark.pg
-
-
-def _depth(outbox: Outbox, queue: str) -> int:
-    """Messages ready in ``queue``; raises if the queue does not exist (a passive declare)."""
-    with outbox.app.connection_for_write() as conn:
-        _, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
-    return int(count)
-
-
-def _delete(outbox: Outbox, queue: str) -> None:
-    with outbox.app.connection_for_write() as conn, contextlib.suppress(Exception):
-        conn.default_channel.queue_delete(queue=queue)
 
 
 def test_a_new_broker_connection_declares_the_target_queue_again(pg_engine: sa.Engine) -> None:
@@ -43,14 +30,14 @@ def test_a_new_broker_connection_declares_the_target_queue_again(pg_engine: sa.E
         noop.push(pg_engine)
         noop.push(pg_engine)
         assert outbox.relay_once() == 2
-        assert _depth(outbox, target) == 2  # declared once, both messages in
-        _delete(outbox, target)
+        assert queue_depth(AMQP_URL, target, missing_ok=False) == 2  # declared once, both messages in
+        delete_queue(AMQP_URL, target)
         outbox.relay.close()
         noop.push(pg_engine)
         assert outbox.relay_once() == 1
-        assert _depth(outbox, target) == 1
+        assert queue_depth(AMQP_URL, target, missing_ok=False) == 1
     finally:
-        _delete(outbox, target)
+        delete_queue(AMQP_URL, target)
         outbox.store.drop_all()
         outbox.close()
 
@@ -88,8 +75,8 @@ def test_celery_options_that_publish_on_the_relays_channel_keep_confirms_exact(
         assert outbox.relay_once() == 0
         rows = outbox.find(target=target, limit=100)
         assert {(r.status, r.attempt) for r in rows} == {("dispatched", 1)}
-        assert _depth(outbox, target) == 60
+        assert queue_depth(AMQP_URL, target, missing_ok=False) == 60
     finally:
-        _delete(outbox, target)
+        delete_queue(AMQP_URL, target)
         outbox.store.drop_all()
         outbox.close()

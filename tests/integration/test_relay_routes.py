@@ -22,15 +22,9 @@ from orch_outbox import Outbox
 
 from .support import unique_target
 from conftest import AMQP_URL, make_app, require, unique_prefix
+from support.broker import delete_queue, queue_depth
 
 pytestmark = pytest.mark.pg
-
-
-def _depth(outbox: Outbox, queue: str) -> int:
-    """Messages ready in ``queue``; raises if the queue does not exist (a passive declare)."""
-    with outbox.app.connection_for_write() as conn:
-        _, count, _ = conn.default_channel.queue_declare(queue=queue, passive=True)
-    return int(count)
 
 
 @contextlib.contextmanager
@@ -82,13 +76,11 @@ def test_the_relay_publishes_to_the_queue_the_push_was_routed_to(pg_engine: sa.E
             assert outbox.relay_once() == 2
         assert [outbox.get(i).target for i in ids] == queues
         assert [outbox.get(i).status for i in ids] == ["dispatched", "dispatched"]
-        assert [_depth(outbox, q) for q in queues] == [1, 1]
+        assert [queue_depth(AMQP_URL, q, missing_ok=False) for q in queues] == [1, 1]
         assert asked == [(("eu",), {}), (("us",), {})]
         assert seen == ([str(i) for i in ids] if receiver else [])
     finally:
-        with app.connection_for_write() as conn:
-            for queue in queues:
-                with contextlib.suppress(Exception):
-                    conn.default_channel.queue_delete(queue=queue)
+        for queue in queues:
+            delete_queue(AMQP_URL, queue)
         outbox.store.drop_all()
         outbox.close()
